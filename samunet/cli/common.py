@@ -1,0 +1,75 @@
+"""What every samunet command does first: logging, folders, worker counts, device, folds.
+
+nnunetv2 reads its worker counts (``nnUNet_def_n_proc``, ``nnUNet_n_proc_DA``) when its modules
+are imported, so commands call :func:`prepare_environment` before importing nnunetv2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from samunet.errors import ConfigurationError, SamunetError
+from samunet.paths import ensure_nnunet_paths
+
+logger = logging.getLogger("samunet")
+
+FOLDS = ("0", "1", "2", "3", "4", "all")
+# Above this many cores nnU-Net's own defaults (8 export workers, 12 augmentation workers) pay off.
+SMALL_MACHINE_CORES = 4
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def prepare_environment(num_processes: int | None = None) -> None:
+    """Fill unset nnU-Net folders and pick worker counts that suit this machine.
+
+    On small machines (<= 4 cores) every spawned worker costs seconds and ~0.5 GB just to
+    import torch, so augmentation runs in the main process (``nnUNet_n_proc_DA=0``) and
+    export/preprocessing use at most the core count. Values the user set are kept.
+    """
+    ensure_nnunet_paths()
+    cores = os.cpu_count() or 1
+    if num_processes is not None:
+        os.environ["nnUNet_def_n_proc"] = str(num_processes)
+    os.environ.setdefault("nnUNet_def_n_proc", str(min(8, cores)))
+    if cores <= SMALL_MACHINE_CORES:
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
+
+
+def select_device(name: str | None):
+    """``cuda`` when available, else ``cpu`` (said once); ``mps`` and explicit choices honoured."""
+    import torch
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        logger.info("using device %s%s", name, "" if name == "cuda" else " (no CUDA GPU found; this is slow)")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("-device cuda was asked for but torch sees no CUDA GPU; use -device cpu")
+    if name == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device(name)
+
+
+def parse_fold(text: str) -> int | str:
+    """``0``..``4``, ``fold0``..``fold4`` or ``all``."""
+    value = text.lower().removeprefix("fold").removeprefix("_")
+    if value not in FOLDS:
+        raise argparse.ArgumentTypeError(f"fold must be one of 0-4, fold0-fold4 or all, not {text!r}")
+    return value if value == "all" else int(value)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a command; a :class:`SamunetError` becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except SamunetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

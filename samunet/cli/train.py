@@ -1,0 +1,144 @@
+"""``samunet_train DATASET CONFIG FOLD -tr NAME``: train a samunet trainer the nnU-Net way.
+
+Mirrors nnunetv2's ``nnUNetv2_train`` (output layout, ``--c``, ``--val``, checkpoints,
+progress.png, validation/summary.json) but resolves trainers through samunet's registry,
+because nnunetv2's ``-tr`` lookup only searches inside nnunetv2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from samunet.cli.common import parse_fold, prepare_environment, run_cli, select_device, setup_logging
+from samunet.errors import ConfigurationError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_FOR_CONTINUE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def load_plans(dataset_name: str, plans_identifier: str) -> tuple[dict, dict]:
+    from nnunetv2.paths import nnUNet_preprocessed
+    folder = Path(nnUNet_preprocessed) / dataset_name
+    plans_file = folder / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise DatasetError(f"{plans_file} does not exist; run `samunet_plan_and_preprocess -d {dataset_name}` first")
+    return json.loads(plans_file.read_text()), json.loads((folder / "dataset.json").read_text())
+
+
+def apply_backbone_override(plans: dict, configuration: str, backbone: str | None, weights: str | None) -> None:
+    """Point the plans' architecture at another backbone and/or weights' pixel convention."""
+    from samunet.backbones.catalog import check_img_size, get_backbone_spec
+    from samunet.trainers.base import known_pixel_normalization
+    if configuration not in plans["configurations"]:
+        raise ConfigurationError(f"configuration {configuration!r} is not in the plans "
+                                 f"(have {sorted(plans['configurations'])})")
+    arch_kwargs = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    if backbone is not None:
+        spec = get_backbone_spec(backbone)
+        check_img_size(spec, arch_kwargs["img_size"])
+        arch_kwargs["backbone"] = backbone
+        arch_kwargs["pixel_normalization"] = spec.pixel_normalization
+    normalization = known_pixel_normalization(weights)
+    if normalization is not None:
+        arch_kwargs["pixel_normalization"] = normalization
+
+
+def check_fold_possible(dataset_name: str, dataset_json: dict, fold: int | str) -> None:
+    """nnU-Net's automatic 5-fold split needs at least 5 training cases."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    if fold == "all" or (Path(nnUNet_preprocessed) / dataset_name / "splits_final.json").is_file():
+        return
+    if dataset_json["numTraining"] < 5:
+        raise ConfigurationError(f"{dataset_name} has {dataset_json['numTraining']} training cases; the automatic "
+                                 f"5-fold split needs at least 5. Train with fold 'all' or provide splits_final.json")
+
+
+def stored_hyperparameters(output_folder: str) -> dict:
+    """The hyper-parameters recorded in the checkpoint ``--c`` continues from ({} if none)."""
+    import torch
+    for name in CHECKPOINTS_FOR_CONTINUE:
+        path = Path(output_folder) / name
+        if path.is_file():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            return dict(checkpoint.get("samunet", {}).get("hyperparameters", {}))
+    return {}
+
+
+def train(dataset: str | int, configuration: str, fold: int | str, trainer_name: str, *,
+          plans_identifier: str = "samunetPlans", continue_training: bool = False, only_validate: bool = False,
+          device: str | None = None, hyperparameters: dict | None = None, backbone: str | None = None,
+          save_probabilities: bool = False):
+    """Train (and validate) one fold; returns the trainer."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    from samunet.preprocessing.dataset_checks import resolve_dataset_name
+    from samunet.registry import TRAINERS
+
+    if continue_training and only_validate:
+        raise ConfigurationError("--c and --val cannot be used together")
+    trainer_class = TRAINERS.get(trainer_name)
+    dataset_name = resolve_dataset_name(dataset)
+    plans, dataset_json = load_plans(dataset_name, plans_identifier)
+    check_fold_possible(dataset_name, dataset_json, fold)
+    overrides = dict(hyperparameters or {})
+    apply_backbone_override(plans, configuration, backbone, overrides.get("weights"))
+    plans["continue_training"] = continue_training
+    trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                            device=select_device(device))
+    if continue_training or only_validate:
+        overrides = {**stored_hyperparameters(trainer.output_folder), **overrides}
+    trainer.set_hyperparameters(overrides)
+    maybe_load_checkpoint(trainer, continue_training, only_validate)
+    if not only_validate:
+        trainer.run_training()
+    trainer.perform_actual_validation(save_probabilities)
+    return trainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samunet_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset ID (218) or name (Dataset218_AMOS...)")
+    parser.add_argument("configuration", help="2d")
+    parser.add_argument("fold", type=parse_fold, help="0-4, fold0-fold4 or all")
+    parser.add_argument("-tr", "--trainer", default="SAMedTrainer", help="trainer name (samunet registry)")
+    parser.add_argument("-p", "--plans", default="samunetPlans", help="plans identifier")
+    parser.add_argument("--c", dest="continue_training", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--val", dest="only_validate", action="store_true", help="only run the final validation")
+    parser.add_argument("--npz", action="store_true", help="also save validation softmax probabilities")
+    parser.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--num-epochs", type=int, help="override the trainer's epoch count")
+    parser.add_argument("--iters-per-epoch", type=int, help="override training iterations per epoch")
+    parser.add_argument("--val-iters", type=int, help="override validation iterations per epoch")
+    parser.add_argument("--lr", type=float, help="override the initial learning rate")
+    parser.add_argument("--batch-size", type=int, help="override the planned batch size")
+    parser.add_argument("--backbone", help="train with another backbone than planned")
+    parser.add_argument("--weights", help="pretrained checkpoint: known name, path, or 'none' for random init")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def hyperparameters_from_args(args: argparse.Namespace) -> dict:
+    pairs = {"num_epochs": args.num_epochs, "num_iterations_per_epoch": args.iters_per_epoch,
+             "num_val_iterations_per_epoch": args.val_iters, "initial_lr": args.lr,
+             "batch_size": args.batch_size, "weights": args.weights}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    prepare_environment()
+    train(args.dataset, args.configuration, args.fold, args.trainer, plans_identifier=args.plans,
+          continue_training=args.continue_training, only_validate=args.only_validate, device=args.device,
+          hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)

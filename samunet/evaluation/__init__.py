@@ -1,0 +1,1 @@
+"""Evaluation of segmentations: per-class metrics and folder-level summaries."""

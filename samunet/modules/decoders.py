@@ -1,0 +1,58 @@
+"""Running SAM's mask decoder the way segmentation networks need it.
+
+segment-anything's ``MaskDecoder.predict_masks`` repeats the image embedding once per prompt
+(it assumes one image and many prompts) and returns either the single-mask token or the three
+multimask tokens. samunet's networks decode a batch of B images with B prompt sets, and use
+every mask token (one per class for SAMed-style multi-class output), so this module runs the
+decoder's own submodules (two-way transformer, upscaling, hypernetwork MLPs, IoU head) with
+that pairing. The decoder's weights and state_dict names are untouched.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class DecoderOutput(NamedTuple):
+    """masks: (B, T, 4h, 4w) logits, one per mask token; iou: (B, T); mask_features: (B, C/8, 4h, 4w)."""
+
+    masks: torch.Tensor
+    iou: torch.Tensor
+    mask_features: torch.Tensor
+
+
+def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                 sparse_prompts: torch.Tensor, dense_prompts: torch.Tensor) -> DecoderOutput:
+    """Decode every mask token of SAM's ``decoder`` for B (image, prompt) pairs.
+
+    image_embeddings: (B, C, h, w); image_pe: (1, C, h, w); sparse_prompts: (B, N, C), N may be 0;
+    dense_prompts: (B, C, h, w) or (1, C, h, w).
+    """
+    batch, channels, height, width = image_embeddings.shape
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompts], dim=1)
+    source = image_embeddings + dense_prompts
+    positional = image_pe.expand(batch, -1, -1, -1)
+    hidden, source = decoder.transformer(source, positional, tokens)
+    num_tokens = decoder.num_mask_tokens
+    iou_token = hidden[:, 0]
+    mask_tokens = hidden[:, 1:1 + num_tokens]
+    source = source.transpose(1, 2).reshape(batch, channels, height, width)
+    mask_features = decoder.output_upscaling(source)
+    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    masks = (hyper @ mask_features.flatten(2)).view(batch, num_tokens, *mask_features.shape[-2:])
+    return DecoderOutput(masks=masks, iou=decoder.iou_prediction_head(iou_token), mask_features=mask_features)
+
+
+def empty_sparse_prompts(prompt_encoder: nn.Module, batch: int) -> torch.Tensor:
+    """(B, 0, C): no point or box prompts (prompt-free decoding)."""
+    weight = prompt_encoder.no_mask_embed.weight
+    return weight.new_zeros(batch, 0, weight.shape[1])
+
+
+def default_dense_prompt(prompt_encoder: nn.Module) -> torch.Tensor:
+    """(1, C, h, w): the learned 'no mask' embedding broadcast over the embedding grid."""
+    height, width = prompt_encoder.image_embedding_size
+    return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)

@@ -1,0 +1,193 @@
+"""samunet's experiment planner: one ``2d`` configuration sized for a SAM backbone.
+
+It reuses nnunetv2's fingerprint, target spacing, resampling and normalisation decisions and
+replaces the U-Net topology search with what a SAM backbone needs:
+
+- patch size = the backbone's input size S (LiteMedSAM: 256; ViT: 256/512/1024, the smallest
+  that holds the median slice, capped at 512 by default because 1024 costs 15x more);
+- in-plane target spacing coarsened so that the median slice fits S when it is larger (SAM
+  methods resize whole slices to the encoder input; nnU-Net's sliding window covers the rest);
+- depth D of the stacked-slice methods from slice spacing and count (about 60 mm of context,
+  at most half the median slice count; see docs/architecture.md);
+- batch size from the measured training memory of the backbone (benchmarks/measure_training_memory.py);
+- ``architecture``: the baseline network's dotted path and ``arch_kwargs`` with the backbone,
+  S, D, the per-channel intensity window and the pixel normalisation of the default weights.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+from samunet.backbones.catalog import check_img_size, get_backbone_spec
+from samunet.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+PLANS_NAME = "samunetPlans"
+BASELINE_NETWORK = "samunet.networks.samed.SAMedNetwork"
+DEPTH_CONTEXT_MM = 60.0
+MAX_DEPTH = 32
+MAX_AUTO_VIT_SIZE = 512
+MIN_BATCH_SIZE = 2
+MAX_BATCH_SIZE = 48
+# z-scored MR / other modalities: the [-3, 3] sigma window covers ~99.7% of the intensities
+ZSCORE_WINDOW = (-3.0, 3.0)
+
+# Peak training memory per image at 256x256 (MB, fp32, forward + backward of a LoRA-style
+# fine-tune with a trainable mask decoder). Measured with benchmarks/measure_training_memory.py
+# on the CPU (fp32 is an upper bound for CUDA runs with autocast). Memory grows with the area.
+TRAINING_MB_PER_IMAGE_AT_256 = {
+    "litemedsam": 262.0,
+    "vit_b": 343.0,
+    "vit_l": 835.0,
+    "vit_h": 1173.0,
+    "vit_test": 4.0,
+    "tinyvit_test": 16.0,
+}
+# Fixed memory: frozen weights plus optimiser state of what trains, CUDA context headroom (MB).
+BASE_MB = {"litemedsam": 600.0, "vit_b": 1400.0, "vit_l": 2600.0, "vit_h": 4200.0,
+           "vit_test": 50.0, "tinyvit_test": 50.0}
+
+
+def choose_image_size(backbone: str, median_inplane_shape: tuple[float, float]) -> int:
+    """S from the backbone and the median in-plane shape (after resampling to target spacing)."""
+    spec = get_backbone_spec(backbone)
+    if not spec.allowed_img_sizes:
+        return spec.default_img_size
+    largest = max(median_inplane_shape)
+    candidates = [s for s in spec.allowed_img_sizes if s <= MAX_AUTO_VIT_SIZE]
+    return next((s for s in candidates if s >= largest), candidates[-1])
+
+
+def choose_depth(slice_spacing_mm: float, median_num_slices: float) -> int:
+    """D ~ 60 mm of context along the slice axis, at least 1, at most half the median slice count."""
+    wanted = int(round(DEPTH_CONTEXT_MM / max(slice_spacing_mm, 1e-3)))
+    return int(max(1, min(wanted, MAX_DEPTH, int(median_num_slices // 2))))
+
+
+def estimate_batch_size(backbone: str, img_size: int, depth: int, vram_gb: float,
+                        max_by_dataset: float) -> int:
+    """Images per step that fit ``vram_gb``; stacked-slice methods count D images per sample."""
+    per_image = TRAINING_MB_PER_IMAGE_AT_256[backbone] * (img_size / 256.0) ** 2 * max(depth, 1)
+    fits = int((vram_gb * 1024.0 - BASE_MB[backbone]) // per_image)
+    return int(max(MIN_BATCH_SIZE, min(fits, MAX_BATCH_SIZE, int(max_by_dataset))))
+
+
+class SAMPlanner(ExperimentPlanner):
+    """Plans ``samunetPlans`` with a single ``2d`` configuration for a SAM backbone.
+
+    ``image_size`` / ``depth`` override the planned values when given.
+    """
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = PLANS_NAME,
+                 overwrite_target_spacing=None, suppress_transpose: bool = False, *,
+                 backbone: str = "litemedsam", image_size: int | None = None, depth: int | None = None) -> None:
+        spec = get_backbone_spec(backbone)  # unknown backbone: fail before touching anything
+        if image_size is not None:
+            check_img_size(spec, image_size)
+        if depth is not None and depth < 1:
+            raise ConfigurationError(f"--depth must be >= 1, got {depth}")
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        self.backbone = backbone
+        self.image_size = image_size
+        self.depth = depth
+
+    def intensity_ranges(self, normalization_schemes: list[str]) -> list[list[float]]:
+        """Per channel (low, high) in normalised units, mapped to [0, 1] at the network input."""
+        properties = self.dataset_fingerprint["foreground_intensity_properties_per_channel"]
+        ranges = []
+        for channel, scheme in enumerate(normalization_schemes):
+            stats = properties.get(str(channel))
+            if scheme == "CTNormalization" and stats:
+                std = max(float(stats["std"]), 1e-8)
+                low = (float(stats["percentile_00_5"]) - float(stats["mean"])) / std
+                high = (float(stats["percentile_99_5"]) - float(stats["mean"])) / std
+                ranges.append([low, high] if high > low else list(ZSCORE_WINDOW))
+            else:
+                ranges.append(list(ZSCORE_WINDOW))
+        return ranges
+
+    def plan_experiment(self) -> dict:
+        transpose_forward, transpose_backward = self.determine_transpose()
+        fullres_spacing = self.determine_fullres_target_spacing()
+        spacing = np.asarray(fullres_spacing)[transpose_forward]
+        new_shapes = [compute_new_shape(shape, old_spacing, fullres_spacing) for old_spacing, shape in
+                      zip(self.dataset_fingerprint["spacings"], self.dataset_fingerprint["shapes_after_crop"])]
+        median_shape = np.median(new_shapes, 0)[transpose_forward]
+
+        img_size = self.image_size or choose_image_size(self.backbone, tuple(median_shape[1:]))
+        inplane_spacing = spacing[1:].astype(float)
+        largest = float(max(median_shape[1:]))
+        if largest > img_size:
+            inplane_spacing = inplane_spacing * (largest / img_size)
+        median_inplane = np.asarray(median_shape[1:]) * (spacing[1:] / inplane_spacing)
+        depth = self.depth or choose_depth(float(spacing[0]), float(median_shape[0]))
+
+        voxels_per_case = float(np.prod(median_inplane)) * float(median_shape[0])
+        max_by_dataset = voxels_per_case * self.dataset_json["numTraining"] * self.max_dataset_covered / (img_size ** 2)
+        batch_size = estimate_batch_size(self.backbone, img_size, 1, self.UNet_vram_target_GB, max_by_dataset)
+
+        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
+        resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
+        normalization_schemes, mask_is_used_for_norm = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        spec = get_backbone_spec(self.backbone)
+        plan_2d = {
+            "data_identifier": self.generate_data_identifier("2d"),
+            "preprocessor_name": self.preprocessor_name,
+            "batch_size": batch_size,
+            "patch_size": [img_size, img_size],
+            "median_image_size_in_voxels": [float(v) for v in median_inplane],
+            "spacing": [float(v) for v in inplane_spacing],
+            "normalization_schemes": normalization_schemes,
+            "use_mask_for_norm": mask_is_used_for_norm,
+            "resampling_fn_data": resampling_data.__name__,
+            "resampling_fn_seg": resampling_seg.__name__,
+            "resampling_fn_data_kwargs": resampling_data_kwargs,
+            "resampling_fn_seg_kwargs": resampling_seg_kwargs,
+            "resampling_fn_probabilities": resampling_softmax.__name__,
+            "resampling_fn_probabilities_kwargs": resampling_softmax_kwargs,
+            "architecture": {
+                "network_class_name": BASELINE_NETWORK,
+                "arch_kwargs": {
+                    "backbone": self.backbone,
+                    "img_size": int(img_size),
+                    "depth": int(depth),
+                    "intensity_ranges": self.intensity_ranges(normalization_schemes),
+                    "pixel_normalization": spec.pixel_normalization,
+                },
+                "_kw_requires_import": [],
+            },
+            "batch_dice": True,
+        }
+        logger.info("samunet 2d configuration: backbone %s, patch %s, spacing %s, depth %d, batch size %d",
+                    self.backbone, plan_2d["patch_size"], plan_2d["spacing"], depth, batch_size)
+
+        median_spacing = np.median(self.dataset_fingerprint["spacings"], 0)[transpose_forward]
+        original_median_shape = np.median(self.dataset_fingerprint["shapes_after_crop"], 0)[transpose_forward]
+        shutil.copy(join(self.raw_dataset_folder, "dataset.json"),
+                    join(nnUNet_preprocessed, self.dataset_name, "dataset.json"))
+        plans = {
+            "dataset_name": self.dataset_name,
+            "plans_name": self.plans_identifier,
+            "original_median_spacing_after_transp": [float(i) for i in median_spacing],
+            "original_median_shape_after_transp": [int(round(i)) for i in original_median_shape],
+            "image_reader_writer": self.determine_reader_writer().__name__,
+            "transpose_forward": [int(i) for i in transpose_forward],
+            "transpose_backward": [int(i) for i in transpose_backward],
+            "configurations": {"2d": plan_2d},
+            "experiment_planner_used": self.__class__.__name__,
+            "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel":
+                self.dataset_fingerprint["foreground_intensity_properties_per_channel"],
+        }
+        self.plans = plans
+        self.save_plans(plans)
+        return plans

@@ -1,0 +1,1 @@
+"""Data preparation: synthetic demo datasets."""

@@ -1,0 +1,242 @@
+"""The base of every samunet trainer: an ``nnUNetTrainer`` for SAM-based networks.
+
+What it adds to nnunetv2's trainer:
+- the network comes from the plans through the static builder (a trainer may name its own
+  network class), and pretrained SAM weights are loaded in ``initialize()`` only, because
+  inference rebuilds the network and then loads the whole trained checkpoint;
+- the optimiser sees only trainable parameters;
+- deep supervision is asked of the network (``deep_supervision_scales``), not of a U-Net decoder;
+- hyper-parameters are class attributes that ``samunet_train`` can override; the overrides are
+  a constructor argument, so nnunetv2 records them in the checkpoint's ``init_args`` and ``--c``
+  restores them;
+- checkpoints are written atomically and hold plain data only, so they load with
+  ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pydoc
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+import samunet
+from samunet.backbones.catalog import get_backbone_spec
+from samunet.errors import SamunetError
+from samunet.networks.base import SAMSegmentationNetwork
+from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+HYPERPARAMETERS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
+                   "initial_lr", "weight_decay", "batch_size", "weights")
+
+
+class CheckpointMismatchError(SamunetError, RuntimeError):
+    """A trained checkpoint does not belong to the network it is loaded into."""
+
+
+def plain_data(value: Any) -> Any:
+    """numpy scalars/arrays, tuples and devices -> plain Python (what weights_only can load)."""
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.device):
+        return str(value)
+    return value
+
+
+def atomic_torch_save(obj: Any, filename: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``filename``."""
+    folder = os.path.dirname(os.path.abspath(filename))
+    handle, partial = tempfile.mkstemp(prefix=".partial_", suffix=".pth", dir=folder)
+    os.close(handle)
+    try:
+        torch.save(obj, partial)
+        os.replace(partial, filename)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    network = getattr(network, "module", network)
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+class SAMTrainerBase(nnUNetTrainer):
+    """Base of samunet's trainers. Subclasses set ``network_class`` / hyper-parameters and may
+    override ``_build_loss`` and ``configure_optimizers``; they stay thin."""
+
+    network_class: str | None = None  # None: the plans' architecture.network_class_name
+    network_kwargs: dict = {}
+    uses_deep_supervision = False
+    optimizer_name = "sgd"  # "sgd" (nnU-Net's SGD, momentum 0.99, nesterov) or "adamw"
+    default_hyperparameters: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnunetv2 records the constructor's arguments from its own locals(), so a subclass
+        # cannot add any: hyper-parameter overrides come through set_hyperparameters().
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = self.uses_deep_supervision
+        self.pretrained_weights: str | None = None
+        self.hyperparameters: dict = {}
+        self.set_hyperparameters({})
+
+    def set_hyperparameters(self, overrides: dict) -> None:
+        """Apply the class defaults plus ``overrides`` (names in ``HYPERPARAMETERS``); call before
+        ``initialize()``. They are stored in every checkpoint and restored by ``--c``."""
+        if self.was_initialized:
+            raise RuntimeError("set hyper-parameters before the trainer is initialised")
+        merged = {**self.default_hyperparameters, **self.hyperparameters, **overrides}
+        unknown = sorted(set(merged) - set(HYPERPARAMETERS))
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {unknown}; known: {list(HYPERPARAMETERS)}")
+        self.hyperparameters = merged
+        for name, value in merged.items():
+            if name == "weights":
+                self.pretrained_weights = value
+            elif name != "batch_size":
+                setattr(self, name, value)
+
+    # ---- network --------------------------------------------------------------------------
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        architecture = configuration_manager.configuration["architecture"]
+        class_name = cls.network_class or architecture["network_class_name"]
+        network_class = pydoc.locate(class_name)
+        if network_class is None:
+            raise ImportError(f"network class {class_name!r} (from the plans or {cls.__name__}) cannot be imported")
+        kwargs = {**architecture["arch_kwargs"], **cls.network_kwargs}
+        return network_class(input_channels=num_input_channels, num_classes=num_output_channels,
+                             deep_supervision=enable_deep_supervision and cls.uses_deep_supervision, **kwargs)
+
+    @property
+    def network_module(self) -> SAMSegmentationNetwork:
+        return unwrap(self.network)
+
+    def initialize(self):
+        super().initialize()
+        self.load_pretrained_backbone()
+        trainable = sum(p.numel() for p in self.network_module.trainable_parameters())
+        total = sum(p.numel() for p in self.network_module.parameters())
+        self.print_to_log_file(f"{self.__class__.__name__}: backbone {self.network_module.backbone}, "
+                               f"{trainable / 1e6:.2f} M of {total / 1e6:.2f} M parameters train")
+
+    def load_pretrained_backbone(self) -> None:
+        """Load the released SAM weights named by ``weights`` (default: the backbone's default)."""
+        spec = get_backbone_spec(self.network_module.backbone)
+        choice = self.pretrained_weights if self.pretrained_weights is not None else spec.default_weights
+        if choice in (None, "none", "random"):
+            logger.warning("backbone %s starts from RANDOM weights (no pretrained checkpoint)", spec.name)
+            self.print_to_log_file(f"WARNING: backbone {spec.name} starts from random weights")
+            return
+        path = resolve_checkpoint(choice)
+        self.network_module.load_pretrained(load_state_dict(path, map_location="cpu"), source=str(path))
+        self.print_to_log_file(f"loaded pretrained weights {path}")
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        if "batch_size" in self.hyperparameters and not self.is_ddp:
+            self.batch_size = int(self.hyperparameters["batch_size"])
+
+    def configure_optimizers(self):
+        parameters = list(self.network_module.trainable_parameters())
+        if self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(parameters, lr=self.initial_lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(parameters, lr=self.initial_lr, weight_decay=self.weight_decay,
+                                        momentum=0.99, nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---- deep supervision -------------------------------------------------------------------
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        return self.network_module.deep_supervision_scales()
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        self.network_module.deep_supervision = bool(enabled) and self.uses_deep_supervision
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def checkpoint_metadata(self) -> dict:
+        module = self.network_module
+        return {"version": samunet.__version__, "backbone": module.backbone, "img_size": module.img_size,
+                "hyperparameters": plain_data(self.hyperparameters)}
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self.network_module.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": plain_data(self.logger.get_checkpoint()),
+            "_best_ema": plain_data(self._best_ema),
+            "current_epoch": self.current_epoch + 1,
+            "init_args": plain_data(self.my_init_kwargs),
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": plain_data(self.inference_allowed_mirroring_axes),
+            "samunet": self.checkpoint_metadata(),
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def check_checkpoint_fits(self, checkpoint: dict, source: str) -> None:
+        """Refuse a checkpoint of another trainer or backbone with a message that says which."""
+        meta = checkpoint.get("samunet", {})
+        module = self.network_module
+        if checkpoint.get("trainer_name") not in (None, self.__class__.__name__):
+            raise CheckpointMismatchError(f"{source} was trained with {checkpoint['trainer_name']}, "
+                                          f"not {self.__class__.__name__}; pass -tr {checkpoint['trainer_name']}")
+        if meta.get("backbone") not in (None, module.backbone) or meta.get("img_size") not in (None, module.img_size):
+            raise CheckpointMismatchError(
+                f"{source} was trained with backbone {meta.get('backbone')} at {meta.get('img_size')} px, but this "
+                f"network is {module.backbone} at {module.img_size} px; use the plans/--backbone it was trained with")
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if isinstance(filename_or_checkpoint, str):
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
+            source = filename_or_checkpoint
+        else:
+            checkpoint, source = filename_or_checkpoint, "checkpoint"
+        self.check_checkpoint_fits(checkpoint, source)
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        mirroring = checkpoint.get("inference_allowed_mirroring_axes")
+        self.inference_allowed_mirroring_axes = tuple(mirroring) if mirroring is not None else None
+        self.network_module.load_state_dict(checkpoint["network_weights"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+def known_pixel_normalization(weights: str | None) -> str | None:
+    """The pixel normalisation a known checkpoint (by name or file name) was trained with."""
+    if weights is None:
+        return None
+    for entry in KNOWN_CHECKPOINTS.values():
+        if weights == entry.name or os.path.basename(str(weights)) == entry.filename:
+            return entry.pixel_normalization
+    return None
