@@ -19,6 +19,7 @@ logger = logging.getLogger("samunet")
 FOLDS = ("0", "1", "2", "3", "4", "all")
 # Above this many cores nnU-Net's own defaults (8 export workers, 12 augmentation workers) pay off.
 SMALL_MACHINE_CORES = 4
+_device_announced = False
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -45,9 +46,12 @@ def prepare_environment(num_processes: int | None = None) -> None:
 def select_device(name: str | None):
     """``cuda`` when available, else ``cpu`` (said once); ``mps`` and explicit choices honoured."""
     import torch
+    global _device_announced
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-        logger.info("using device %s%s", name, "" if name == "cuda" else " (no CUDA GPU found; this is slow)")
+        if not _device_announced:
+            _device_announced = True
+            logger.info("using device %s%s", name, "" if name == "cuda" else " (no CUDA GPU found; this is slow)")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError("-device cuda was asked for but torch sees no CUDA GPU; use -device cpu")
     if name == "cpu":

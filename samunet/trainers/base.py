@@ -27,6 +27,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
+from tqdm import tqdm
 
 import samunet
 from samunet.backbones.catalog import get_backbone_spec
@@ -96,6 +97,7 @@ class SAMTrainerBase(nnUNetTrainer):
         self.pretrained_weights: str | None = None
         self.hyperparameters: dict = {}
         self.set_hyperparameters({})
+        self._epoch_progress: tqdm | None = None
 
     def set_hyperparameters(self, overrides: dict) -> None:
         """Apply the class defaults plus ``overrides`` (names in ``HYPERPARAMETERS``); call before
@@ -164,6 +166,25 @@ class SAMTrainerBase(nnUNetTrainer):
             optimizer = torch.optim.SGD(parameters, lr=self.initial_lr, weight_decay=self.weight_decay,
                                         momentum=0.99, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---- progress -------------------------------------------------------------------------
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._epoch_progress = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}",
+                                    unit="it", leave=False, disable=self.local_rank != 0)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self._epoch_progress is not None:
+            self._epoch_progress.update(1)
+            self._epoch_progress.set_postfix(loss=f"{float(result['loss']):.3f}")
+        return result
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        if self._epoch_progress is not None:
+            self._epoch_progress.close()
+            self._epoch_progress = None
+        super().on_train_epoch_end(train_outputs)
 
     # ---- deep supervision -------------------------------------------------------------------
     def _get_deep_supervision_scales(self):

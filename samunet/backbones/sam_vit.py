@@ -1,0 +1,310 @@
+"""SAM's ViT image encoder (ViT-B/L/H), with multi-depth features and input-size adaptation.
+
+Same architecture and state-dict layout as segment-anything's ``ImageEncoderViT`` (so official
+checkpoints load with ``strict=True``): a 16x16 patch embedding, an absolute position embedding
+on the (S/16, S/16) token grid, transformer blocks that attend within 14x14 windows except for a
+few global-attention blocks, decomposed relative position biases (MViTv2), and a
+1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d neck. Attention runs through
+``F.scaled_dot_product_attention`` with the relative position bias as a float mask.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder
+
+logger = logging.getLogger(__name__)
+
+_NORM_EPS = 1e-6  # every released SAM encoder uses LayerNorm(eps=1e-6)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture numbers of one ViT variant."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    out_chans: int = 256
+
+
+VIT_CONFIGS: dict[str, ViTConfig] = {
+    "vit_b": ViTConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": ViTConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": ViTConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    # tiny random encoder for tests; no checkpoint exists for it
+    "vit_test": ViTConfig(embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3),
+                          window_size=4, out_chans=32),
+}
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (parameters ``weight``, ``bias``)."""
+
+    def __init__(self, *, num_channels: int, eps: float = _NORM_EPS) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """(B, in_chans, S, S) -> (B, S/p, S/p, embed_dim) tokens by a stride-p convolution."""
+
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class MLP(nn.Module):
+    """Two linear layers with a GELU between them; (..., dim) -> (..., dim)."""
+
+    def __init__(self, *, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.lin2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+def _relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows of ``table`` (2*size-1, head_dim) for every (query, key) offset: (size, size, head_dim)."""
+    if table.shape[0] != 2 * size - 1:
+        raise ValueError(f"relative position table has {table.shape[0]} rows, expected "
+                         f"{2 * size - 1} for {size} positions; resize it with adapt_state_dict")
+    positions = torch.arange(size, device=table.device)
+    return table[positions[:, None] - positions[None, :] + (size - 1)]
+
+
+def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor,
+                            rel_pos_w: torch.Tensor) -> torch.Tensor:
+    """Decomposed relative position bias of MViTv2 as SAM computes it (from the unscaled query).
+
+    q: (B, heads, H, W, head_dim); rel_pos_h: (2H-1, head_dim); rel_pos_w: (2W-1, head_dim).
+    Returns the additive attention bias (B, heads, H*W, H*W), keys ordered row-major.
+    """
+    batch, heads, height, width, _ = q.shape
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q, _relative_table(rel_pos_h, height))
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q, _relative_table(rel_pos_w, width))
+    bias = bias_h[..., :, None] + bias_w[..., None, :]
+    return bias.reshape(batch, heads, height * width, height * width)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, dim) token grid with decomposed rel-pos bias.
+
+    ``qkv`` outputs [q | k | v], each ``dim`` wide with the heads side by side. ``rel_pos_h`` /
+    ``rel_pos_w`` have 2 * grid_size - 1 rows, where grid_size is the side the layer attends over.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool, use_rel_pos: bool,
+                 grid_size: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid_size - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid_size - 1, self.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, dim) -> (B, H, W, dim)."""
+        batch, height, width, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W, head_dim)
+        bias = None
+        if self.use_rel_pos:
+            q_grid = q.reshape(batch, self.num_heads, height, width, self.head_dim)
+            bias = decomposed_rel_pos_bias(q_grid, self.rel_pos_h, self.rel_pos_w).to(q.dtype)
+        # SDPA's default scale is head_dim ** -0.5, the same as SAM's
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W up to multiples of
+    ``window``; also returns the padded (Hp, Wp)."""
+    batch, height, width, channels = x.shape
+    pad_h, pad_w = -height % window, -width % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    padded_h, padded_w = height + pad_h, width + pad_w
+    x = x.reshape(batch, padded_h // window, window, padded_w // window, window, channels)
+    windows = x.transpose(2, 3).reshape(-1, window, window, channels)
+    return windows, (padded_h, padded_w)
+
+
+def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, window, window, C) -> (B, H, W, C)."""
+    padded_h, padded_w = padded_hw
+    height, width = hw
+    rows, cols = padded_h // window, padded_w // window
+    x = windows.reshape(-1, rows, cols, window, window, windows.shape[-1])
+    x = x.transpose(2, 3).reshape(-1, padded_h, padded_w, windows.shape[-1])
+    return x[:, :height, :width, :]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attends within ``window_size`` windows, or globally when 0.
+
+    (B, H, W, dim) -> (B, H, W, dim).
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 use_rel_pos: bool, window_size: int, grid_size: int) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=_NORM_EPS)
+        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                              use_rel_pos=use_rel_pos,
+                              grid_size=window_size if window_size > 0 else grid_size)
+        self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS)
+        self.mlp = MLP(dim=dim, hidden_dim=int(dim * mlp_ratio))
+
+    @property
+    def is_global(self) -> bool:
+        return self.window_size == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        if self.is_global:
+            y = self.attn(y)
+        else:
+            windows, padded_hw = window_partition(y, self.window_size)
+            y = window_unpartition(self.attn(windows), self.window_size, padded_hw, x.shape[1:3])
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class SAMViTEncoder(SAMImageEncoder):
+    """SAM's ViT image encoder; state-dict compatible with segment-anything's ``ImageEncoderViT``.
+
+    forward: (B, in_chans, S, S) -> EncoderOutput(embedding (B, out_chans, S/16, S/16),
+    features [(B, embed_dim, S/16, S/16) after each global-attention block, in block order]).
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int = 16, in_chans: int = 3, embed_dim: int,
+                 depth: int, num_heads: int, mlp_ratio: float = 4.0, out_chans: int = 256,
+                 window_size: int = 14, global_attn_indexes: Sequence[int],
+                 qkv_bias: bool = True, use_rel_pos: bool = True) -> None:
+        super().__init__()
+        if img_size <= 0 or img_size % patch_size:
+            raise ValueError(f"img_size must be a positive multiple of the patch size {patch_size}, "
+                             f"got {img_size}")
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0: every block global), got {window_size}")
+        if window_size == 0:
+            global_attn_indexes = range(depth)
+        self.global_attn_indexes = tuple(sorted(set(global_attn_indexes)))
+        if any(not 0 <= i < depth for i in self.global_attn_indexes):
+            raise ValueError(f"global_attn_indexes {tuple(global_attn_indexes)} must lie in "
+                             f"[0, {depth})")
+        self.img_size = img_size
+        self.embedding_stride = patch_size
+        self.out_chans = out_chans
+        self.feature_channels = (embed_dim,) * len(self.global_attn_indexes)
+        self.feature_strides = (patch_size,) * len(self.global_attn_indexes)
+        grid_size = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size, grid_size, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                  use_rel_pos=use_rel_pos, grid_size=grid_size,
+                  window_size=0 if i in self.global_attn_indexes else window_size)
+            for i in range(depth))
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(num_channels=out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(num_channels=out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected input (B, C, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(x.shape)}")
+        tokens = self.patch_embed(x) + self.pos_embed
+        features = []
+        for block in self.blocks:
+            tokens = block(tokens)
+            if block.is_global:
+                features.append(tokens.permute(0, 3, 1, 2))
+        embedding = self.neck(tokens.permute(0, 3, 1, 2))
+        return EncoderOutput(embedding=embedding, features=features)
+
+    def qkv_projections(self) -> list[QKVProjection]:
+        projections = []
+        for block in self.blocks:
+            dim = block.attn.num_heads * block.attn.head_dim
+            projections.append(QKVProjection(owner=block.attn,
+                                             q_channels=torch.arange(0, dim),
+                                             v_channels=torch.arange(2 * dim, 3 * dim)))
+        return projections
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resize ``pos_embed`` and the global blocks' relative position tables to this encoder's
+        token grid, so a checkpoint pretrained at another input size (SAM: 1024) loads here.
+
+        Running 1024-pretrained SAM at 256 / 512 this way is the idea of SAMed (Zhang & Liu 2023),
+        also used by H-SAM and MA-SAM. Windowed blocks keep their (2*window-1)-row tables, and
+        tensors that already have the right shape come back unchanged.
+        """
+        adapted = dict(state_dict)
+        grid_size = self.embedding_size
+        pos_embed = adapted.get("pos_embed")
+        if pos_embed is not None and pos_embed.shape[1:3] != (grid_size, grid_size):
+            logger.info("resizing pos_embed from %s to %dx%d tokens",
+                        tuple(pos_embed.shape[1:3]), grid_size, grid_size)
+            # Bilinear, not bicubic: it is what SAMed and its successors used (so their fine-tuned
+            # checkpoints see the same embedding) and it never overshoots the pretrained values.
+            resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(),
+                                    size=(grid_size, grid_size), mode="bilinear",
+                                    align_corners=False)
+            adapted["pos_embed"] = resized.permute(0, 2, 3, 1).to(pos_embed.dtype).contiguous()
+        rows = 2 * grid_size - 1
+        for index, block in enumerate(self.blocks):
+            if not (block.is_global and block.attn.use_rel_pos):
+                continue
+            for axis in ("h", "w"):
+                key = f"blocks.{index}.attn.rel_pos_{axis}"
+                table = adapted.get(key)
+                if table is not None and table.shape[0] != rows:
+                    adapted[key] = _resize_rel_pos(table, rows)
+        return adapted
+
+
+def _resize_rel_pos(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """(L, head_dim) -> (rows, head_dim) by linear interpolation along L; the same resampling
+    segment-anything's ``get_rel_pos`` applies on the fly when a table's length does not fit."""
+    resized = F.interpolate(table.t()[None].float(), size=rows, mode="linear", align_corners=False)
+    return resized[0].t().to(table.dtype).contiguous()
+
+
+def build_vit_encoder(variant: str, img_size: int) -> SAMViTEncoder:
+    """SAM's image encoder ``variant`` (a key of :data:`VIT_CONFIGS`) for (S, S) = img_size inputs."""
+    try:
+        config = VIT_CONFIGS[variant]
+    except KeyError:
+        raise ValueError(f"unknown ViT variant {variant!r}; known: {', '.join(VIT_CONFIGS)}") from None
+    return SAMViTEncoder(img_size=img_size, embed_dim=config.embed_dim, depth=config.depth,
+                         num_heads=config.num_heads, global_attn_indexes=config.global_attn_indexes,
+                         window_size=config.window_size, out_chans=config.out_chans)

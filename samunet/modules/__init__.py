@@ -1,0 +1,1 @@
+"""Reusable network parts: LoRA, SAM mask-decoder driving, the SAM input stage."""

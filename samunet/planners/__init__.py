@@ -1,0 +1,1 @@
+"""SAM-aware experiment planning on top of nnunetv2's fingerprint."""

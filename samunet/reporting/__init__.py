@@ -1,0 +1,1 @@
+"""Pictures and tables of results for people: overlays of predictions on images."""

@@ -1,0 +1,76 @@
+"""plan -> train -> predict -> evaluate on a tiny phantom with a tiny random backbone, on the CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+from samunet.cli.evaluate import main as evaluate_main
+from samunet.cli.predict import build_predictor, main as predict_main, predict_folder
+from samunet.cli.train import train
+from samunet.trainers.base import CheckpointMismatchError
+
+DATASET = "Dataset991_PhantomTiny"
+TINY_RUN = {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "batch_size": 2}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_fold0(planned_tiny_dataset):
+    trainer = train(991, "2d", 0, "SAMedTrainer", device="cpu", hyperparameters=dict(TINY_RUN))
+    return Path(trainer.output_folder)
+
+
+def test_training_writes_nnunet_outputs_and_a_weights_only_checkpoint(trained_fold0):
+    for name in ("checkpoint_final.pth", "progress.png", "validation/summary.json", "debug.json"):
+        assert (trained_fold0 / name).is_file(), name
+    assert list(trained_fold0.glob("training_log_*.txt"))
+    assert not list(trained_fold0.glob(".partial_*"))
+    checkpoint = torch.load(trained_fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["trainer_name"] == "SAMedTrainer" and checkpoint["current_epoch"] == 1
+    assert checkpoint["samunet"]["backbone"] == "vit_test" and checkpoint["samunet"]["img_size"] == 64
+    assert checkpoint["samunet"]["hyperparameters"]["num_iterations_per_epoch"] == 3
+    assert trained_fold0.parent.name == "SAMedTrainer__samunetPlans__2d"
+
+
+def test_prediction_keeps_case_names_and_original_geometry(trained_fold0, planned_tiny_dataset, tmp_path):
+    raw = planned_tiny_dataset["nnUNet_raw"] / DATASET
+    predictor = build_predictor(DATASET, "2d", "SAMedTrainer", [0], device="cpu", use_mirroring=False)
+    written = predict_folder(predictor, raw / "imagesTs", tmp_path / "pred")
+    assert sorted(p.name for p in written) == sorted(p.name for p in (raw / "labelsTs").iterdir())
+    for label_file in (raw / "labelsTs").iterdir():
+        reference = sitk.ReadImage(str(label_file))
+        prediction = sitk.ReadImage(str(tmp_path / "pred" / label_file.name))
+        assert prediction.GetSize() == reference.GetSize()
+        assert prediction.GetSpacing() == pytest.approx(reference.GetSpacing())
+        assert set(sitk.GetArrayFromImage(prediction).ravel()) <= {0, 1, 2, 3}
+    assert not [p for p in (tmp_path / "pred").iterdir() if p.name.startswith(".partial")]
+
+
+def test_predict_and_evaluate_commands_run_end_to_end(trained_fold0, planned_tiny_dataset, tmp_path):
+    raw = planned_tiny_dataset["nnUNet_raw"] / DATASET
+    assert predict_main(["-i", str(raw / "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "991", "-c", "2d",
+                         "-tr", "SAMedTrainer", "-f", "fold0", "--disable-tta", "-device", "cpu"]) == 0
+    assert evaluate_main(["-ref", str(raw / "labelsTs"), "-pred", str(tmp_path / "pred"), "-d", "991"]) == 0
+    summary = json.loads((tmp_path / "pred" / "summary_samunet.json").read_text())
+    assert set(summary["per_case"]) == {"case_0005", "case_0006"}
+    assert {"Dice", "NSD", "HD95"} <= set(summary["foreground_mean"])
+
+
+def test_continue_restores_hyperparameters_and_trains_on(trained_fold0):
+    trainer = train(991, "2d", 0, "SAMedTrainer", device="cpu", continue_training=True,
+                    hyperparameters={"num_epochs": 2})
+    assert trainer.current_epoch == 2
+    assert trainer.num_iterations_per_epoch == 3  # restored from the checkpoint
+    checkpoint = torch.load(trained_fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["current_epoch"] == 2
+
+
+def test_a_checkpoint_of_another_backbone_is_refused(trained_fold0):
+    with pytest.raises(CheckpointMismatchError, match="backbone vit_test at 64 px.*tinyvit_test"):
+        train(991, "2d", 0, "SAMedTrainer", device="cpu", continue_training=True, backbone="tinyvit_test",
+              hyperparameters={"weights": "none"})

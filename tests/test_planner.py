@@ -1,0 +1,84 @@
+"""samunet's SAM planner: what it writes into samunetPlans.json."""
+from __future__ import annotations
+
+import json
+import pydoc
+
+import pytest
+
+from samunet.errors import ConfigurationError, UnknownNameError
+from samunet.planners.sam_planner import choose_depth, choose_image_size, estimate_batch_size
+from samunet.trainers.samed import SAMedTrainer
+
+
+def load_plans(folders) -> dict:
+    return json.loads((folders["nnUNet_preprocessed"] / "Dataset991_PhantomTiny" / "samunetPlans.json").read_text())
+
+
+def test_plans_have_one_2d_configuration_sized_for_the_backbone(planned_tiny_dataset):
+    plans = load_plans(planned_tiny_dataset)
+    assert list(plans["configurations"]) == ["2d"]
+    configuration = plans["configurations"]["2d"]
+    assert configuration["patch_size"] == [64, 64]
+    arch = configuration["architecture"]
+    assert arch["arch_kwargs"]["backbone"] == "vit_test" and arch["arch_kwargs"]["img_size"] == 64
+    assert arch["arch_kwargs"]["depth"] >= 1
+    low, high = arch["arch_kwargs"]["intensity_ranges"][0]
+    assert low < 0 < high  # the CT foreground window in z-scored units
+
+
+def test_planned_network_class_is_a_dotted_path_pydoc_resolves(planned_tiny_dataset):
+    plans = load_plans(planned_tiny_dataset)
+    name = plans["configurations"]["2d"]["architecture"]["network_class_name"]
+    assert name.startswith("samunet.networks.")
+    network_class = pydoc.locate(name)
+    assert network_class is not None
+    assert network_class.__name__ == SAMedTrainer.network_class.rsplit(".", 1)[1]
+
+
+def test_preprocessed_2d_data_exist_for_every_training_case(planned_tiny_dataset):
+    folder = planned_tiny_dataset["nnUNet_preprocessed"] / "Dataset991_PhantomTiny" / "samunetPlans_2d"
+    assert len([p for p in folder.iterdir() if p.name.endswith(".pkl")]) == 5
+
+
+def test_image_size_follows_the_backbone_and_the_data():
+    assert choose_image_size("litemedsam", (512.0, 512.0)) == 256
+    assert choose_image_size("vit_b", (200.0, 180.0)) == 256
+    assert choose_image_size("vit_b", (400.0, 512.0)) == 512
+    assert choose_image_size("vit_h", (900.0, 900.0)) == 512  # 1024 only when asked for
+
+
+def test_depth_covers_about_60_mm_and_at_most_half_the_slices():
+    assert choose_depth(10.0, 9) == 4      # ACDC-like: 10 mm slices, ~9 slices
+    assert choose_depth(3.0, 150) == 20    # Synapse-like
+    assert choose_depth(5.0, 100) == 12    # AMOS-like
+    assert choose_depth(1.0, 2) == 1
+
+
+def test_batch_size_shrinks_with_image_size_and_memory():
+    small = estimate_batch_size("vit_b", 256, 1, 8.0, 1e9)
+    large = estimate_batch_size("vit_b", 512, 1, 8.0, 1e9)
+    assert small > large >= 2
+    assert estimate_batch_size("vit_b", 256, 1, 40.0, 1e9) > small
+    assert estimate_batch_size("vit_b", 256, 1, 40.0, 3) == 3  # never more than ~5% of the data set
+
+
+def test_planning_survives_nnunet_n_proc_da_zero(nnunet_folders, monkeypatch):
+    """nnunetv2 2.8.1's own planner crashes with nnUNet_n_proc_DA=0; samunet's must not."""
+    from samunet.cli.plan_and_preprocess import plan_and_preprocess
+    from samunet.preprocessing.phantom import write_phantom_dataset
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    write_phantom_dataset(nnunet_folders["nnUNet_raw"], dataset_id=992, dataset_name="Mini", num_train=2,
+                          num_test=1, shape=(8, 32, 32))
+    plans_file = plan_and_preprocess(992, backbone="tinyvit_test", image_size=32, depth=3, num_processes=1)
+    arch = json.loads(plans_file.read_text())["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    assert arch["depth"] == 3 and arch["img_size"] == 32 and arch["backbone"] == "tinyvit_test"
+
+
+def test_unknown_backbone_and_bad_image_size_are_refused_before_anything_is_written(nnunet_folders):
+    from samunet.cli.plan_and_preprocess import plan_and_preprocess
+    with pytest.raises(UnknownNameError, match="unknown backbone 'vit_x'.*litemedsam"):
+        plan_and_preprocess(992, backbone="vit_x")
+    with pytest.raises(ConfigurationError, match="256, 512, 1024"):
+        plan_and_preprocess(992, backbone="vit_b", image_size=300)
+    assert list(nnunet_folders["nnUNet_preprocessed"].iterdir()) == []
