@@ -9,10 +9,16 @@ allocator). On CPU the peak is the process's maximum resident set size (``ru_max
 
     python benchmarks/measure_training_memory.py --backbones litemedsam vit_b --size 256
 
-Measured on 2026-11-22 (2-core CPU, fp32, 256 px, 4 classes); copied into
+Measured on 2026-11-22 (2-core CPU, fp32, 256 px, 4 classes, random weights); copied into
 ``samunet/planners/sam_planner.py``:
 
-    see the table printed at the end of a run (the planner's docstring cites this script)
+    backbone      size  peak@1 MB  peak@3 MB  MB/image  fixed MB
+    litemedsam     256       1373       3061       844       528
+    vit_b          256       1060       1773       356       704
+    vit_l          256       2607       4916      1154      1453
+    vit_h          256       4628       7622      1497      3132
+    vit_test       256        329        350        11       318
+    tinyvit_test   256        446        654       104       343
 """
 from __future__ import annotations
 

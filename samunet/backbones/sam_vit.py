@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder
+from samunet.backbones.neck import sam_neck
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,6 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
     "vit_test": ViTConfig(embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3),
                           window_size=4, out_chans=32),
 }
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map (parameters ``weight``, ``bias``)."""
-
-    def __init__(self, *, num_channels: int, eps: float = _NORM_EPS) -> None:
-        super().__init__(num_channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class PatchEmbed(nn.Module):
@@ -231,12 +222,7 @@ class SAMViTEncoder(SAMImageEncoder):
                   use_rel_pos=use_rel_pos, grid_size=grid_size,
                   window_size=0 if i in self.global_attn_indexes else window_size)
             for i in range(depth))
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(num_channels=out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(num_channels=out_chans),
-        )
+        self.neck = sam_neck(embed_dim, out_chans)
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         if x.shape[-2:] != (self.img_size, self.img_size):

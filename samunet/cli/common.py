@@ -59,6 +59,14 @@ def select_device(name: str | None):
     return torch.device(name)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """``-device`` (where it applies) and ``-v``, the same in every command."""
+    if device:
+        parser.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None,
+                            help="default: cuda when available, else cpu")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def parse_fold(text: str) -> int | str:
     """``0``..``4``, ``fold0``..``fold4`` or ``all``."""
     value = text.lower().removeprefix("fold").removeprefix("_")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import prepare_environment, run_cli, select_device, setup_logging
+from samunet.cli.common import (add_common_arguments, prepare_environment, run_cli,
+                                 select_device, setup_logging)
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,10 @@ def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "lite
 
     start = time.perf_counter()
     summary = evaluate_folders(raw / "labelsTs", predictions, dataset_json, 2.0, predictions / "summary.json")
+    timings["evaluate"] = time.perf_counter() - start
     write_report(root / "report", raw, predictions, Path(fitted.output_folder), summary, dataset_json, timings,
                  {"trainer": trainer, "backbone": backbone, "weights": weights, "image_size": image_size,
                   "device": str(fitted.device), **settings})
-    timings["evaluate_and_report"] = time.perf_counter() - start
     return summary
 
 
@@ -141,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
     parser.add_argument("--num-epochs", type=int, default=None)
     parser.add_argument("--iters-per-epoch", type=int, default=None)
-    parser.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_arguments(parser)
     return parser
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import prepare_environment, run_cli, setup_logging
+from samunet.cli.common import add_common_arguments, prepare_environment, run_cli, setup_logging
 from samunet.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size (default: planned)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack for stacked-slice methods")
     parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory the batch size is planned for")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_arguments(parser, device=False)
     return parser
 
 

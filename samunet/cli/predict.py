@@ -20,7 +20,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from samunet.cli.common import parse_fold, prepare_environment, run_cli, select_device, setup_logging
+from samunet.cli.common import (add_common_arguments, parse_fold, prepare_environment,
+                                 run_cli, select_device, setup_logging)
 from samunet.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
                     plans_identifier: str = "samunetPlans", checkpoint_name: str = "checkpoint_final.pth",
                     device: str | None = None, use_mirroring: bool = True, tile_step_size: float = 0.5):
     """An initialised ``nnUNetPredictor`` holding the folds' weights."""
-    import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -86,7 +86,6 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     predictor.manual_initialization(network.to(device), plans_manager, configuration_manager,
                                     [c["network_weights"] for c in checkpoints], dataset_json, trainer_name,
                                     tuple(mirroring) if mirroring is not None else None)
-    torch.set_grad_enabled(False)
     return predictor
 
 
@@ -146,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a patch fraction")
-    parser.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_arguments(parser)
     return parser
 
 

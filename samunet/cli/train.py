@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import parse_fold, prepare_environment, run_cli, select_device, setup_logging
+from samunet.cli.common import (add_common_arguments, parse_fold, prepare_environment,
+                                 run_cli, select_device, setup_logging)
 from samunet.errors import ConfigurationError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--c", dest="continue_training", action="store_true", help="continue an interrupted run")
     parser.add_argument("--val", dest="only_validate", action="store_true", help="only run the final validation")
     parser.add_argument("--npz", action="store_true", help="also save validation softmax probabilities")
-    parser.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None,
-                        help="default: cuda when available, else cpu")
     parser.add_argument("--num-epochs", type=int, help="override the trainer's epoch count")
     parser.add_argument("--iters-per-epoch", type=int, help="override training iterations per epoch")
     parser.add_argument("--val-iters", type=int, help="override validation iterations per epoch")
@@ -119,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="override the planned batch size")
     parser.add_argument("--backbone", help="train with another backbone than planned")
     parser.add_argument("--weights", help="pretrained checkpoint: known name, path, or 'none' for random init")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_arguments(parser)
     return parser
 
 

@@ -39,20 +39,20 @@ MAX_BATCH_SIZE = 48
 # z-scored MR / other modalities: the [-3, 3] sigma window covers ~99.7% of the intensities
 ZSCORE_WINDOW = (-3.0, 3.0)
 
-# Peak training memory per image at 256x256 (MB, fp32, forward + backward of a LoRA-style
-# fine-tune with a trainable mask decoder). Measured with benchmarks/measure_training_memory.py
-# on the CPU (fp32 is an upper bound for CUDA runs with autocast). Memory grows with the area.
+# Training memory of one SAMed step (forward + backward + AdamW, fp32) at 256x256, measured with
+# benchmarks/measure_training_memory.py on 2026-11-22 (CPU peak RSS; a CUDA run with autocast
+# needs less, so these are upper bounds): growth per image, and the fixed part (weights,
+# optimiser state, runtime). Per-image memory is scaled with the input area.
 TRAINING_MB_PER_IMAGE_AT_256 = {
-    "litemedsam": 262.0,
-    "vit_b": 343.0,
-    "vit_l": 835.0,
-    "vit_h": 1173.0,
-    "vit_test": 4.0,
-    "tinyvit_test": 16.0,
+    "litemedsam": 844.0,
+    "vit_b": 356.0,
+    "vit_l": 1154.0,
+    "vit_h": 1497.0,
+    "vit_test": 11.0,
+    "tinyvit_test": 104.0,
 }
-# Fixed memory: frozen weights plus optimiser state of what trains, CUDA context headroom (MB).
-BASE_MB = {"litemedsam": 600.0, "vit_b": 1400.0, "vit_l": 2600.0, "vit_h": 4200.0,
-           "vit_test": 50.0, "tinyvit_test": 50.0}
+BASE_MB = {"litemedsam": 528.0, "vit_b": 704.0, "vit_l": 1453.0, "vit_h": 3132.0,
+           "vit_test": 318.0, "tinyvit_test": 343.0}
 
 
 def choose_image_size(backbone: str, median_inplane_shape: tuple[float, float]) -> int:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import samunet
 from samunet.backbones.catalog import get_backbone_spec
-from samunet.errors import SamunetError
+from samunet.errors import ConfigurationError, SamunetError
 from samunet.networks.base import SAMSegmentationNetwork
 from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
 
@@ -107,7 +107,7 @@ class SAMTrainerBase(nnUNetTrainer):
         merged = {**self.default_hyperparameters, **self.hyperparameters, **overrides}
         unknown = sorted(set(merged) - set(HYPERPARAMETERS))
         if unknown:
-            raise ValueError(f"unknown hyper-parameters {unknown}; known: {list(HYPERPARAMETERS)}")
+            raise ConfigurationError(f"unknown hyper-parameters {unknown}; known: {list(HYPERPARAMETERS)}")
         self.hyperparameters = merged
         for name, value in merged.items():
             if name == "weights":

@@ -1,0 +1,324 @@
+"""LiteMedSAM's TinyViT image encoder, with per-stage features and any input size.
+
+Same architecture and state-dict layout as the TinyViT that LiteMedSAM ships (so
+``lite_medsam.pth``'s ``image_encoder.*`` tensors load with ``strict=True``): a stride-1 patch
+embedding of two 1x1 conv+BN with a GELU between them, one convolutional stage of MBConv blocks,
+three stages of window-attention blocks (attention with learned per-offset biases, a depthwise
+3x3 conv, an MLP), conv patch merging between stages, and SAM's 1x1 conv -> LayerNorm2d -> 3x3
+conv -> LayerNorm2d neck. Stage resolutions are S, S/2, S/4, S/4 for an (S, S) input; unlike the
+reference (which hard-codes a 256 input) every resolution is derived from the input itself.
+
+Everything runs in channels-last memory: tokens of the attention stages live as (B, H, W, C)
+tensors and travel between modules as (B, C, H, W) views of those, so neither the convolutions
+nor the returned embedding and features need a copy (they are ``torch.channels_last`` tensors).
+BatchNorms in eval mode are folded into their convolutions, GELUs run in place where autograd
+does not need their input, and BatchNorms whose parameters are all frozen stay in eval mode in
+``train()`` (see :meth:`TinyViTEncoder.train`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder
+from samunet.backbones.neck import sam_neck
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """Architecture numbers of one TinyViT variant.
+
+    ``embed_dims`` / ``depths`` cover all four stages (stage 0 is convolutional); ``num_heads``
+    and ``window_sizes`` the three attention stages. ``merge_strides`` are the strides of the
+    patch merging after stages 0, 1 and 2.
+    """
+
+    embed_dims: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+    num_heads: tuple[int, int, int]
+    window_sizes: tuple[int, int, int]
+    merge_strides: tuple[int, int, int] = (2, 2, 1)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    out_chans: int = 256
+
+
+TINYVIT_CONFIGS: dict[str, TinyViTConfig] = {
+    "litemedsam": TinyViTConfig(embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
+                                num_heads=(4, 5, 10), window_sizes=(7, 14, 7)),
+    # tiny random encoder for tests; no checkpoint exists for it
+    "tinyvit_test": TinyViTConfig(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1),
+                                  num_heads=(2, 2, 4), window_sizes=(7, 7, 7), out_chans=32),
+}
+
+SIZE_MULTIPLE = 16
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU; in place when autograd does not need ``x``, which must be a fresh
+    intermediate (reusing its buffer saves the page faults of a new large allocation)."""
+    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
+
+
+class ConvBN(nn.Module):
+    """Bias-free Conv2d then BatchNorm2d (``c``, ``bn``); (B, C_in, H, W) -> (B, C_out, H', W')."""
+
+    def __init__(self, *, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1,
+                 groups: int = 1, bn_weight: float = 1.0) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2,
+                           groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+        nn.init.constant_(self.bn.weight, bn_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training:
+            return self.bn(self.c(x))
+        # eval-mode BN is affine: fold it into the convolution (recomputed every call, so it
+        # always reflects the current weights and gradients reach both modules)
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        bias = self.bn.bias - self.bn.running_mean * scale
+        return F.conv2d(x, self.c.weight * scale[:, None, None, None], bias, self.c.stride,
+                        self.c.padding, self.c.dilation, self.c.groups)
+
+
+class PatchEmbed(nn.Module):
+    """1x1 conv+BN, GELU, 1x1 conv+BN (stride 1); (B, in_chans, S, S) -> (B, embed_dim, S, S)."""
+
+    def __init__(self, *, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(ConvBN(in_chans=in_chans, out_chans=embed_dim // 2), nn.GELU(),
+                                 ConvBN(in_chans=embed_dim // 2, out_chans=embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, 3x3 depthwise, 1x1 project, residual, GELU.
+
+    (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, *, dim: int, expand_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * expand_ratio)
+        self.conv1 = ConvBN(in_chans=dim, out_chans=hidden)
+        self.conv2 = ConvBN(in_chans=hidden, out_chans=hidden, kernel_size=3, groups=hidden)
+        # zero-initialised last BN: a freshly built block is the identity (before its GELU)
+        self.conv3 = ConvBN(in_chans=hidden, out_chans=dim, bn_weight=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3(gelu(self.conv2(gelu(self.conv1(x)))))
+        y += x
+        return gelu(y)
+
+
+class PatchMerging(nn.Module):
+    """1x1 conv, GELU, stride-s depthwise 3x3 conv, GELU, 1x1 conv (each with BN).
+
+    (B, dim, H, W) -> (B, out_dim, ceil(H/s), ceil(W/s)).
+    """
+
+    def __init__(self, *, dim: int, out_dim: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBN(in_chans=dim, out_chans=out_dim)
+        self.conv2 = ConvBN(in_chans=out_dim, out_chans=out_dim, kernel_size=3, stride=stride,
+                            groups=out_dim)
+        self.conv3 = ConvBN(in_chans=out_dim, out_chans=out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(gelu(self.conv2(gelu(self.conv1(x)))))
+
+
+def offset_index(window: int) -> torch.Tensor:
+    """(window^2, window^2) index of each (query, key) pair's offset |dy|, |dx| in TinyViT's
+    bias table, whose columns list the offsets row-major: column = |dy| * window + |dx|."""
+    rows = torch.arange(window).repeat_interleave(window)
+    cols = torch.arange(window).repeat(window)
+    return (rows[:, None] - rows[None, :]).abs() * window + (cols[:, None] - cols[None, :]).abs()
+
+
+class WindowAttention(nn.Module):
+    """LayerNorm then multi-head attention within non-overlapping windows, with a learned bias
+    per head and (|dy|, |dx|) offset; (B, H, W, dim) -> (B, H, W, dim).
+
+    ``qkv`` outputs, per token, ``num_heads`` chunks of [q | k | v] (``head_dim`` each). The grid is
+    padded at the bottom and right to whole windows with tokens that are zero before the
+    LayerNorm, and those tokens take part in the attention, as in the reference implementation.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, window_size: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
+        self.register_buffer("attention_bias_idxs", offset_index(window_size), persistent=False)
+
+    def qkv_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the q and of the v channels in ``qkv``'s output (each heads * head_dim)."""
+        head = torch.arange(self.num_heads)[:, None] * 3 * self.head_dim
+        within = torch.arange(self.head_dim)[None, :]
+        return (head + within).flatten(), (head + 2 * self.head_dim + within).flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
+        pad_h, pad_w = -height % window, -width % window
+        rows, cols = (height + pad_h) // window, (width + pad_w) // window
+        qkv = self.qkv(self.norm(x))
+        if pad_h or pad_w:
+            # a zero token normalises to norm.bias; project that once instead of every pad token
+            fill = self.qkv(self.norm(x.new_zeros(1, dim)))
+            padded = qkv.new_empty(batch, rows * window, cols * window, 3 * dim)
+            padded[:, :height, :width] = qkv
+            padded[:, height:] = fill
+            padded[:, :height, width:] = fill
+            qkv = padded
+        # (B, rows, window, cols, window, heads, 3 * head_dim) -> (B * windows, heads, window^2, .)
+        qkv = qkv.reshape(batch, rows, window, cols, window, heads, 3 * head_dim)
+        qkv = qkv.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, heads, window * window, 3 * head_dim)
+        q, k, v = qkv.split(head_dim, dim=-1)
+        # a 4-d float mask lets SDPA use its fused CPU kernel; the gather runs every forward
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
+        out = out.view(batch, rows, cols, heads, window, window, head_dim)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window, cols * window, dim)
+        return self.proj(out[:, :height, :width])
+
+
+class MLP(nn.Module):
+    """LayerNorm, linear, GELU, linear; (..., dim) -> (..., dim)."""
+
+    def __init__(self, *, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(gelu(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """Window attention (residual), depthwise conv+BN, MLP (residual).
+
+    (B, dim, H, W) -> (B, dim, H, W), returned as a channels-last view of (B, H, W, dim) tokens.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 local_conv_size: int) -> None:
+        super().__init__()
+        self.attn = WindowAttention(dim=dim, num_heads=num_heads, window_size=window_size)
+        self.local_conv = ConvBN(in_chans=dim, out_chans=dim, kernel_size=local_conv_size,
+                                 groups=dim)
+        self.mlp = MLP(dim=dim, hidden_dim=int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last input
+        tokens = tokens + self.attn(tokens)
+        tokens = self.local_conv(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        tokens = tokens + self.mlp(tokens)
+        return tokens.permute(0, 3, 1, 2)
+
+
+class Stage(nn.Module):
+    """``blocks`` then an optional ``downsample``; returns (blocks' output, downsampled)."""
+
+    def __init__(self, *, blocks: list[nn.Module], downsample: PatchMerging | None) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature = self.blocks(x)
+        return feature, (feature if self.downsample is None else self.downsample(feature))
+
+
+class TinyViTEncoder(SAMImageEncoder):
+    """TinyViT image encoder: (B, 3, S, S) -> embedding (B, out_chans, S/4, S/4) and the four
+    stages' outputs before their patch merging, (B, embed_dims[i], S/s_i, S/s_i) with s_i in
+    ``feature_strides`` (1, 2, 4, 4 for LiteMedSAM), all channels-last in memory.
+    """
+
+    def __init__(self, *, config: TinyViTConfig, img_size: int) -> None:
+        super().__init__()
+        dims = config.embed_dims
+        self.img_size = img_size
+        self.out_chans = config.out_chans
+        self.feature_channels = tuple(dims)
+        strides = [1]
+        for stride in config.merge_strides:
+            strides.append(strides[-1] * stride)
+        self.feature_strides = tuple(strides)
+        self.embedding_stride = strides[-1]
+
+        self.patch_embed = PatchEmbed(in_chans=3, embed_dim=dims[0])
+        self.layers = nn.ModuleList()
+        for index, (dim, depth) in enumerate(zip(dims, config.depths)):
+            if index == 0:
+                blocks = [MBConv(dim=dim, expand_ratio=config.mbconv_expand_ratio)
+                          for _ in range(depth)]
+            else:
+                blocks = [TinyViTBlock(dim=dim, num_heads=config.num_heads[index - 1],
+                                       window_size=config.window_sizes[index - 1],
+                                       mlp_ratio=config.mlp_ratio,
+                                       local_conv_size=config.local_conv_size)
+                          for _ in range(depth)]
+            downsample = (PatchMerging(dim=dim, out_dim=dims[index + 1],
+                                       stride=config.merge_strides[index])
+                          if index + 1 < len(dims) else None)
+            self.layers.append(Stage(blocks=blocks, downsample=downsample))
+        self.neck = sam_neck(dims[-1], config.out_chans)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        features = []
+        for stage in self.layers:
+            feature, x = stage(x)
+            features.append(feature)
+        return EncoderOutput(embedding=self.neck(x), features=features)
+
+    def qkv_projections(self) -> list[QKVProjection]:
+        projections = []
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                q_channels, v_channels = module.qkv_channels()
+                projections.append(QKVProjection(owner=module, q_channels=q_channels,
+                                                 v_channels=v_channels))
+        return projections
+
+    def train(self, mode: bool = True) -> TinyViTEncoder:
+        """Set train/eval mode, but keep every BatchNorm whose parameters are all frozen in eval
+        mode: it then normalises with its running statistics and never updates them."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                        and not any(p.requires_grad for p in module.parameters())):
+                    module.eval()
+        return self
+
+
+def build_tinyvit_encoder(variant: str, img_size: int) -> TinyViTEncoder:
+    """TinyViT encoder of a known ``variant`` (randomly initialised) for (img_size, img_size)."""
+    if variant not in TINYVIT_CONFIGS:
+        raise ValueError(f"unknown TinyViT variant {variant!r}; "
+                         f"known: {', '.join(TINYVIT_CONFIGS)}")
+    if img_size <= 0 or img_size % SIZE_MULTIPLE:
+        raise ValueError(f"img_size {img_size} is not a positive multiple of {SIZE_MULTIPLE}")
+    return TinyViTEncoder(config=TINYVIT_CONFIGS[variant], img_size=img_size)
