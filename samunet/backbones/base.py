@@ -8,17 +8,20 @@ every method samunet implements needs more than the final embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 
 class EncoderOutput(NamedTuple):
-    """embedding: (B, P, h, w) after the neck; features: list of (B, C_i, h_i, w_i), shallow to deep."""
+    """embedding: (B, P, h, w) after the neck; features: list of (B, C_i, h_i, w_i), shallow to deep;
+    prompts: when prompt tokens were given, each prompt level's tokens (B, c_j, D_j) after the
+    level's last block (None for a level given None), else None."""
 
     embedding: torch.Tensor
     features: list[torch.Tensor]
+    prompts: list[torch.Tensor | None] | None = None
 
 
 class QKVProjection(NamedTuple):
@@ -34,19 +37,32 @@ class QKVProjection(NamedTuple):
 
 
 class SAMImageEncoder(nn.Module):
-    """Base class of samunet's image encoders (see the module docstring for the shapes)."""
+    """Base class of samunet's image encoders (see the module docstring for the shapes).
+
+    Prompt levels: the encoder's attention blocks fall into consecutive groups, each ending
+    where one entry of ``features`` is taken (``prompt_level_features`` lists those entries).
+    ``forward(x, prompt_tokens)`` can let extra learned tokens take part in the attention of
+    each group (HSP-SAM's Q prompts); without them the encoder is unchanged.
+    """
 
     img_size: int
     embedding_stride: int
     out_chans: int
     feature_channels: tuple[int, ...]
     feature_strides: tuple[int, ...]
+    prompt_level_features: tuple[int, ...]
 
     @property
     def embedding_size(self) -> int:
         return self.img_size // self.embedding_stride
 
-    def forward(self, x: torch.Tensor) -> EncoderOutput:  # pragma: no cover - abstract
+    @property
+    def prompt_level_dims(self) -> tuple[int, ...]:
+        """Token width of each prompt level (the width its prompt tokens must have)."""
+        return tuple(self.feature_channels[i] for i in self.prompt_level_features)
+
+    def forward(self, x: torch.Tensor,
+                prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:  # pragma: no cover
         raise NotImplementedError
 
     def qkv_projections(self) -> list[QKVProjection]:  # pragma: no cover - abstract
@@ -57,6 +73,26 @@ class SAMImageEncoder(nn.Module):
         """Return ``state_dict`` (this encoder's own key names) with tensors that depend on the
         input size resized to this encoder's ``img_size``. Default: unchanged."""
         return dict(state_dict)
+
+
+def batch_prompt_tokens(prompt_tokens: Sequence[torch.Tensor | None], batch: int,
+                        dims: Sequence[int]) -> list[torch.Tensor | None]:
+    """Check one prompt set (or None: no prompts at that level) per level and give each a batch
+    axis: (c_j, D_j) or (B, c_j, D_j) -> (B, c_j, D_j)."""
+    if len(prompt_tokens) != len(dims):
+        raise ValueError(f"expected one prompt set per prompt level ({len(dims)}), got {len(prompt_tokens)}")
+    batched = []
+    for level, (tokens, dim) in enumerate(zip(prompt_tokens, dims)):
+        if tokens is None:
+            batched.append(None)
+            continue
+        if tokens.ndim == 2:
+            tokens = tokens.unsqueeze(0).expand(batch, -1, -1)
+        if tokens.ndim != 3 or tokens.shape[0] != batch or tokens.shape[2] != dim:
+            raise ValueError(f"prompt tokens of level {level} must be (c, {dim}) or ({batch}, c, {dim}), "
+                             f"got {tuple(tokens.shape)}")
+        batched.append(tokens)
+    return batched
 
 
 @dataclass(frozen=True)

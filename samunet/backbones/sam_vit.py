@@ -6,6 +6,13 @@ on the (S/16, S/16) token grid, transformer blocks that attend within 14x14 wind
 few global-attention blocks, decomposed relative position biases (MViTv2), and a
 1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d neck. Attention runs through
 ``F.scaled_dot_product_attention`` with the relative position bias as a float mask.
+
+Optional prompt tokens (HSP-SAM's Q prompts): prompt level j is the run of blocks that ends with
+the j-th global-attention block. Its c_j tokens join every attention call of those blocks as
+extra queries, keys and values: in a windowed block each window attends over its own tokens plus
+the prompts, and the prompts' updates from all windows of an image are averaged; in a global
+block they join the whole token grid. The relative position bias covers image tokens only (0 for
+every pair with a prompt token). The prompts then pass the block's MLP like any token.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder
+from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
 from samunet.backbones.neck import sam_neck
 
 logger = logging.getLogger(__name__)
@@ -128,6 +135,26 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
 
+    def forward_with_prompts(self, x: torch.Tensor,
+                             prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, H, W, dim) and prompts (B, c, dim) attend together -> same shapes.
+
+        The relative position bias applies between image tokens; pairs with a prompt get 0.
+        """
+        batch, height, width, dim = x.shape
+        count, num_prompts = height * width, prompts.shape[1]
+        tokens = torch.cat([x.reshape(batch, count, dim), prompts], dim=1)
+        qkv = self.qkv(tokens).reshape(batch, count + num_prompts, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W + c, head_dim)
+        bias = None
+        if self.use_rel_pos:
+            q_grid = q[:, :, :count].reshape(batch, self.num_heads, height, width, self.head_dim)
+            bias = decomposed_rel_pos_bias(q_grid, self.rel_pos_h, self.rel_pos_w).to(q.dtype)
+            bias = F.pad(bias, (0, num_prompts, 0, num_prompts))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = self.proj(out.transpose(1, 2).reshape(batch, count + num_prompts, dim))
+        return out[:, :count].reshape(batch, height, width, dim), out[:, count:]
+
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W up to multiples of
@@ -184,12 +211,29 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x))
 
+    def forward_with_prompts(self, x: torch.Tensor,
+                             prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, H, W, dim), prompts: (B, c, dim) -> both updated. In a windowed block every
+        window attends with its own copy of the prompts; the copies' updates are averaged."""
+        y, p = self.norm1(x), self.norm1(prompts)
+        if self.is_global:
+            y, p = self.attn.forward_with_prompts(y, p)
+        else:
+            windows, padded_hw = window_partition(y, self.window_size)
+            per_image = windows.shape[0] // x.shape[0]
+            y, p = self.attn.forward_with_prompts(windows, p.repeat_interleave(per_image, dim=0))
+            y = window_unpartition(y, self.window_size, padded_hw, x.shape[1:3])
+            p = p.reshape(x.shape[0], per_image, *p.shape[1:]).mean(dim=1)
+        x, prompts = x + y, prompts + p
+        return x + self.mlp(self.norm2(x)), prompts + self.mlp(self.norm2(prompts))
+
 
 class SAMViTEncoder(SAMImageEncoder):
     """SAM's ViT image encoder; state-dict compatible with segment-anything's ``ImageEncoderViT``.
 
     forward: (B, in_chans, S, S) -> EncoderOutput(embedding (B, out_chans, S/16, S/16),
     features [(B, embed_dim, S/16, S/16) after each global-attention block, in block order]).
+    Prompt level j is the run of blocks ending with the j-th global block (module docstring).
     """
 
     def __init__(self, *, img_size: int, patch_size: int = 16, in_chans: int = 3, embed_dim: int,
@@ -213,6 +257,7 @@ class SAMViTEncoder(SAMImageEncoder):
         self.out_chans = out_chans
         self.feature_channels = (embed_dim,) * len(self.global_attn_indexes)
         self.feature_strides = (patch_size,) * len(self.global_attn_indexes)
+        self.prompt_level_features = tuple(range(len(self.global_attn_indexes)))
         grid_size = img_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
@@ -224,18 +269,32 @@ class SAMViTEncoder(SAMImageEncoder):
             for i in range(depth))
         self.neck = sam_neck(embed_dim, out_chans)
 
-    def forward(self, x: torch.Tensor) -> EncoderOutput:
+    def forward(self, x: torch.Tensor,
+                prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:
+        """x: (B, in_chans, S, S); prompt_tokens: None, or per prompt level (c_j, embed_dim) or
+        (B, c_j, embed_dim) tokens that take part in that level's attention (None: none there)."""
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected input (B, C, {self.img_size}, {self.img_size}), "
                              f"got {tuple(x.shape)}")
         tokens = self.patch_embed(x) + self.pos_embed
         features = []
+        if prompt_tokens is None:
+            for block in self.blocks:
+                tokens = block(tokens)
+                if block.is_global:
+                    features.append(tokens.permute(0, 3, 1, 2))
+            return EncoderOutput(embedding=self.neck(tokens.permute(0, 3, 1, 2)), features=features)
+        levels = batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims)
         for block in self.blocks:
-            tokens = block(tokens)
+            level = len(features)  # blocks after the last global block belong to no level
+            if level < len(levels) and levels[level] is not None:
+                tokens, levels[level] = block.forward_with_prompts(tokens, levels[level])
+            else:
+                tokens = block(tokens)
             if block.is_global:
                 features.append(tokens.permute(0, 3, 1, 2))
-        embedding = self.neck(tokens.permute(0, 3, 1, 2))
-        return EncoderOutput(embedding=embedding, features=features)
+        return EncoderOutput(embedding=self.neck(tokens.permute(0, 3, 1, 2)), features=features,
+                             prompts=levels)
 
     def qkv_projections(self) -> list[QKVProjection]:
         projections = []

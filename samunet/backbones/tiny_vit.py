@@ -14,16 +14,24 @@ nor the returned embedding and features need a copy (they are ``torch.channels_l
 BatchNorms in eval mode are folded into their convolutions, GELUs run in place where autograd
 does not need their input, and BatchNorms whose parameters are all frozen stay in eval mode in
 ``train()`` (see :meth:`TinyViTEncoder.train`).
+
+Optional prompt tokens (HSP-SAM's Q prompts): each attention stage (1, 2, 3) is one prompt
+level. Its c_j tokens join every window of every block of the stage as extra queries, keys and
+values (the learned offset biases cover image tokens only; pairs with a prompt get 0), the
+prompts' updates from all windows of an image are averaged, and the prompts pass the block's
+MLP but not its depthwise convolution (they have no place on the grid). Stage 0 is
+convolutional and has no prompt level.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder
+from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
 from samunet.backbones.neck import sam_neck
 
 
@@ -174,6 +182,43 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
+        qkv, rows, cols = self._window_qkv(x)
+        q, k, v = qkv.split(head_dim, dim=-1)
+        # a 4-d float mask lets SDPA use its fused CPU kernel; the gather runs every forward
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
+        out = out.view(batch, rows, cols, heads, window, window, head_dim)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window, cols * window, dim)
+        return self.proj(out[:, :height, :width])
+
+    def forward_with_prompts(self, x: torch.Tensor,
+                             prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, H, W, dim), prompts: (B, c, dim) -> their attention updates, same shapes.
+
+        Every window attends over its tokens plus its own copy of the prompts; the prompts'
+        updates are averaged over the windows of each image.
+        """
+        batch, height, width, dim = x.shape
+        window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
+        num_prompts = prompts.shape[1]
+        qkv, rows, cols = self._window_qkv(x)
+        prompt_qkv = self.qkv(self.norm(prompts)).reshape(batch, num_prompts, heads, 3 * head_dim)
+        prompt_qkv = prompt_qkv.transpose(1, 2).repeat_interleave(rows * cols, dim=0)
+        q, k, v = torch.cat([qkv, prompt_qkv], dim=2).split(head_dim, dim=-1)
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        bias = F.pad(bias, (0, num_prompts, 0, num_prompts)).unsqueeze(0).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
+        image = out[:, :, :window * window].reshape(batch, rows, cols, heads, window, window, head_dim)
+        image = image.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window, cols * window, dim)
+        extra = out[:, :, window * window:].reshape(batch, rows * cols, heads, num_prompts, head_dim)
+        extra = extra.mean(dim=1).transpose(1, 2).reshape(batch, num_prompts, dim)
+        return self.proj(image[:, :height, :width]), self.proj(extra)
+
+    def _window_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, H, W, dim) -> qkv per window (B * windows, heads, window^2, 3 * head_dim), and the
+        number of window rows and columns."""
+        batch, height, width, dim = x.shape
+        window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
         pad_h, pad_w = -height % window, -width % window
         rows, cols = (height + pad_h) // window, (width + pad_w) // window
         qkv = self.qkv(self.norm(x))
@@ -188,13 +233,7 @@ class WindowAttention(nn.Module):
         # (B, rows, window, cols, window, heads, 3 * head_dim) -> (B * windows, heads, window^2, .)
         qkv = qkv.reshape(batch, rows, window, cols, window, heads, 3 * head_dim)
         qkv = qkv.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, heads, window * window, 3 * head_dim)
-        q, k, v = qkv.split(head_dim, dim=-1)
-        # a 4-d float mask lets SDPA use its fused CPU kernel; the gather runs every forward
-        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
-        out = out.view(batch, rows, cols, heads, window, window, head_dim)
-        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window, cols * window, dim)
-        return self.proj(out[:, :height, :width])
+        return qkv, rows, cols
 
 
 class MLP(nn.Module):
@@ -231,6 +270,17 @@ class TinyViTBlock(nn.Module):
         tokens = tokens + self.mlp(tokens)
         return tokens.permute(0, 3, 1, 2)
 
+    def forward_with_prompts(self, x: torch.Tensor,
+                             prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, dim, H, W) channels-last, prompts: (B, c, dim) -> both updated; the prompts
+        skip the depthwise convolution."""
+        tokens = x.permute(0, 2, 3, 1).contiguous()
+        image, extra = self.attn.forward_with_prompts(tokens, prompts)
+        tokens, prompts = tokens + image, prompts + extra
+        tokens = self.local_conv(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        tokens = tokens + self.mlp(tokens)
+        return tokens.permute(0, 3, 1, 2), prompts + self.mlp(prompts)
+
 
 class Stage(nn.Module):
     """``blocks`` then an optional ``downsample``; returns (blocks' output, downsampled)."""
@@ -243,6 +293,15 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feature = self.blocks(x)
         return feature, (feature if self.downsample is None else self.downsample(feature))
+
+    def forward_with_prompts(self, x: torch.Tensor,
+                             prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like ``forward`` with prompts (B, c, dim) through every (attention) block; also
+        returns the updated prompts."""
+        feature = x
+        for block in self.blocks:
+            feature, prompts = block.forward_with_prompts(feature, prompts)
+        return feature, (feature if self.downsample is None else self.downsample(feature)), prompts
 
 
 class TinyViTEncoder(SAMImageEncoder):
@@ -262,6 +321,7 @@ class TinyViTEncoder(SAMImageEncoder):
             strides.append(strides[-1] * stride)
         self.feature_strides = tuple(strides)
         self.embedding_stride = strides[-1]
+        self.prompt_level_features = tuple(range(1, len(dims)))  # the attention stages
 
         self.patch_embed = PatchEmbed(in_chans=3, embed_dim=dims[0])
         self.layers = nn.ModuleList()
@@ -285,13 +345,28 @@ class TinyViTEncoder(SAMImageEncoder):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> EncoderOutput:
+    def forward(self, x: torch.Tensor,
+                prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:
+        """x: (B, 3, S, S); prompt_tokens: None, or per attention stage j = 1, 2, 3 tokens
+        (c_j, embed_dims[j]) or (B, c_j, embed_dims[j]) that take part in its attention (None:
+        none there)."""
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         features = []
-        for stage in self.layers:
-            feature, x = stage(x)
+        if prompt_tokens is None:
+            for stage in self.layers:
+                feature, x = stage(x)
+                features.append(feature)
+            return EncoderOutput(embedding=self.neck(x), features=features)
+        levels = dict(zip(self.prompt_level_features,
+                          batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims)))
+        for index, stage in enumerate(self.layers):
+            if levels.get(index) is not None:
+                feature, x, levels[index] = stage.forward_with_prompts(x, levels[index])
+            else:
+                feature, x = stage(x)
             features.append(feature)
-        return EncoderOutput(embedding=self.neck(x), features=features)
+        return EncoderOutput(embedding=self.neck(x), features=features,
+                             prompts=[levels[index] for index in self.prompt_level_features])
 
     def qkv_projections(self) -> list[QKVProjection]:
         projections = []

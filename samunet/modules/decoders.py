@@ -23,6 +23,21 @@ class DecoderOutput(NamedTuple):
     mask_features: torch.Tensor
 
 
+def decoder_tokens(decoder: nn.Module, sparse_prompts: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + T + N, C): the decoder's IoU token and T mask tokens, then the N sparse prompts (B, N, C)."""
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    return torch.cat([tokens.unsqueeze(0).expand(sparse_prompts.shape[0], -1, -1), sparse_prompts], dim=1)
+
+
+def hypernetwork_masks(mlps: nn.ModuleList, mask_tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Mask token i's MLP output dotted with every pixel's features.
+
+    mask_tokens: (B, T, C); features: (B, c, H, W) -> mask logits (B, T, H, W).
+    """
+    weights = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
+    return (weights @ features.flatten(2)).view(features.shape[0], -1, *features.shape[-2:])
+
+
 def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                  sparse_prompts: torch.Tensor, dense_prompts: torch.Tensor) -> DecoderOutput:
     """Decode every mask token of SAM's ``decoder`` for B (image, prompt) pairs.
@@ -31,19 +46,12 @@ def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: t
     dense_prompts: (B, C, h, w) or (1, C, h, w).
     """
     batch, channels, height, width = image_embeddings.shape
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompts], dim=1)
-    source = image_embeddings + dense_prompts
-    positional = image_pe.expand(batch, -1, -1, -1)
-    hidden, source = decoder.transformer(source, positional, tokens)
-    num_tokens = decoder.num_mask_tokens
-    iou_token = hidden[:, 0]
-    mask_tokens = hidden[:, 1:1 + num_tokens]
-    source = source.transpose(1, 2).reshape(batch, channels, height, width)
-    mask_features = decoder.output_upscaling(source)
-    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
-    masks = (hyper @ mask_features.flatten(2)).view(batch, num_tokens, *mask_features.shape[-2:])
-    return DecoderOutput(masks=masks, iou=decoder.iou_prediction_head(iou_token), mask_features=mask_features)
+    hidden, source = decoder.transformer(image_embeddings + dense_prompts, image_pe.expand(batch, -1, -1, -1),
+                                         decoder_tokens(decoder, sparse_prompts))
+    mask_tokens = hidden[:, 1:1 + decoder.num_mask_tokens]
+    mask_features = decoder.output_upscaling(source.transpose(1, 2).reshape(batch, channels, height, width))
+    return DecoderOutput(masks=hypernetwork_masks(decoder.output_hypernetworks_mlps, mask_tokens, mask_features),
+                         iou=decoder.iou_prediction_head(hidden[:, 0]), mask_features=mask_features)
 
 
 def empty_sparse_prompts(prompt_encoder: nn.Module, batch: int) -> torch.Tensor:

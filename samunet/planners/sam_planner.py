@@ -3,8 +3,8 @@
 It reuses nnunetv2's fingerprint, target spacing, resampling and normalisation decisions and
 replaces the U-Net topology search with what a SAM backbone needs:
 
-- patch size = the backbone's input size S (LiteMedSAM: 256; ViT: 256/512/1024, the smallest
-  that holds the median slice, capped at 512 by default because 1024 costs 15x more);
+- patch size = the backbone's input size S (LiteMedSAM: 256; ViT: 256 or 512, the smallest that
+  holds the median slice; 224 and 1024 only on request, 1024 costing 15x more than 256);
 - in-plane target spacing coarsened so that the median slice fits S when it is larger (SAM
   methods resize whole slices to the encoder input; nnU-Net's sliding window covers the rest);
 - depth D of the stacked-slice methods from slice spacing and count (about 60 mm of context,
@@ -33,7 +33,8 @@ PLANS_NAME = "samunetPlans"
 BASELINE_NETWORK = "samunet.networks.samed.SAMedNetwork"
 DEPTH_CONTEXT_MM = 60.0
 MAX_DEPTH = 32
-MAX_AUTO_VIT_SIZE = 512
+# sizes the planner picks by itself for a ViT (224 and 1024 only when asked for with --image-size)
+AUTO_VIT_SIZES = (256, 512)
 MIN_BATCH_SIZE = 2
 MAX_BATCH_SIZE = 48
 # z-scored MR / other modalities: the [-3, 3] sigma window covers ~99.7% of the intensities
@@ -61,7 +62,7 @@ def choose_image_size(backbone: str, median_inplane_shape: tuple[float, float]) 
     if not spec.allowed_img_sizes:
         return spec.default_img_size
     largest = max(median_inplane_shape)
-    candidates = [s for s in spec.allowed_img_sizes if s <= MAX_AUTO_VIT_SIZE]
+    candidates = [s for s in spec.allowed_img_sizes if s in AUTO_VIT_SIZES]
     return next((s for s in candidates if s >= largest), candidates[-1])
 
 

@@ -1,0 +1,176 @@
+"""HSAMTrainer: H-SAM (Cheng et al., CVPR 2024) through nnU-Net's training loop.
+
+Network: ``samunet.networks.h_sam.HSAMNetwork`` (LoRA rank 4, learnable mask cross-attention,
+hierarchical pixel decoder, CMAttn). What the trainer adds (see docs/methods/h_sam.md):
+
+- Loss: per stage 0.1 CE + 0.9 Dice (the authors' Table 8, nnU-Net's ``DC_and_CE_loss``);
+  total ``lw * L_stage1 + (1 - lw) * L_stage2`` with ``lw = 0.8 * exp(-0.005 * epoch)`` (Sec. 3,
+  "Training Loss"), updated at every epoch start. nnU-Net's deep-supervision targets give stage 2
+  the full-resolution label and stage 1 the label at the network's stage-1 scale.
+- Class frequencies for CMAttn's class-balanced noise: voxel counts per class over the training
+  cases of the fold, measured in ``initialize()`` and kept in the network's state_dict (so in
+  every checkpoint).
+- Optimiser: AdamW (0.9, 0.999), weight decay 0.1, lr 0.0025; per-iteration linear warm-up over
+  250 iterations, then poly 0.9 (the authors' code).
+- Ablation trainers for Tables 4 and 5 (``HSAMTrainer_<mask attention>_<hpd|nohpd>_<cm|nocm>``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from torch import nn
+from torch.optim.lr_scheduler import _LRScheduler
+
+from samunet.errors import ConfigurationError
+from samunet.registry import TRAINERS
+from samunet.trainers.base import SAMTrainerBase
+
+STAGE_ONE_WEIGHT_START = 0.8
+STAGE_ONE_WEIGHT_DECAY = 0.005
+WARMUP_ITERATIONS = 250
+
+
+def stage_one_weight(epoch: int, start: float = STAGE_ONE_WEIGHT_START, decay: float = STAGE_ONE_WEIGHT_DECAY) -> float:
+    """H-SAM's lw at ``epoch``: ``start * exp(-decay * epoch)``."""
+    return start * math.exp(-decay * epoch)
+
+
+class TwoStageLoss(nn.Module):
+    """``lw * loss(stage 1) + (1 - lw) * loss(stage 2)``.
+
+    outputs / targets: [stage 2 at full resolution, stage 1 at its scale] (nnU-Net's deep-supervision
+    order, full resolution first). ``stage_one_weight`` is lw and is set by the trainer.
+    """
+
+    def __init__(self, stage_loss: nn.Module, stage_one_weight: float = STAGE_ONE_WEIGHT_START) -> None:
+        super().__init__()
+        self.stage_loss = stage_loss
+        self.stage_one_weight = stage_one_weight
+
+    def forward(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        stage_two = self.stage_loss(outputs[0], targets[0])
+        stage_one = self.stage_loss(outputs[1], targets[1])
+        return self.stage_one_weight * stage_one + (1 - self.stage_one_weight) * stage_two
+
+
+class WarmupPolyLRScheduler(_LRScheduler):
+    """Per-iteration lr: ``lr * (i + 1) / W`` for i < W, then ``lr * (1 - (i - W) / (T - W)) ** 0.9``.
+
+    ``step()`` advances one iteration; ``step(epoch)`` (what nnU-Net calls at every epoch start)
+    jumps to the first iteration of ``epoch``, which also resynchronises a resumed run.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, initial_lr: float, warmup_iterations: int,
+                 max_iterations: int, iterations_per_epoch: int, exponent: float = 0.9) -> None:
+        self.initial_lr = initial_lr
+        self.warmup_iterations = warmup_iterations
+        self.max_iterations = max_iterations
+        self.iterations_per_epoch = iterations_per_epoch
+        self.exponent = exponent
+        self.iteration = -1
+        super().__init__(optimizer, -1)
+
+    def lr_at(self, iteration: int) -> float:
+        if iteration < self.warmup_iterations:
+            return self.initial_lr * (iteration + 1) / self.warmup_iterations
+        progress = (iteration - self.warmup_iterations) / max(self.max_iterations - self.warmup_iterations, 1)
+        return self.initial_lr * max(1.0 - progress, 0.0) ** self.exponent
+
+    def step(self, epoch: int | None = None) -> None:
+        self.iteration = self.iteration + 1 if epoch is None else epoch * self.iterations_per_epoch
+        lr = self.lr_at(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+
+@TRAINERS.register()
+class HSAMTrainer(SAMTrainerBase):
+    network_class = "samunet.networks.h_sam.HSAMNetwork"
+    network_kwargs = {"lora_rank": 4, "mask_attention": "learnable", "hierarchical_pixel_decoder": True,
+                      "cmattn": True}
+    uses_deep_supervision = True
+    optimizer_name = "adamw"
+    default_hyperparameters = {"initial_lr": 0.0025, "weight_decay": 0.1, "num_epochs": 300}
+
+    def initialize(self):
+        super().initialize()
+        frequencies = self.training_class_frequencies()
+        self.network_module.set_class_frequencies(frequencies)
+        self.print_to_log_file(f"class frequencies of the training cases: {np.round(frequencies, 6).tolist()}")
+
+    def training_class_frequencies(self) -> np.ndarray:
+        """(K,) fraction of labelled voxels per class over this fold's preprocessed training cases."""
+        num_classes = self.label_manager.num_segmentation_heads
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        counts = np.zeros(num_classes, dtype=np.float64)
+        for identifier in dataset_tr.identifiers:
+            segmentation = np.asarray(dataset_tr.load_case(identifier)[1][:])
+            labels = segmentation[(segmentation >= 0) & (segmentation < num_classes)].astype(np.int64)
+            counts += np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+        if counts.sum() == 0:
+            raise ConfigurationError("the training cases hold no labelled voxels; cannot measure class frequencies")
+        return counts / counts.sum()
+
+    def _build_loss(self):
+        if self.label_manager.has_regions:
+            raise ConfigurationError("H-SAM predicts mutually exclusive classes (softmax); region labels are "
+                                     "not supported")
+        stage_loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                                     "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=0.1, weight_dice=0.9,
+                                    ignore_label=self.label_manager.ignore_label,
+                                    dice_class=MemoryEfficientSoftDiceLoss)
+        if not self.enable_deep_supervision:
+            return stage_loss
+        return TwoStageLoss(stage_loss, stage_one_weight(self.current_epoch))
+
+    def configure_optimizers(self):
+        parameters = list(self.network_module.trainable_parameters())
+        optimizer = torch.optim.AdamW(parameters, lr=self.initial_lr, betas=(0.9, 0.999),
+                                      weight_decay=self.weight_decay)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        # 250 iterations as published; a shortened run (under 2,500 iterations) warms up over its first 10%.
+        warmup = min(WARMUP_ITERATIONS, max(total // 10, 1))
+        return optimizer, WarmupPolyLRScheduler(optimizer, initial_lr=self.initial_lr, warmup_iterations=warmup,
+                                                max_iterations=total,
+                                                iterations_per_epoch=self.num_iterations_per_epoch)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if isinstance(self.loss, TwoStageLoss):
+            self.loss.stage_one_weight = stage_one_weight(self.current_epoch)
+            self.print_to_log_file(f"stage-1 loss weight lw: {self.loss.stage_one_weight:.4f}")
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        self.lr_scheduler.step()
+        return result
+
+
+def _ablation_trainer(mask_attention: str, hierarchical_pixel_decoder: bool, cmattn: bool) -> type[HSAMTrainer]:
+    name = (f"HSAMTrainer_{mask_attention}_{'hpd' if hierarchical_pixel_decoder else 'nohpd'}_"
+            f"{'cm' if cmattn else 'nocm'}")
+    kwargs = {**HSAMTrainer.network_kwargs, "mask_attention": mask_attention,
+              "hierarchical_pixel_decoder": hierarchical_pixel_decoder, "cmattn": cmattn}
+    trainer = type(name, (HSAMTrainer,), {"network_kwargs": kwargs, "__module__": __name__,
+                                          "__doc__": f"H-SAM ablation: {kwargs}"})
+    return TRAINERS.register()(trainer)
+
+
+# Table 4 (learnable mask attention / hierarchical pixel decoder / CMAttn on or off; all on is
+# HSAMTrainer itself) and Table 5 (original binary mask attention).
+ABLATION_TRAINERS = {
+    trainer.__name__: trainer
+    for trainer in [_ablation_trainer(mask, hpd, cm)
+                    for mask in ("learnable", "none") for hpd in (True, False) for cm in (True, False)
+                    if (mask, hpd, cm) != ("learnable", True, True)]
+    + [_ablation_trainer("binary", False, False)]
+}
+globals().update(ABLATION_TRAINERS)  # importable by dotted name as well as through TRAINERS
