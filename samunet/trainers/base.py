@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -157,6 +159,16 @@ class SAMTrainerBase(nnUNetTrainer):
         super()._set_batch_size_and_oversample()
         if "batch_size" in self.hyperparameters and not self.is_ddp:
             self.batch_size = int(self.hyperparameters["batch_size"])
+
+    def dice_and_ce_loss(self, *, weight_ce: float, weight_dice: float) -> nn.Module:
+        """nnU-Net's Dice + CE (Dice + BCE for region labels) with the given weights."""
+        dice_kwargs = {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "ddp": self.is_ddp}
+        if self.label_manager.has_regions:
+            return DC_and_BCE_loss({}, {**dice_kwargs, "do_bg": True}, weight_ce=weight_ce, weight_dice=weight_dice,
+                                   use_ignore_label=self.label_manager.ignore_label is not None,
+                                   dice_class=MemoryEfficientSoftDiceLoss)
+        return DC_and_CE_loss({**dice_kwargs, "do_bg": False}, {}, weight_ce=weight_ce, weight_dice=weight_dice,
+                              ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
 
     def configure_optimizers(self):
         parameters = list(self.network_module.trainable_parameters())

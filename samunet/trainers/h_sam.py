@@ -20,8 +20,6 @@ import math
 
 import numpy as np
 import torch
-from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
@@ -123,10 +121,7 @@ class HSAMTrainer(SAMTrainerBase):
         if self.label_manager.has_regions:
             raise ConfigurationError("H-SAM predicts mutually exclusive classes (softmax); region labels are "
                                      "not supported")
-        stage_loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
-                                     "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=0.1, weight_dice=0.9,
-                                    ignore_label=self.label_manager.ignore_label,
-                                    dice_class=MemoryEfficientSoftDiceLoss)
+        stage_loss = self.dice_and_ce_loss(weight_ce=0.1, weight_dice=0.9)
         if not self.enable_deep_supervision:
             return stage_loss
         return TwoStageLoss(stage_loss, stage_one_weight(self.current_epoch))

@@ -12,9 +12,6 @@ Table 5's ablations are trainers of their own (same network, flags in ``network_
 ``HSPSAMTrainer`` is Ablation_3, the paper's full model. ``HSPSAMTrainer_<c>prompts`` set the
 number of prompt pairs for the prompt-quantity study (1, 2, 4, 8, 16).
 """
-from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
 from samunet.registry import TRAINERS
 from samunet.trainers.base import SAMTrainerBase
 
@@ -40,13 +37,7 @@ class HSPSAMTrainer(SAMTrainerBase):
                                f"LoRA rank {network.lora[0].rank}")
 
     def _build_loss(self):
-        dice_kwargs = {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "ddp": self.is_ddp}
-        if self.label_manager.has_regions:
-            return DC_and_BCE_loss({}, {**dice_kwargs, "do_bg": True}, weight_ce=CE_WEIGHT, weight_dice=DICE_WEIGHT,
-                                   use_ignore_label=self.label_manager.ignore_label is not None,
-                                   dice_class=MemoryEfficientSoftDiceLoss)
-        return DC_and_CE_loss({**dice_kwargs, "do_bg": False}, {}, weight_ce=CE_WEIGHT, weight_dice=DICE_WEIGHT,
-                              ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+        return self.dice_and_ce_loss(weight_ce=CE_WEIGHT, weight_dice=DICE_WEIGHT)
 
 
 @TRAINERS.register()
