@@ -110,17 +110,17 @@ def _evaluate_pair(case: str, reference_file: Path, prediction_file: Path, label
     return evaluate_case(ref_array, pred_array, spacing, labels, tolerance_mm)
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file in ``path``'s folder, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -189,7 +189,7 @@ def evaluate_folders(
     }
     if output_json is not None:
         output_json = Path(output_json)
-        _atomic_write_text(output_json, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
-        _atomic_write_text(output_json.with_suffix(".md"), format_table(summary))
+        atomic_write_text(output_json, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(output_json.with_suffix(".md"), format_table(summary))
         logger.info("wrote %s and %s", output_json, output_json.with_suffix(".md"))
     return summary

@@ -1,0 +1,141 @@
+"""AutoMedSAM (diffusion-empowered auto-prompt MedSAM): class-index prompted SAM.
+
+- Frozen image encoder (LiteMedSAM by default; MedSAM ViT-B with ``--backbone vit_b --weights medsam_vit_b``).
+- ``class_prompt_encoder``: :class:`samunet.modules.diffusion_prompt_encoder.DiffusionClassPromptEncoder`
+  turns (image embedding, class k) into SAM's sparse and dense prompt embeddings.
+- SAM's mask decoder (trainable) reads its first mask token (SAM's single-mask output): the
+  binary mask logit of class k.
+- ``prompt_encoder``: the released (Lite)MedSAM prompt encoder, frozen. It supplies the image
+  positional encoding and is the teacher of the knowledge-transfer MSE (:meth:`teacher_prompts`).
+- ``uncertainty``: the loss's learnable s_i, kept here so checkpoints, ``--c`` and fold loading carry
+  them; inference never uses them.
+
+``forward_class(x, k)`` is the training path. ``forward(x)`` runs every foreground class (or the ones
+set with :meth:`set_predict_classes`) and returns K-channel log-probabilities for nnU-Net:
+p_k = sigmoid(logit_k) for k >= 1 (0 for unselected classes), p_0 = 1 - max_k p_k, normalised to
+sum 1. Argmax therefore gives class k where p_k > 0.5 and is the largest; overlaps go to the most
+probable class.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from samunet.backbones.catalog import get_backbone_spec
+from samunet.errors import ConfigurationError
+from samunet.modules.decoders import decode_masks
+from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder
+from samunet.modules.uncertainty_loss import LOSS_TERMS, UncertaintyWeighting
+from samunet.networks.base import SAMSegmentationNetwork
+
+
+class ClassPrediction(NamedTuple):
+    """mask_logits: (B, 1, S, S); sparse: (B, n, C); dense: (B, C, h, w)."""
+
+    mask_logits: torch.Tensor
+    sparse: torch.Tensor
+    dense: torch.Tensor
+
+
+def parse_class_selection(selection: str, labels: dict[str, int | list[int]]) -> list[int]:
+    """'liver,spleen' or '1,3' (names from dataset.json's ``labels`` or label values) -> sorted label values.
+
+    Background and unknown names raise ConfigurationError.
+    """
+    foreground = {name: value for name, value in labels.items() if isinstance(value, int) and value > 0}
+    chosen = set()
+    for item in (part.strip() for part in selection.split(",") if part.strip()):
+        if item in foreground:
+            chosen.add(foreground[item])
+        elif item.isdigit() and int(item) in foreground.values():
+            chosen.add(int(item))
+        else:
+            raise ConfigurationError(f"unknown class {item!r}; choose from {sorted(foreground)} or "
+                                     f"{sorted(foreground.values())}")
+    if not chosen:
+        raise ConfigurationError("no class selected")
+    return sorted(chosen)
+
+
+class AutoMedSAMNetwork(SAMSegmentationNetwork):
+    """Train: ``forward_class`` (B, C, S, S), k (B,) -> :class:`ClassPrediction`. Eval: ``forward``
+    (B, C, S, S) -> log-probabilities (B, K, S, S)."""
+
+    def __init__(self, *, input_channels: int, num_classes: int, backbone: str, img_size: int,
+                 intensity_ranges: list[list[float]], pixel_normalization: str | None = None,
+                 depth: int = 1, num_sparse_tokens: int = 2, num_timesteps: int = 1000,
+                 max_noise_scale: float = 1.0, deep_supervision: bool = False) -> None:
+        # ``depth`` (slices per stack) is planned for the stacked-slice methods; AutoMedSAM sees single slices.
+        if num_classes < 2:
+            raise ConfigurationError("AutoMedSAM needs at least one foreground class")
+        super().__init__(input_channels=input_channels, num_classes=num_classes, backbone=backbone,
+                         img_size=img_size, intensity_ranges=intensity_ranges,
+                         pixel_normalization=pixel_normalization, deep_supervision=deep_supervision)
+        self.class_prompt_encoder = DiffusionClassPromptEncoder(
+            num_classes=num_classes - 1, embed_dim=get_backbone_spec(backbone).prompt_dim,
+            embedding_size=self.prompt_encoder.image_embedding_size, num_sparse_tokens=num_sparse_tokens,
+            num_timesteps=num_timesteps, max_noise_scale=max_noise_scale)
+        self.uncertainty = UncertaintyWeighting(num_terms=len(LOSS_TERMS))
+        self.predict_classes: list[int] | None = None
+        self.set_trainable()
+
+    def set_trainable(self) -> None:
+        self.requires_grad_(False)
+        self.class_prompt_encoder.requires_grad_(True)
+        self.mask_decoder.requires_grad_(True)
+        self.uncertainty.requires_grad_(True)
+        if self.input_stage.channel_mixer is not None:
+            self.input_stage.channel_mixer.requires_grad_(True)
+
+    def set_predict_classes(self, classes: Sequence[int] | None) -> None:
+        """Label values that ``forward`` predicts (None: all); the others get probability 0."""
+        if classes is not None:
+            invalid = [k for k in classes if not 1 <= int(k) < self.num_classes]
+            if invalid:
+                raise ConfigurationError(f"classes {invalid} are not foreground labels 1..{self.num_classes - 1}")
+            classes = sorted({int(k) for k in classes})
+        self.predict_classes = classes
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, S, S) -> image embedding (B, C, h, w)."""
+        return self.image_encoder(self.input_stage(x)).embedding
+
+    def decode_class(self, embedding: torch.Tensor, class_labels: torch.Tensor,
+                     output_size: tuple[int, int]) -> ClassPrediction:
+        """Image embedding (B, C, h, w) and label values k (B,) in 1..K-1 -> the class's mask and prompts."""
+        sparse, dense = self.class_prompt_encoder(embedding, class_labels - 1)
+        decoded = decode_masks(self.mask_decoder, embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        logits = decoded.masks[:, :1]
+        if logits.shape[-2:] != tuple(output_size):
+            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+        return ClassPrediction(mask_logits=logits, sparse=sparse, dense=dense)
+
+    def forward_class(self, x: torch.Tensor, class_labels: torch.Tensor) -> ClassPrediction:
+        """(B, C_in, S, S), label values (B,) -> binary mask logits of those classes and their prompts."""
+        return self.decode_class(self.encode(x), class_labels, x.shape[-2:])
+
+    @torch.no_grad()
+    def teacher_prompts(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen original prompt encoder on boxes (B, 4) (x0, y0, x1, y1 in input pixels of the
+        encoder's S x S image) -> sparse (B, 2, C), dense (B, C, h, w)."""
+        return self.prompt_encoder(points=None, boxes=boxes[:, None], masks=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self.encode(x)
+        classes = self.predict_classes or list(range(1, self.num_classes))
+        probabilities = x.new_zeros(x.shape[0], self.num_classes, *x.shape[-2:], dtype=torch.float32)
+        for label in classes:
+            labels = torch.full((x.shape[0],), label, dtype=torch.long, device=x.device)
+            logits = self.decode_class(embedding, labels, x.shape[-2:]).mask_logits
+            probabilities[:, label] = torch.sigmoid(logits[:, 0].float())
+        return class_log_probabilities(probabilities)
+
+
+def class_log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) with per-class foreground probabilities in channels 1..K-1 -> log-probabilities:
+    background 1 - max_k p_k, then every channel divided by the sum."""
+    background = 1 - probabilities[:, 1:].max(dim=1).values
+    stacked = torch.cat([background[:, None], probabilities[:, 1:]], dim=1)
+    return (stacked / stacked.sum(dim=1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-12).log()

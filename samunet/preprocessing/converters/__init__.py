@@ -1,0 +1,132 @@
+"""Benchmark converters (AMOS22 task 1, ACDC, Synapse) into nnU-Net's raw layout, and what they share.
+
+Every converter checks its whole input first and lists every problem it finds in one
+:class:`ConversionError`; only then does it write. The dataset is built in a hidden folder next to
+the target (``nnUNet_raw/.DatasetXXX_Name.*.partial``), checked with
+:func:`samunet.preprocessing.dataset_checks.validate_raw_dataset`, and moved into place with
+``os.replace``, so an interrupted conversion leaves no half-written dataset behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from samunet.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 20
+GEOMETRY_TOLERANCE = 1e-3
+
+
+class ConversionError(DatasetError):
+    """The source folder of a benchmark cannot be converted as it is."""
+
+
+def raise_if_problems(problems: list[str], source: Path, what: str) -> None:
+    """Raise one :class:`ConversionError` listing ``problems`` (at most 20 shown), if there are any."""
+    if not problems:
+        return
+    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    raise ConversionError(f"{what} source {source} has {len(problems)} problem(s); nothing was written:\n"
+                          f"  {listed}{more}")
+
+
+def read_header(path: Path) -> tuple:
+    """(size, spacing, origin, direction) of an image, read from its header only."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+
+
+def geometry_problem(image: Path, label: Path) -> str | None:
+    """A sentence saying how the label's grid differs from the image's, or None when they match."""
+    image_geometry, label_geometry = read_header(image), read_header(label)
+    if len(image_geometry[0]) != 3:
+        return f"{image} is {len(image_geometry[0])}D; a 3D volume is expected"
+    if image_geometry[0] != label_geometry[0]:
+        return f"{label} has size {label_geometry[0]} but its image {image.name} has size {image_geometry[0]}"
+    for name, a, b in zip(("spacing", "origin", "direction"), image_geometry[1:], label_geometry[1:]):
+        if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE):
+            return (f"{label} has {name} {np.round(b, 4).tolist()} but its image {image.name} has "
+                    f"{np.round(a, 4).tolist()}")
+    return None
+
+
+def label_values(path: Path) -> set[int]:
+    """The distinct values of a label map (reads the voxels)."""
+    return {int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))}
+
+
+def target_folder(dataset_id: int, task_name: str, overwrite: bool) -> Path:
+    """``$nnUNet_raw/DatasetXXX_<task_name>`` (nnUNet_raw filled with samunet's default when unset).
+
+    Checked before the (slow) source checks: the ID must have three digits, and an existing dataset
+    is refused unless ``overwrite``.
+    """
+    from samunet.paths import ensure_nnunet_paths
+    if not 1 <= dataset_id <= 999:
+        raise ConversionError(f"dataset ID must be in 1..999 (nnU-Net's three digits), got {dataset_id}")
+    target = ensure_nnunet_paths()["nnUNet_raw"] / f"Dataset{dataset_id:03d}_{task_name}"
+    _refuse_existing(target, overwrite)
+    return target
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise ConversionError(f"{target} already exists; pass --overwrite to replace it or choose another -d ID")
+
+
+@contextlib.contextmanager
+def staged_dataset(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden staging folder next to ``target``; on success validate it and move it into place.
+
+    An existing ``target`` is refused unless ``overwrite``; on any error the staging folder is removed.
+    """
+    from samunet.preprocessing.dataset_checks import validate_raw_dataset
+    _refuse_existing(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield staging
+        validate_raw_dataset(staging)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote %s", target)
+
+
+def write_splits(dataset_name: str, splits: list[dict[str, list[str]]]) -> Path:
+    """Write ``$nnUNet_preprocessed/<dataset_name>/splits_final.json`` atomically; returns its path."""
+    from samunet.paths import ensure_nnunet_paths
+    folder = ensure_nnunet_paths()["nnUNet_preprocessed"] / dataset_name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "splits_final.json"
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".splits_final.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(splits, stream, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s (%d folds)", path, len(splits))
+    return path

@@ -1,0 +1,72 @@
+"""Write a validated submission: a zip (AMOS always; others when OUT ends in .zip) or a folder.
+
+Files are copied byte for byte under their submitted names. The output is built as a hidden
+temporary file or folder next to OUT and moved into place with ``os.replace``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from samunet.submission import SubmissionError
+from samunet.submission.challenges import CHALLENGES
+from samunet.submission.validation import validate_predictions
+
+logger = logging.getLogger(__name__)
+
+
+def _write_zip(files: dict[str, Path], output: Path, folder: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, source in sorted(files.items()):
+                archive.write(source, folder + name)
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_folder(files: dict[str, Path], output: Path) -> None:
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+    try:
+        for name, source in files.items():
+            shutil.copyfile(source, staging / name)
+        if output.exists():
+            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def export_submission(challenge_name: str, prediction_dir: str | Path, output: str | Path,
+                      dataset_folder: str | Path, overwrite: bool = False) -> Path:
+    """Validate ``prediction_dir`` against ``dataset_folder``'s test images and write the submission to ``output``."""
+    challenge = CHALLENGES[challenge_name]
+    output = Path(output)
+    as_zip = output.suffix == ".zip"
+    if challenge.zip_required and not as_zip:
+        raise SubmissionError(f"{challenge.name} takes a zip file; give an output path ending in .zip, not {output}")
+    if output.exists() and not overwrite:
+        raise SubmissionError(f"{output} already exists; pass --overwrite to replace it")
+    if output.exists() and as_zip != output.is_file():
+        raise SubmissionError(f"{output} exists and is a {'folder' if output.is_dir() else 'file'}; "
+                              f"remove it or choose another output path")
+    files = validate_predictions(challenge, Path(prediction_dir), Path(dataset_folder))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if as_zip:
+        _write_zip(files, output, challenge.zip_folder)
+    else:
+        _write_folder(files, output)
+    logger.info("wrote %d %s prediction(s) to %s", len(files), challenge.name, output)
+    return output

@@ -1,0 +1,178 @@
+"""AutoMedSAMTrainer: AutoMedSAM (class-index prompted MedSAM) through nnU-Net's training loop.
+
+Network: ``samunet.networks.automedsam.AutoMedSAMNetwork``. What the trainer adds (see
+docs/methods/automedsam.md):
+
+- Class sampling per training sample: with probability 0.8 a foreground class present in the
+  patch (uniformly among those present), otherwise one absent from it, whose target is an empty
+  mask (a patch with no foreground always gets an absent class; one holding every class a present one).
+- Targets for class k: the binary mask, its signed distance map, and its bounding box
+  (x_min, y_min, x_max, y_max in the encoder's input pixels) for the frozen original prompt
+  encoder, the knowledge-transfer teacher. Absent classes have no box: their MSE term is skipped.
+- Loss: :class:`samunet.modules.uncertainty_loss.AutoMedSAMJointLoss` (MSE, CE, Dice, shape
+  distance, uncertainty-weighted); the s_i are written to the log and to nnU-Net's logger
+  (key ``uncertainty_s``) at every epoch end.
+- Validation runs the network's all-class ``forward``; the validation loss is nnU-Net's Dice + CE
+  on that merged output, so nnU-Net's validation, pseudo Dice and final validation run unchanged.
+- Schedule: AdamW (0.9, 0.999) with poly LR (samunet's default); ``AutoMedSAMTrainer_plateau`` is the
+  paper's AdamW + ReduceLROnPlateau(factor 0.9, patience 5, no cooldown) on the validation loss. The
+  s_i train with the same lr but without weight decay.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from samunet.errors import ConfigurationError
+from samunet.modules.uncertainty_loss import LOSS_TERMS, AutoMedSAMJointLoss, signed_distance_maps
+from samunet.registry import TRAINERS
+from samunet.trainers.base import SAMTrainerBase
+
+PRESENT_CLASS_PROBABILITY = 0.8
+UNCERTAINTY_LOG_KEY = "uncertainty_s"
+
+
+def sample_prompt_classes(target: torch.Tensor, *, num_classes: int,
+                          present_probability: float = PRESENT_CLASS_PROBABILITY,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label maps (B, H, W) -> (label values (B,) in 1..K-1, present (B,) bool)."""
+    labels, present = [], []
+    for sample in target:
+        found = set(torch.unique(sample).long().tolist())
+        here = [k for k in range(1, num_classes) if k in found]
+        absent = [k for k in range(1, num_classes) if k not in found]
+        draw = torch.rand(1, generator=generator).item()
+        pick_present = bool(here) and (draw < present_probability or not absent)
+        pool = here if pick_present else absent
+        labels.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+        present.append(pick_present)
+    return (torch.tensor(labels, dtype=torch.long, device=target.device),
+            torch.tensor(present, dtype=torch.bool, device=target.device))
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool -> boxes (B, 4) float (x_min, y_min, x_max, y_max) in pixels; zeros for empty masks."""
+    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
+    for i, mask in enumerate(masks):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if len(ys):
+            boxes[i] = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+    return boxes
+
+
+class ValidationPlateauScheduler:
+    """ReduceLROnPlateau on the validation loss. nnU-Net calls ``step(epoch)`` at every epoch start;
+    here the lr changes only in :meth:`report`, once per epoch, with that epoch's validation loss."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, factor: float = 0.9, patience: int = 5,
+                 cooldown: int = 0) -> None:
+        self.plateau = ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience, cooldown=cooldown)
+
+    def step(self, epoch: int | None = None) -> None:
+        """nnU-Net's per-epoch hook: the plateau rule needs the validation loss, so nothing changes here."""
+
+    def report(self, validation_loss: float) -> None:
+        self.plateau.step(validation_loss)
+
+
+@TRAINERS.register()
+class AutoMedSAMTrainer(SAMTrainerBase):
+    network_class = "samunet.networks.automedsam.AutoMedSAMNetwork"
+    optimizer_name = "adamw"
+    default_hyperparameters = {"initial_lr": 1e-4, "weight_decay": 0.01, "num_epochs": 100}
+    present_class_probability = PRESENT_CLASS_PROBABILITY
+
+    def initialize(self):
+        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
+            raise ConfigurationError("AutoMedSAM prompts one class label at a time; region or ignore labels "
+                                     "are not supported")
+        super().initialize()
+        self.joint_loss = AutoMedSAMJointLoss(weighting=self.network_module.uncertainty)
+        self.logger.local_logger.my_fantastic_logging.setdefault(UNCERTAINTY_LOG_KEY, [])
+
+    def parameter_groups(self) -> list[dict]:
+        """Trainable parameters with weight decay, then the loss's log-variances without it (decay would
+        pull every s_i towards 1)."""
+        module = self.network_module
+        uncertainty = set(module.uncertainty.parameters())
+        decayed = [p for p in module.trainable_parameters() if p not in uncertainty]
+        return [{"params": decayed, "weight_decay": self.weight_decay},
+                {"params": list(uncertainty), "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.initial_lr, betas=(0.9, 0.999), eps=1e-8)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def _build_loss(self):
+        """Validation loss on the merged all-class output (training uses ``joint_loss``)."""
+        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
+                               "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
+                              dice_class=MemoryEfficientSoftDiceLoss)
+
+    def class_targets(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Label maps (B, 1, H, W) -> sampled labels (B,), present (B,), mask (B, 1, H, W), distance maps
+        (B, 1, H, W) and boxes (B, 4) in the encoder's input pixels."""
+        module = self.network_module
+        labels, present = sample_prompt_classes(target[:, 0], num_classes=module.num_classes,
+                                                present_probability=self.present_class_probability)
+        mask = (target == labels.view(-1, 1, 1, 1)).float()
+        scale = torch.tensor([module.img_size / target.shape[-1], module.img_size / target.shape[-2]] * 2,
+                             device=target.device)
+        return {"labels": labels, "present": present, "mask": mask, "distance_maps": signed_distance_maps(mask),
+                "boxes": mask_boxes(mask[:, 0] > 0) * scale}
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        targets = self.class_targets(target)
+        module = self.network_module
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            prediction = module.forward_class(data, targets["labels"])
+            teacher_sparse, teacher_dense = module.teacher_prompts(targets["boxes"])
+            joint = self.joint_loss(mask_logits=prediction.mask_logits, target=targets["mask"],
+                                    distance_maps=targets["distance_maps"], sparse=prediction.sparse,
+                                    dense=prediction.dense, teacher_sparse=teacher_sparse,
+                                    teacher_dense=teacher_dense, present=targets["present"])
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(joint.total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            joint.total.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        loss = joint.total.detach().cpu().numpy()
+        if self._epoch_progress is not None:
+            self._epoch_progress.update(1)
+            self._epoch_progress.set_postfix(loss=f"{float(loss):.3f}")
+        return {"loss": loss}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        scales = self.network_module.uncertainty.scales().detach().cpu().tolist()
+        self.logger.log(UNCERTAINTY_LOG_KEY, scales, self.current_epoch)
+        self.print_to_log_file("uncertainty s_i: " + ", ".join(f"{name} {value:.4f}"
+                                                             for name, value in zip(LOSS_TERMS, scales)))
+
+
+@TRAINERS.register()
+class AutoMedSAMTrainer_plateau(AutoMedSAMTrainer):
+    """The paper's schedule: AdamW (0.9, 0.999, eps 1e-8) with ReduceLROnPlateau(0.9, patience 5) on the
+    validation loss."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.initial_lr, betas=(0.9, 0.999), eps=1e-8)
+        return optimizer, ValidationPlateauScheduler(optimizer, factor=0.9, patience=5, cooldown=0)
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        self.lr_scheduler.report(float(self.logger.get_value("val_losses", step=self.current_epoch)))
+
