@@ -94,3 +94,18 @@ def test_image_and_label_of_different_geometry_are_reported_before_planning(nnun
     error = capsys.readouterr().err
     assert "case c_0000" in error and "does not match its label" in error and "[1.0, 1.0, 3.0]" in error
     assert list(nnunet_folders["nnUNet_preprocessed"].iterdir()) == []
+
+
+def test_class_selection_is_refused_for_trainers_that_predict_all_classes(tmp_path, capsys, monkeypatch):
+    from samunet.cli import predict
+
+    class AllClasses:
+        network = object()
+        dataset_json = {"labels": {"background": 0, "liver": 1}}
+
+    monkeypatch.setattr(predict, "build_predictor", lambda *args, **kwargs: AllClasses())
+    monkeypatch.setattr(predict, "prepare_environment", lambda: None)
+    monkeypatch.setattr("samunet.preprocessing.dataset_checks.resolve_dataset_name", lambda dataset: "Dataset991_X")
+    assert predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "-d", "991", "-tr", "SAMedTrainer",
+                         "--classes", "liver"]) == 2
+    assert "--classes needs a class-prompted trainer" in capsys.readouterr().err

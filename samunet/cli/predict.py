@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from samunet.cli.common import (add_common_arguments, parse_fold, prepare_environment,
                                  run_cli, select_device, setup_logging)
-from samunet.errors import DatasetError
+from samunet.errors import ConfigurationError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,14 @@ def input_cases(input_folder: Path, dataset_json: dict) -> list[list[str]]:
     return cases
 
 
-def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: str | os.PathLike) -> list[Path]:
-    """Predict every case in ``input_folder`` into ``output_folder``; returns the written files."""
+def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: str | os.PathLike,
+                   save_probabilities: bool = False) -> list[Path]:
+    """Predict every case in ``input_folder`` into ``output_folder``; returns the written label maps.
+
+    With ``save_probabilities`` each case's softmax probabilities (``CASE.npz``) and geometry
+    (``CASE.pkl``) are written too, with the model's ``dataset.json`` and ``plans.json``, so that
+    ``samunet_ensemble`` can average several such folders.
+    """
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     input_folder, output_folder = Path(input_folder), Path(output_folder)
@@ -124,7 +130,13 @@ def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: st
                                                         predictor.configuration_manager, dataset_json)
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             export_prediction_from_logits(logits, properties, predictor.configuration_manager,
-                                          predictor.plans_manager, dataset_json, os.path.join(scratch, name))
+                                          predictor.plans_manager, dataset_json, os.path.join(scratch, name),
+                                          save_probabilities=save_probabilities)
+        if save_probabilities:
+            for produced in sorted([*Path(scratch).glob("*.npz"), *Path(scratch).glob("*.pkl")]):
+                shutil.move(str(produced), output_folder / produced.name)
+            (output_folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+            (output_folder / "plans.json").write_text(json.dumps(predictor.plans_manager.plans, indent=2))
         for produced in sorted(Path(scratch).glob(f"*{ending}")):
             target = output_folder / produced.name
             shutil.move(str(produced), target)
@@ -144,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-f", "--folds", nargs="+", type=parse_fold, default=[0, 1, 2, 3, 4])
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("--classes", help="comma-separated class names or label values to predict "
+                                          "(class-prompted trainers such as AutoMedSAMTrainer); default: all")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a patch fraction")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write CASE.npz/.pkl softmax probabilities (input for samunet_ensemble)")
     add_common_arguments(parser)
     return parser
 
@@ -158,7 +174,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     predictor = build_predictor(dataset_name, args.configuration, args.trainer, args.folds,
                                 plans_identifier=args.plans, checkpoint_name=args.checkpoint, device=args.device,
                                 use_mirroring=not args.disable_tta, tile_step_size=args.step_size)
-    written = predict_folder(predictor, args.input, args.output)
+    if args.classes:
+        if not hasattr(predictor.network, "set_predict_classes"):
+            raise ConfigurationError(f"{args.trainer} predicts all classes at once; --classes needs a "
+                                     f"class-prompted trainer such as AutoMedSAMTrainer")
+        from samunet.networks.automedsam import parse_class_selection
+        predictor.network.set_predict_classes(parse_class_selection(args.classes, predictor.dataset_json["labels"]))
+    written = predict_folder(predictor, args.input, args.output, save_probabilities=args.save_probabilities)
     logger.info("wrote %d label maps to %s", len(written), args.output)
     return 0
 

@@ -100,12 +100,8 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     return trainer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samunet_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", help="dataset ID (218) or name (Dataset218_AMOS...)")
-    parser.add_argument("configuration", help="2d")
-    parser.add_argument("fold", type=parse_fold, help="0-4, fold0-fold4 or all")
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The options samunet_train and samunet_train_cv share (everything after the positionals)."""
     parser.add_argument("-tr", "--trainer", default="SAMedTrainer", help="trainer name (samunet registry)")
     parser.add_argument("-p", "--plans", default="samunetPlans", help="plans identifier")
     parser.add_argument("--c", dest="continue_training", action="store_true", help="continue an interrupted run")
@@ -119,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", help="train with another backbone than planned")
     parser.add_argument("--weights", help="pretrained checkpoint: known name, path, or 'none' for random init")
     add_common_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samunet_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset ID (218) or name (Dataset218_AMOS...)")
+    parser.add_argument("configuration", help="2d")
+    parser.add_argument("fold", type=parse_fold, help="0-4, fold0-fold4 or all")
+    add_training_options(parser)
     return parser
 
 

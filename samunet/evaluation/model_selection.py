@@ -1,0 +1,256 @@
+"""Ensembling of softmax probabilities and choice of the best model or pair of models.
+
+Built on nnunetv2's own pieces: :func:`nnunetv2.ensembling.ensemble.merge_files` (average the
+``.npz`` probabilities of a case, argmax, write the label map with the ``.pkl`` geometry),
+:func:`~nnunetv2.ensembling.ensemble.ensemble_folders` and
+:func:`~nnunetv2.ensembling.ensemble.ensemble_crossvalidations`. samunet adds the checks that
+nnunetv2 leaves to asserts (missing probabilities, folders that disagree on cases) and scores
+with its own metrics, as ``samunet_cv_summary`` does, so single models and ensembles compare
+on the same foreground Dice (mean of the class means over all cross-validation cases).
+Like ``nnUNetv2_find_best_configuration``, a tie goes to the simpler candidate (single models
+come before ensembles).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from samunet.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED = 10
+
+
+def _listed(names: Sequence[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:MAX_LISTED]) + (" ..." if len(names) > MAX_LISTED else "")
+
+
+def probability_cases(folder: Path) -> set[str]:
+    """Cases of ``folder`` that have both ``CASE.npz`` and ``CASE.pkl``; refuses a folder without any."""
+    if not folder.is_dir():
+        raise DatasetError(f"folder {folder} does not exist")
+    npz = {p.name[:-4] for p in folder.glob("*.npz")}
+    if not npz:
+        raise DatasetError(f"{folder} holds no softmax probabilities (CASE.npz + CASE.pkl); predict with "
+                           f"`samunet_predict ... --save-probabilities` (or train/validate with --npz)")
+    no_pkl = sorted(c for c in npz if not (folder / f"{c}.pkl").is_file())
+    if no_pkl:
+        raise DatasetError(f"{folder}: {len(no_pkl)} case(s) have a .npz but no .pkl (geometry): {_listed(no_pkl)}")
+    return npz
+
+
+def check_same_cases(folders: Sequence[Path]) -> list[str]:
+    """The cases shared by all folders; refuses folders that disagree."""
+    cases = [probability_cases(folder) for folder in folders]
+    union = set().union(*cases)
+    problems = [f"{folder} lacks {len(union - have)} case(s): {_listed(union - have)}"
+                for folder, have in zip(folders, cases) if union - have]
+    if problems:
+        raise DatasetError("the folders do not hold the same cases: " + "; ".join(problems))
+    return sorted(union)
+
+
+def _json_from(folders: Sequence[Path], name: str, given: dict | None) -> dict:
+    if given is not None:
+        return given
+    for folder in folders:
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+    raise DatasetError(f"none of the folders holds {name} (samunet_predict --save-probabilities writes it); "
+                       f"copy it from the model folder $nnUNet_results/DATASET/TRAINER__PLANS__CONFIG")
+
+
+def _check_labels(folders: Sequence[Path]) -> None:
+    labels = {}
+    for folder in folders:
+        if (folder / "dataset.json").is_file():
+            labels[str(folder)] = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"]
+    if len({json.dumps(v, sort_keys=True) for v in labels.values()}) > 1:
+        raise DatasetError(f"the folders' dataset.json files define different labels: {labels}")
+
+
+def _merge(file_lists: list[list[str]], outputs: list[str], plans: dict, dataset_json: dict,
+           num_processes: int, save_probabilities: bool = False) -> None:
+    """nnunetv2's merge_files per case; in this process when num_processes is 1 (a spawned worker costs seconds)."""
+    from nnunetv2.ensembling.ensemble import merge_files
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans_manager = PlansManager(plans)
+    reader_writer = plans_manager.image_reader_writer_class()
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    arguments = [(files, out, dataset_json["file_ending"], reader_writer, label_manager, save_probabilities)
+                 for files, out in zip(file_lists, outputs)]
+    if num_processes <= 1:
+        for argument in arguments:
+            merge_files(*argument)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+        pool.starmap(merge_files, arguments)
+
+
+def ensemble_prediction_folders(folders: Sequence[str | os.PathLike], output_folder: str | os.PathLike, *,
+                                num_processes: int = 1, save_probabilities: bool = False,
+                                dataset_json: dict | None = None, plans: dict | None = None) -> list[Path]:
+    """Average the probabilities of the same cases in several folders; returns the label maps written.
+
+    Same result as ``nnunetv2.ensembling.ensemble.ensemble_folders``, with its asserts turned into
+    one-line errors.
+    """
+    folders = [Path(f) for f in folders]
+    if len(folders) < 2:
+        raise DatasetError(f"ensembling needs at least two folders, got {len(folders)}")
+    output_folder = Path(output_folder)
+    if output_folder.resolve() in {f.resolve() for f in folders}:
+        raise DatasetError(f"the output folder {output_folder} is one of the inputs; choose another")
+    cases = check_same_cases(folders)
+    _check_labels(folders)
+    dataset_json = _json_from(folders, "dataset.json", dataset_json)
+    plans = _json_from(folders, "plans.json", plans)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    _merge([[str(f / f"{c}.npz") for f in folders] for c in cases], [str(output_folder / c) for c in cases],
+           plans, dataset_json, num_processes, save_probabilities)
+    for name, content in (("dataset.json", dataset_json), ("plans.json", plans)):
+        (output_folder / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
+    return [output_folder / f"{c}{dataset_json['file_ending']}" for c in cases]
+
+
+# ---------------------------------------------------------------------------------------------- model choice
+
+def model_identifier(trainer: str, plans: str, configuration: str) -> str:
+    return f"{trainer}__{plans}__{configuration}"
+
+
+def cv_foreground_dice(model_folder: Path, preprocessed: Path, dataset_json: dict, *, recompute: bool = False,
+                       num_processes: int = 1) -> float:
+    """Mean foreground Dice of a model's cross-validation (its cv_summary_samunet.json, computed if absent)."""
+    from samunet.evaluation.cv_summary import OUTPUT_NAME, summarise_cross_validation
+    path = model_folder / OUTPUT_NAME
+    if path.is_file() and not recompute:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        logger.info("read %s", path)
+    else:
+        summary = summarise_cross_validation(model_folder, preprocessed, dataset_json, num_processes=num_processes)
+    return summary["overall"]["Dice"]["mean"]
+
+
+def validation_probability_files(model_folder: Path, folds: Sequence[int]) -> dict[str, Path] | str:
+    """Case -> validation .npz over the folds, or the reason why the model cannot be ensembled."""
+    files: dict[str, Path] = {}
+    for fold in folds:
+        validation = model_folder / f"fold_{fold}" / "validation"
+        found = sorted(validation.glob("*.npz")) if validation.is_dir() else []
+        if not found:
+            return (f"{validation} holds no .npz probabilities (train with --npz, or re-run the validation: "
+                    f"samunet_train DATASET CONFIG {fold} -tr TRAINER --val --npz)")
+        for path in found:
+            if not path.with_suffix(".pkl").is_file():
+                return f"{path} has no .pkl next to it"
+            files[path.name[:-4]] = path
+    return files
+
+
+def score_predictions(prediction_folder: Path, references: Path, cases: Sequence[str], dataset_json: dict,
+                      num_processes: int = 1) -> float:
+    """Foreground Dice (mean of class means, pooled over cases) of a folder, as samunet_cv_summary scores."""
+    from samunet.evaluation.evaluate_folder import evaluate_folders
+    from samunet.evaluation.metrics import summarise
+    ending = dataset_json["file_ending"]
+    with tempfile.TemporaryDirectory(prefix="samunet_best_") as scratch:
+        for case in cases:
+            reference = references / f"{case}{ending}"
+            if not reference.is_file():
+                raise DatasetError(f"reference {reference} is missing; re-run samunet_plan_and_preprocess")
+            os.symlink(reference.resolve(), Path(scratch) / reference.name)
+        per_case = evaluate_folders(scratch, prediction_folder, dataset_json, num_processes=num_processes)["per_case"]
+    return summarise(per_case)["foreground_mean"]["Dice"]
+
+
+def ensemble_cross_validation(model_folders: Sequence[Path], output_folder: Path, probability_files: list[dict],
+                              num_processes: int = 1) -> list[str]:
+    """Average the folds' validation probabilities of several models (nnunetv2's ensemble_crossvalidations)."""
+    cases = [set(files) for files in probability_files]
+    union = set().union(*cases)
+    problems = [f"{folder.name} lacks {_listed(union - have)}" for folder, have in zip(model_folders, cases)
+                if union - have]
+    if problems:
+        raise DatasetError("the models' validation probabilities cover different cases: " + "; ".join(problems))
+    if num_processes > 1:
+        from nnunetv2.ensembling.ensemble import ensemble_crossvalidations
+        ensemble_crossvalidations([str(f) for f in model_folders], str(output_folder), num_processes=num_processes)
+    else:
+        folder = model_folders[0]
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+        dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+        output_folder.mkdir(parents=True, exist_ok=True)
+        ordered = sorted(union)
+        _merge([[str(files[c]) for files in probability_files] for c in ordered],
+               [str(output_folder / c) for c in ordered], plans, dataset_json, 1)
+    return sorted(union)
+
+
+def predict_command(dataset: str, trainer: str, plans: str, configuration: str, folds: Sequence[int],
+                    output: str, save_probabilities: bool = False) -> str:
+    command = (f"samunet_predict -i INPUT_FOLDER -o {output} -d {dataset} -c {configuration} -tr {trainer} "
+               f"-p {plans} -f {' '.join(str(f) for f in folds)}")
+    return command + (" --save-probabilities" if save_probabilities else "")
+
+
+def find_best(dataset_name: str, results: Path, preprocessed: Path, trainers: Sequence[str], configuration: str = "2d",
+              plans: str = "samunetPlans", *, ensembles: bool = False, folds: Sequence[int] = (0, 1, 2, 3, 4),
+              num_processes: int = 1, recompute: bool = False) -> dict:
+    """Rank single models (and with ``ensembles`` pairs of them) by cross-validation foreground Dice."""
+    if len(set(trainers)) != len(trainers):
+        raise DatasetError(f"trainers are named more than once: {list(trainers)}")
+    folders = {t: results / dataset_name / model_identifier(t, plans, configuration) for t in trainers}
+    missing = [str(f) for f in folders.values() if not f.is_dir()]
+    if missing:
+        raise DatasetError(f"no trained model in {', '.join(missing)}; train all five folds first "
+                           f"(samunet_train_cv DATASET {configuration} -tr TRAINER --npz)")
+    dataset_json = json.loads((folders[trainers[0]] / "dataset.json").read_text(encoding="utf-8")) \
+        if (folders[trainers[0]] / "dataset.json").is_file() \
+        else json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
+    candidates = []
+    for trainer, folder in folders.items():
+        dice = cv_foreground_dice(folder, preprocessed, dataset_json, recompute=recompute,
+                                  num_processes=num_processes)
+        candidates.append({"name": folder.name, "members": [trainer], "foreground_dice": dice})
+    skipped = {}
+    if ensembles:
+        if len(trainers) < 2:
+            raise DatasetError("--ensembles needs at least two trainers")
+        probabilities = {}
+        for trainer, folder in folders.items():
+            found = validation_probability_files(folder, folds)
+            if isinstance(found, str):
+                skipped[trainer] = found
+                logger.warning("%s is left out of the ensembles: %s", trainer, found)
+            else:
+                probabilities[trainer] = found
+        for first, second in itertools.combinations([t for t in trainers if t in probabilities], 2):
+            name = f"ensemble___{folders[first].name}___{folders[second].name}"
+            output = results / dataset_name / "ensembles" / name
+            cases = ensemble_cross_validation([folders[first], folders[second]], output,
+                                              [probabilities[first], probabilities[second]], num_processes)
+            dice = score_predictions(output, preprocessed / "gt_segmentations", cases, dataset_json, num_processes)
+            candidates.append({"name": name, "members": [first, second], "foreground_dice": dice,
+                               "source": str(output)})
+    ranking = sorted(candidates, key=lambda c: -c["foreground_dice"])  # stable: singles win ties
+    best = ranking[0]
+    dataset_id = dataset_name[len("Dataset"):].split("_")[0] if dataset_name.startswith("Dataset") else dataset_name
+    if len(best["members"]) == 1:
+        commands = [predict_command(dataset_id, best["members"][0], plans, configuration, folds, "OUTPUT_FOLDER")]
+    else:
+        outputs = [f"OUTPUT_FOLDER_{t}" for t in best["members"]]
+        commands = [predict_command(dataset_id, t, plans, configuration, folds, o, save_probabilities=True)
+                    for t, o in zip(best["members"], outputs)]
+        commands.append(f"samunet_ensemble -i {' '.join(outputs)} -o OUTPUT_FOLDER")
+    return {"dataset": dataset_name, "configuration": configuration, "plans": plans, "folds": list(folds),
+            "metric": "cross-validation foreground Dice (mean of class means)", "ensembles_evaluated": ensembles,
+            "left_out_of_ensembles": skipped, "ranking": ranking, "best": best, "commands": commands}
