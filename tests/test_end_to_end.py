@@ -74,3 +74,36 @@ def test_a_checkpoint_of_another_backbone_is_refused(trained_fold0):
     with pytest.raises(CheckpointMismatchError, match="backbone vit_test at 64 px.*tinyvit_test"):
         train(991, "2d", 0, "SAMedTrainer", device="cpu", continue_training=True, backbone="tinyvit_test",
               hyperparameters={"weights": "none"})
+
+
+def test_a_tiny_trained_model_exports_a_valid_amos_submission_zip(nnunet_folders, tmp_path):
+    """convert-like AMOS layout -> plan -> train -> predict -> samunet_export_submission (zip)."""
+    import zipfile
+
+    from samunet.cli.export_submission import main as export_main
+    from samunet.cli.plan_and_preprocess import plan_and_preprocess
+    from samunet.preprocessing.phantom import write_phantom_dataset
+
+    name = "Dataset218_AMOS2022_postChallenge_task1"
+    raw = write_phantom_dataset(nnunet_folders["nnUNet_raw"], dataset_id=218,
+                                dataset_name="AMOS2022_postChallenge_task1", num_train=5, num_test=2,
+                                shape=(8, 48, 48))
+    for image in sorted(raw.rglob("case_*.nii.gz")):  # AMOS names its cases amos_XXXX
+        image.rename(image.with_name(image.name.replace("case_", "amos_")))
+    dataset_json = json.loads((raw / "dataset.json").read_text())  # AMOS22 task 1 labels 0-15
+    dataset_json["labels"] = {"background": 0, **{f"organ{i}": i for i in range(1, 16)}}
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    plan_and_preprocess(218, backbone="vit_test", image_size=64, num_processes=1)
+    train(218, "2d", "all", "SAMedTrainer", device="cpu", hyperparameters=dict(TINY_RUN))
+    predictor = build_predictor(name, "2d", "SAMedTrainer", ["all"], device="cpu", use_mirroring=False)
+    predict_folder(predictor, raw / "imagesTs", tmp_path / "pred")
+
+    assert export_main(["--challenge", "amos", "-i", str(tmp_path / "pred"), "-o", str(tmp_path / "amos.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "amos.zip") as archive:
+        assert sorted(archive.namelist()) == ["results/amos_0005.nii.gz", "results/amos_0006.nii.gz"]
+        archive.extractall(tmp_path / "unzipped")
+    for case in ("amos_0005", "amos_0006"):
+        exported = sitk.ReadImage(str(tmp_path / "unzipped" / "results" / f"{case}.nii.gz"))
+        source = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        assert exported.GetSize() == source.GetSize()
+        assert exported.GetSpacing() == pytest.approx(source.GetSpacing())
