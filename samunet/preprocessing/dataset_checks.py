@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from samunet.errors import DatasetError, UnknownNameError
+from samunet.image_io import read_header
 
 REQUIRED_FIELDS = ("labels", "numTraining", "file_ending")
 GEOMETRY_TOLERANCE = 1e-4
@@ -57,13 +57,6 @@ def _read_dataset_json(folder: Path) -> dict:
     return dataset_json
 
 
-def _geometry(path: str) -> tuple:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-
-
 def _same_geometry(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and all(np.allclose(x, y, atol=GEOMETRY_TOLERANCE, rtol=0) for x, y in zip(a[1:], b[1:]))
 
@@ -95,9 +88,9 @@ def validate_raw_dataset(folder: str | os.PathLike) -> dict:
         if missing:
             problems.append(f"case {case}: missing file(s) {missing}")
             continue
-        label_geometry = _geometry(files["label"])
+        label_geometry = read_header(files["label"])
         for image in files["images"]:
-            image_geometry = _geometry(image)
+            image_geometry = read_header(image)
             if not _same_geometry(image_geometry, label_geometry):
                 problems.append(f"case {case}: image {os.path.basename(image)} (size {image_geometry[0]}, spacing "
                                 f"{np.round(image_geometry[1], 4).tolist()}, origin "

@@ -23,6 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from samunet.image_io import replace_folder
+
 logger = logging.getLogger(__name__)
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
@@ -219,23 +221,13 @@ def write_phantom_dataset(
             "file_ending": FILE_ENDING,
         }
         (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(staging, target)
+        if target.exists() and not (target / "dataset.json").is_file():
+            logger.warning("replacing the incomplete dataset folder %s (it has no dataset.json)", target)
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    if not (target / "dataset.json").is_file():
-        logger.warning("replacing the incomplete dataset folder %s (it has no dataset.json)", target)
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_tiny_phantom_dataset(

@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from samunet.image_io import replace_folder
 from samunet.submission import SubmissionError
 from samunet.submission.challenges import CHALLENGES
 from samunet.submission.validation import validate_predictions
@@ -37,13 +38,7 @@ def _write_folder(files: dict[str, Path], output: Path) -> None:
     try:
         for name, source in files.items():
             shutil.copyfile(source, staging / name)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        replace_folder(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

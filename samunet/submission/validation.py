@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from samunet.image_io import read_header
 from samunet.submission import SubmissionError
 from samunet.submission.challenges import Challenge
 
@@ -24,15 +25,8 @@ MAX_LISTED_PROBLEMS = 30
 CHANNEL_SUFFIX = "_0000"
 
 
-def _header(path: Path) -> tuple:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-
-
 def _geometry_problem(prediction: Path, image: Path) -> str | None:
-    predicted, expected = _header(prediction), _header(image)
+    predicted, expected = read_header(prediction), read_header(image)
     if predicted[0] != expected[0]:
         return f"{prediction.name}: size {predicted[0]} differs from its test image's {expected[0]}"
     for name, a, b in zip(("spacing", "origin", "direction"), predicted[1:], expected[1:]):

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samunet.errors import DatasetError
+from samunet.image_io import read_header, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ def raise_if_problems(problems: list[str], source: Path, what: str) -> None:
     more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
     raise ConversionError(f"{what} source {source} has {len(problems)} problem(s); nothing was written:\n"
                           f"  {listed}{more}")
-
-
-def read_header(path: Path) -> tuple:
-    """(size, spacing, origin, direction) of an image, read from its header only."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
 
 
 def geometry_problem(image: Path, label: Path) -> str | None:
@@ -101,13 +94,7 @@ def staged_dataset(target: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield staging
         validate_raw_dataset(staging)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
