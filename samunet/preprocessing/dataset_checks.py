@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from samunet.errors import DatasetError, UnknownNameError
-from samunet.image_io import read_header
+from samunet.image_io import geometry_difference, read_header
 
 REQUIRED_FIELDS = ("labels", "numTraining", "file_ending")
 GEOMETRY_TOLERANCE = 1e-4
@@ -57,10 +57,6 @@ def _read_dataset_json(folder: Path) -> dict:
     return dataset_json
 
 
-def _same_geometry(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and all(np.allclose(x, y, atol=GEOMETRY_TOLERANCE, rtol=0) for x, y in zip(a[1:], b[1:]))
-
-
 def validate_raw_dataset(folder: str | os.PathLike) -> dict:
     """Validate ``folder`` (``nnUNet_raw/DatasetXXX_Name``); returns its dataset.json.
 
@@ -91,7 +87,7 @@ def validate_raw_dataset(folder: str | os.PathLike) -> dict:
         label_geometry = read_header(files["label"])
         for image in files["images"]:
             image_geometry = read_header(image)
-            if not _same_geometry(image_geometry, label_geometry):
+            if geometry_difference(image_geometry, label_geometry, atol=GEOMETRY_TOLERANCE) is not None:
                 problems.append(f"case {case}: image {os.path.basename(image)} (size {image_geometry[0]}, spacing "
                                 f"{np.round(image_geometry[1], 4).tolist()}, origin "
                                 f"{np.round(image_geometry[2], 4).tolist()}) does not match its label "

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from samunet.image_io import read_header
+from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, read_header
 from samunet.submission import SubmissionError
 from samunet.submission.challenges import Challenge
 
@@ -27,13 +27,15 @@ CHANNEL_SUFFIX = "_0000"
 
 def _geometry_problem(prediction: Path, image: Path) -> str | None:
     predicted, expected = read_header(prediction), read_header(image)
-    if predicted[0] != expected[0]:
+    field = geometry_difference(predicted, expected, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE)
+    if field is None:
+        return None
+    if field == "size":
         return f"{prediction.name}: size {predicted[0]} differs from its test image's {expected[0]}"
-    for name, a, b in zip(("spacing", "origin", "direction"), predicted[1:], expected[1:]):
-        if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE):
-            return (f"{prediction.name}: {name} {np.round(a, 4).tolist()} differs from its test image's "
-                    f"{np.round(b, 4).tolist()} (predict with samunet_predict, which exports in the original geometry)")
-    return None
+    index = GEOMETRY_FIELDS.index(field)
+    return (f"{prediction.name}: {field} {np.round(predicted[index], 4).tolist()} differs from its test image's "
+            f"{np.round(expected[index], 4).tolist()} (predict with samunet_predict, which exports in the original "
+            f"geometry)")
 
 
 def _cases(folder: Path, suffix: str) -> dict[str, Path]:

@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samunet.errors import DatasetError
-from samunet.image_io import read_header, replace_folder
+from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, read_header, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,14 @@ def geometry_problem(image: Path, label: Path) -> str | None:
     image_geometry, label_geometry = read_header(image), read_header(label)
     if len(image_geometry[0]) != 3:
         return f"{image} is {len(image_geometry[0])}D; a 3D volume is expected"
-    if image_geometry[0] != label_geometry[0]:
+    field = geometry_difference(image_geometry, label_geometry, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE)
+    if field is None:
+        return None
+    index = GEOMETRY_FIELDS.index(field)
+    if field == "size":
         return f"{label} has size {label_geometry[0]} but its image {image.name} has size {image_geometry[0]}"
-    for name, a, b in zip(("spacing", "origin", "direction"), image_geometry[1:], label_geometry[1:]):
-        if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE):
-            return (f"{label} has {name} {np.round(b, 4).tolist()} but its image {image.name} has "
-                    f"{np.round(a, 4).tolist()}")
-    return None
+    return (f"{label} has {field} {np.round(label_geometry[index], 4).tolist()} but its image {image.name} has "
+            f"{np.round(image_geometry[index], 4).tolist()}")
 
 
 def label_values(path: Path) -> set[int]:
