@@ -19,10 +19,20 @@ from samunet.trainers.automedsam import (AutoMedSAMTrainer, ValidationPlateauSch
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
 
 
-def tiny_network(backbone: str = "tinyvit_test", num_classes: int = 3, **kwargs) -> AutoMedSAMNetwork:
+def tiny_network(backbone: str = "tinyvit_test", num_classes: int = 3, trained_heads: bool = True,
+                 **kwargs) -> AutoMedSAMNetwork:
+    """A tiny network; ``trained_heads`` gives the branches' zero-initialised output layers random
+    values, as after training, so that the class index and the noise reach the prompts."""
     torch.manual_seed(0)
-    return AutoMedSAMNetwork(input_channels=1, num_classes=num_classes, backbone=backbone, img_size=64,
-                             intensity_ranges=[[-2.0, 2.0]], **kwargs)
+    network = AutoMedSAMNetwork(input_channels=1, num_classes=num_classes, backbone=backbone, img_size=64,
+                                intensity_ranges=[[-2.0, 2.0]], **kwargs)
+    if trained_heads:
+        encoder = network.class_prompt_encoder
+        with torch.no_grad():
+            for head in (encoder.dense_branch.decoder.head, encoder.sparse_branch.decoder.head):
+                head.weight.normal_(0, 0.05)
+                head.bias.normal_(0, 0.05)
+    return network
 
 
 def square_label(size: int = 64) -> torch.Tensor:
@@ -30,6 +40,15 @@ def square_label(size: int = 64) -> torch.Tensor:
     label = torch.zeros(1, 1, size, size)
     label[..., 16:40, 20:44] = 1
     return label
+
+
+def test_class_prompts_start_as_the_frozen_encoders_whole_image_box_prompts():
+    network = tiny_network(trained_heads=False)
+    prediction = network.forward_class(torch.randn(2, 1, 64, 64), torch.tensor([1, 2]))
+    box = torch.tensor([[0.0, 0.0, 63.0, 63.0]])
+    sparse, dense = network.prompt_encoder(points=None, boxes=box[:, None], masks=None)
+    assert torch.allclose(prediction.sparse, sparse.expand(2, -1, -1))
+    assert torch.allclose(prediction.dense, dense.expand(2, -1, -1, -1))
 
 
 # ---- diffusion schedule -------------------------------------------------------------------------
@@ -173,7 +192,12 @@ def test_shape_distance_loss_is_lower_for_a_prediction_inside_the_object_than_ou
     inside, outside = torch.zeros_like(target), torch.zeros_like(target)
     inside[..., 24:32, 28:36] = 1
     outside[..., 50:58, 2:10] = 1
-    assert float(shape_distance_loss(inside, distance)) < 0 < float(shape_distance_loss(outside, distance))
+    inside_loss, outside_loss = (float(shape_distance_loss(p, target, distance)) for p in (inside, outside))
+    assert 0 < inside_loss < outside_loss
+    # The paper's mean(p * phi) shifted by its optimum: never negative, zero at the ground truth (the
+    # uncertainty weighting diverges on a negative term), gradient unchanged.
+    assert float(shape_distance_loss(target, target, distance)) == 0
+    assert inside_loss == pytest.approx(float((inside * distance).mean() - (target * distance).mean()), abs=1e-7)
     assert (signed_distance_map(np.zeros((4, 4), bool)) == 1).all()  # empty class: any prediction costs
 
 

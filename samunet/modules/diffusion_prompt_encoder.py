@@ -112,6 +112,13 @@ class DiffusionClassPromptEncoder(nn.Module):
         self.dense_branch = DenseBranch(channels=2 * widths[2], skip_channels=skip_channels, embed_dim=embed_dim)
         self.sparse_branch = SparseBranch(channels=2 * widths[2], skip_channels=skip_channels, embed_dim=embed_dim,
                                           num_tokens=num_sparse_tokens)
+        # Both branches start at zero output: a randomly initialised branch gives prompts far from anything
+        # SAM's decoder has seen, which drives every mask logit to about -20 at the first step, where the
+        # sigmoid's gradient vanishes (measured on the demo phantom). The network adds the original prompt
+        # encoder's 'no mask' embedding to the dense output, so training starts from SAM's prompt-free state.
+        for head in (self.dense_branch.decoder.head, self.sparse_branch.decoder.head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def sample_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         """Training: one t per sample, uniform over {0, ..., T-1} (every training sample is noised)."""

@@ -60,9 +60,15 @@ def signed_distance_maps(masks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(maps).to(masks.device)
 
 
-def shape_distance_loss(probabilities: torch.Tensor, distance_maps: torch.Tensor) -> torch.Tensor:
-    """Mean of predicted probability times the ground truth's signed distance map (both (B, 1, H, W))."""
-    return (probabilities * distance_maps).mean()
+def shape_distance_loss(probabilities: torch.Tensor, target: torch.Tensor, distance_maps: torch.Tensor) -> torch.Tensor:
+    """Mean of (predicted probability - ground truth) times the ground truth's signed distance map, all (B, 1, H, W).
+
+    The paper's term is ``mean(p * phi)``; subtracting its value at the ground truth, ``mean(g * phi)``,
+    changes no gradient but makes the term >= 0 with 0 at a perfect prediction. The uncertainty
+    weighting needs that: for a negative L_i, ``L_i / (2 s_i^2) + log s_i`` falls without bound as
+    s_i -> 0, and training diverges.
+    """
+    return ((probabilities - target) * distance_maps).mean()
 
 
 def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -109,7 +115,7 @@ class AutoMedSAMJointLoss(nn.Module):
                                    present),
             F.binary_cross_entropy_with_logits(logits, target),
             soft_dice_loss(probabilities, target),
-            shape_distance_loss(probabilities, distance_maps),
+            shape_distance_loss(probabilities, target, distance_maps),
         ])
         active = torch.tensor([bool(present.any()), True, True, True], device=losses.device)
         return JointLossOutput(total=self.weighting(losses, active), terms=losses.detach())

@@ -3,6 +3,9 @@
 - Frozen image encoder (LiteMedSAM by default; MedSAM ViT-B with ``--backbone vit_b --weights medsam_vit_b``).
 - ``class_prompt_encoder``: :class:`samunet.modules.diffusion_prompt_encoder.DiffusionClassPromptEncoder`
   turns (image embedding, class k) into SAM's sparse and dense prompt embeddings.
+- The dense branch predicts a residual on the frozen prompt encoder's learned 'no mask' embedding
+  (the teacher's dense output for a box prompt); both branches start at zero, so training starts from
+  SAM's prompt-free decoding.
 - SAM's mask decoder (trainable) reads its first mask token (SAM's single-mask output): the
   binary mask logit of class k.
 - ``prompt_encoder``: the released (Lite)MedSAM prompt encoder, frozen. It supplies the image
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError
-from samunet.modules.decoders import decode_masks
+from samunet.modules.decoders import decode_masks, default_dense_prompt
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder
 from samunet.modules.uncertainty_loss import LOSS_TERMS, UncertaintyWeighting
 from samunet.networks.base import SAMSegmentationNetwork
@@ -105,7 +108,9 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
     def decode_class(self, embedding: torch.Tensor, class_labels: torch.Tensor,
                      output_size: tuple[int, int]) -> ClassPrediction:
         """Image embedding (B, C, h, w) and label values k (B,) in 1..K-1 -> the class's mask and prompts."""
-        sparse, dense = self.class_prompt_encoder(embedding, class_labels - 1)
+        sparse_residual, dense_residual = self.class_prompt_encoder(embedding, class_labels - 1)
+        base_sparse, base_dense = self.whole_image_prompts()
+        sparse, dense = base_sparse + sparse_residual, base_dense + dense_residual
         decoded = decode_masks(self.mask_decoder, embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
         logits = decoded.masks[:, :1]
         if logits.shape[-2:] != tuple(output_size):
@@ -115,6 +120,14 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
     def forward_class(self, x: torch.Tensor, class_labels: torch.Tensor) -> ClassPrediction:
         """(B, C_in, S, S), label values (B,) -> binary mask logits of those classes and their prompts."""
         return self.decode_class(self.encode(x), class_labels, x.shape[-2:])
+
+    @torch.no_grad()
+    def whole_image_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen prompt encoder's prompts for a box around the whole image: sparse (1, 2, C), dense
+        (1, C, h, w). The class-prompt encoder's outputs are residuals on these."""
+        box = torch.tensor([[0.0, 0.0, self.img_size - 1.0, self.img_size - 1.0]],
+                           device=self.prompt_encoder.no_mask_embed.weight.device)
+        return self.teacher_prompts(box)
 
     @torch.no_grad()
     def teacher_prompts(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
