@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError
-from samunet.modules.decoders import decode_masks, default_dense_prompt
+from samunet.modules.decoders import decode_masks
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder
 from samunet.modules.uncertainty_loss import LOSS_TERMS, UncertaintyWeighting
 from samunet.networks.base import SAMSegmentationNetwork
