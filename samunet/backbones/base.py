@@ -36,6 +36,19 @@ class QKVProjection(NamedTuple):
     v_channels: torch.Tensor
 
 
+class BlockAdapters(NamedTuple):
+    """Trainable modules a method inserts into one transformer block of a frozen encoder.
+
+    They belong to the network, not to the encoder (a block holds them in a plain tuple), so the
+    encoder's state_dict keeps the released checkpoint's names. ``after_attention`` maps the
+    block's attention output (B, H, W, C), un-windowed, before it is added to the residual
+    stream; ``parallel_mlp`` maps the MLP's input to a term added to the MLP's output.
+    """
+
+    after_attention: Callable[[torch.Tensor], torch.Tensor] | None = None
+    parallel_mlp: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 class SAMImageEncoder(nn.Module):
     """Base class of samunet's image encoders (see the module docstring for the shapes).
 
@@ -63,6 +76,10 @@ class SAMImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def transformer_blocks(self) -> list[tuple[nn.Module, int]]:  # pragma: no cover - abstract
+        """Every attention block with its token width; each has an ``adapters`` (:class:`BlockAdapters`)."""
         raise NotImplementedError
 
     def qkv_projections(self) -> list[QKVProjection]:  # pragma: no cover - abstract

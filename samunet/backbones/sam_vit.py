@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
+from samunet.backbones.base import BlockAdapters, EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
 from samunet.backbones.neck import sam_neck
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ class Block(nn.Module):
                               grid_size=window_size if window_size > 0 else grid_size)
         self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS)
         self.mlp = MLP(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.adapters = BlockAdapters()
 
     @property
     def is_global(self) -> bool:
@@ -208,8 +209,18 @@ class Block(nn.Module):
         else:
             windows, padded_hw = window_partition(y, self.window_size)
             y = window_unpartition(self.attn(windows), self.window_size, padded_hw, x.shape[1:3])
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+        return self._attention_then_mlp(x, y)
+
+    def _attention_then_mlp(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual add of the (un-windowed) attention output, then the MLP, with the block's adapters."""
+        if self.adapters.after_attention is not None:
+            attended = self.adapters.after_attention(attended)
+        x = x + attended
+        hidden = self.norm2(x)
+        out = self.mlp(hidden)
+        if self.adapters.parallel_mlp is not None:
+            out = out + self.adapters.parallel_mlp(hidden)
+        return x + out
 
     def forward_with_prompts(self, x: torch.Tensor,
                              prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +235,8 @@ class Block(nn.Module):
             y, p = self.attn.forward_with_prompts(windows, p.repeat_interleave(per_image, dim=0))
             y = window_unpartition(y, self.window_size, padded_hw, x.shape[1:3])
             p = p.reshape(x.shape[0], per_image, *p.shape[1:]).mean(dim=1)
-        x, prompts = x + y, prompts + p
-        return x + self.mlp(self.norm2(x)), prompts + self.mlp(self.norm2(prompts))
+        prompts = prompts + p
+        return self._attention_then_mlp(x, y), prompts + self.mlp(self.norm2(prompts))
 
 
 class SAMViTEncoder(SAMImageEncoder):
@@ -295,6 +306,9 @@ class SAMViTEncoder(SAMImageEncoder):
                 features.append(tokens.permute(0, 3, 1, 2))
         return EncoderOutput(embedding=self.neck(tokens.permute(0, 3, 1, 2)), features=features,
                              prompts=levels)
+
+    def transformer_blocks(self) -> list[tuple[nn.Module, int]]:
+        return [(block, block.attn.num_heads * block.attn.head_dim) for block in self.blocks]
 
     def qkv_projections(self) -> list[QKVProjection]:
         projections = []

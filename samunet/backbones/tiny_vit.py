@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.backbones.base import EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
+from samunet.backbones.base import BlockAdapters, EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
 from samunet.backbones.neck import sam_neck
 
 
@@ -262,13 +262,26 @@ class TinyViTBlock(nn.Module):
         self.local_conv = ConvBN(in_chans=dim, out_chans=dim, kernel_size=local_conv_size,
                                  groups=dim)
         self.mlp = MLP(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.adapters = BlockAdapters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last input
-        tokens = tokens + self.attn(tokens)
+        return self._conv_then_mlp(self._add_attention(tokens, self.attn(tokens)))
+
+    def _add_attention(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual add of the (un-windowed) attention output (B, H, W, dim), through the block's adapter."""
+        if self.adapters.after_attention is not None:
+            attended = self.adapters.after_attention(attended)
+        return tokens + attended
+
+    def _conv_then_mlp(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv, then the residual MLP (with the block's parallel adapter): (B, H, W, dim) ->
+        (B, dim, H, W) channels-last."""
         tokens = self.local_conv(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        tokens = tokens + self.mlp(tokens)
-        return tokens.permute(0, 3, 1, 2)
+        out = self.mlp(tokens)
+        if self.adapters.parallel_mlp is not None:
+            out = out + self.adapters.parallel_mlp(tokens)
+        return (tokens + out).permute(0, 3, 1, 2)
 
     def forward_with_prompts(self, x: torch.Tensor,
                              prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,10 +289,8 @@ class TinyViTBlock(nn.Module):
         skip the depthwise convolution."""
         tokens = x.permute(0, 2, 3, 1).contiguous()
         image, extra = self.attn.forward_with_prompts(tokens, prompts)
-        tokens, prompts = tokens + image, prompts + extra
-        tokens = self.local_conv(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        tokens = tokens + self.mlp(tokens)
-        return tokens.permute(0, 3, 1, 2), prompts + self.mlp(prompts)
+        prompts = prompts + extra
+        return self._conv_then_mlp(self._add_attention(tokens, image)), prompts + self.mlp(prompts)
 
 
 class Stage(nn.Module):
@@ -367,6 +378,10 @@ class TinyViTEncoder(SAMImageEncoder):
             features.append(feature)
         return EncoderOutput(embedding=self.neck(x), features=features,
                              prompts=[levels[index] for index in self.prompt_level_features])
+
+    def transformer_blocks(self) -> list[tuple[nn.Module, int]]:
+        return [(block, block.attn.num_heads * block.attn.head_dim) for block in self.modules()
+                if isinstance(block, TinyViTBlock)]
 
     def qkv_projections(self) -> list[QKVProjection]:
         projections = []

@@ -85,8 +85,10 @@ def write_report(report: Path, raw: Path, predictions: Path, training_folder: Pa
 def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "litemedsam",
              image_size: int = DEMO_IMAGE_SIZE, device: str | None = None,
              hyperparameters: dict | None = None, num_train: int = DEMO_NUM_TRAIN,
-             num_test: int = DEMO_NUM_TEST, shape: tuple[int, int, int] = DEMO_PHANTOM_SHAPE) -> dict:
-    """Run the demo under ``root``; returns the evaluation summary (also written to root/report)."""
+             num_test: int = DEMO_NUM_TEST, shape: tuple[int, int, int] = DEMO_PHANTOM_SHAPE,
+             depth: int | None = None) -> dict:
+    """Run the demo under ``root``; returns the evaluation summary (also written to root/report).
+    ``depth``: slices per stack for slice-stack trainers (default: the plans')."""
     root = root.resolve()
     use_demo_folders(root)
     prepare_environment()
@@ -113,7 +115,7 @@ def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "lite
 
     start = time.perf_counter()
     settings = {**DEMO_HYPERPARAMETERS, **(hyperparameters or {}), "weights": weights}
-    fitted = train(DEMO_DATASET_ID, "2d", 0, trainer, device=device, hyperparameters=settings)
+    fitted = train(DEMO_DATASET_ID, "2d", 0, trainer, device=device, hyperparameters=settings, depth=depth)
     timings["train_and_validate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -129,7 +131,7 @@ def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "lite
     timings["evaluate"] = time.perf_counter() - start
     write_report(root / "report", raw, predictions, Path(fitted.output_folder), summary, dataset_json, timings,
                  {"trainer": trainer, "backbone": backbone, "weights": weights, "image_size": image_size,
-                  "device": str(fitted.device), **settings})
+                  "device": str(fitted.device), "depth": depth, **settings})
     return summary
 
 
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
     parser.add_argument("--num-epochs", type=int, default=None)
     parser.add_argument("--iters-per-epoch", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default {DEMO_HYPERPARAMETERS['batch_size']} (slice-stack trainers: stacks)")
+    parser.add_argument("--depth", type=int, default=None, help="slices per stack (slice-stack trainers)")
     add_common_arguments(parser)
     return parser
 
@@ -151,10 +156,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     select_device(args.device)
     overrides = {k: v for k, v in (("num_epochs", args.num_epochs),
-                                   ("num_iterations_per_epoch", args.iters_per_epoch)) if v is not None}
+                                   ("num_iterations_per_epoch", args.iters_per_epoch),
+                                   ("batch_size", args.batch_size)) if v is not None}
     started = time.perf_counter()
     summary = run_demo(Path(args.output), trainer=args.trainer, backbone=args.backbone,
-                       image_size=args.image_size, device=args.device, hyperparameters=overrides)
+                       image_size=args.image_size, device=args.device, hyperparameters=overrides,
+                       depth=args.depth)
     from samunet.evaluation.evaluate_folder import format_table
     print(format_table(summary))
     print(f"demo finished in {time.perf_counter() - started:.0f} s; report in {Path(args.output) / 'report'}")

@@ -66,7 +66,7 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     plans = json.loads((folder / "plans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
     plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
+    configuration_manager = trainer_class.inference_configuration(plans_manager.get_configuration(configuration))
     num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
@@ -74,10 +74,12 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     checkpoints = load_fold_checkpoints(folder, folds, checkpoint_name, trainer_name)
     for checkpoint in checkpoints:
         meta = checkpoint.get("samunet", {})
-        if meta.get("backbone") != network.backbone or meta.get("img_size") != network.img_size:
+        if (meta.get("backbone") != network.backbone or meta.get("img_size") != network.img_size
+                or meta.get("stack_depth") not in (None, getattr(network, "stack_depth", None))):
             raise CheckpointMismatchError(
-                f"{checkpoint['path']} holds a {meta.get('backbone')} network at {meta.get('img_size')} px but the "
-                f"model's plans build {network.backbone} at {network.img_size} px")
+                f"{checkpoint['path']} holds a {meta.get('backbone')} network at {meta.get('img_size')} px "
+                f"(slice stacks: {meta.get('stack_depth')}) but the model's plans build {network.backbone} at "
+                f"{network.img_size} px (slice stacks: {getattr(network, 'stack_depth', None)})")
     device = select_device(device)
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=device.type == "cuda", device=device,

@@ -48,6 +48,19 @@ def apply_backbone_override(plans: dict, configuration: str, backbone: str | Non
         arch_kwargs["pixel_normalization"] = normalization
 
 
+def apply_depth_override(plans: dict, configuration: str, depth: int | None, trainer_class: type) -> None:
+    """Set the slices per stack (``arch_kwargs.depth``) of a slice-stack trainer; the model folder's
+    plans.json then records the depth the model was trained with, which prediction rebuilds."""
+    if depth is None:
+        return
+    if not getattr(trainer_class, "uses_slice_stacks", False):
+        raise ConfigurationError(f"--depth applies to slice-stack trainers (e.g. SelfPromptSAMTrainer); "
+                                 f"{trainer_class.__name__} sees single slices")
+    if depth < 1:
+        raise ConfigurationError(f"--depth must be >= 1, got {depth}")
+    plans["configurations"][configuration]["architecture"]["arch_kwargs"]["depth"] = int(depth)
+
+
 def check_fold_possible(dataset_name: str, dataset_json: dict, fold: int | str) -> None:
     """nnU-Net's automatic 5-fold split needs at least 5 training cases."""
     from nnunetv2.paths import nnUNet_preprocessed
@@ -72,7 +85,7 @@ def stored_hyperparameters(output_folder: str) -> dict:
 def train(dataset: str | int, configuration: str, fold: int | str, trainer_name: str, *,
           plans_identifier: str = "samunetPlans", continue_training: bool = False, only_validate: bool = False,
           device: str | None = None, hyperparameters: dict | None = None, backbone: str | None = None,
-          save_probabilities: bool = False):
+          save_probabilities: bool = False, depth: int | None = None):
     """Train (and validate) one fold; returns the trainer."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
@@ -87,6 +100,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     check_fold_possible(dataset_name, dataset_json, fold)
     overrides = dict(hyperparameters or {})
     apply_backbone_override(plans, configuration, backbone, overrides.get("weights"))
+    apply_depth_override(plans, configuration, depth, trainer_class)
     plans["continue_training"] = continue_training
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                             device=select_device(device))
@@ -114,6 +128,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="override the planned batch size")
     parser.add_argument("--backbone", help="train with another backbone than planned")
     parser.add_argument("--weights", help="pretrained checkpoint: known name, path, or 'none' for random init")
+    parser.add_argument("--depth", type=int, help="slices per stack for slice-stack trainers "
+                                                  "(SelfPromptSAMTrainer); default: the plans' depth")
     add_common_arguments(parser)
 
 
@@ -140,7 +156,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
     train(args.dataset, args.configuration, args.fold, args.trainer, plans_identifier=args.plans,
           continue_training=args.continue_training, only_validate=args.only_validate, device=args.device,
-          hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz)
+          hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
+          depth=args.depth)
     return 0
 
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # samunet_train's options that are passed through unchanged to the per-device workers.
 PASSED_OPTIONS = {"plans": "-p", "num_epochs": "--num-epochs", "iters_per_epoch": "--iters-per-epoch",
                   "val_iters": "--val-iters", "lr": "--lr", "batch_size": "--batch-size", "backbone": "--backbone",
-                  "weights": "--weights"}
+                  "weights": "--weights", "depth": "--depth"}
 PASSED_FLAGS = {"continue_training": "--c", "only_validate": "--val", "npz": "--npz", "verbose": "-v"}
 
 
@@ -131,7 +131,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         logger.info("training fold %s of %s", fold, ", ".join(str(f) for f in args.folds))
         train(args.dataset, args.configuration, fold, args.trainer, plans_identifier=args.plans,
               continue_training=args.continue_training, only_validate=args.only_validate, device=device,
-              hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz)
+              hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
+              depth=args.depth)
     return 0
 
 

@@ -48,12 +48,19 @@ class SAMInputStage(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x - self.low) / self.width).clamp(0.0, 1.0)
+    def window(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> each channel mapped from its intensity range to [0, 1]."""
+        return ((x - self.low) / self.width).clamp(0.0, 1.0)
+
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, 3, H, W)."""
         if self.channel_mixer is not None:
-            x = self.channel_mixer(x)
-        elif x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if self.imagenet:
-            x = (x * 255.0 - self.pixel_mean) / self.pixel_std
-        return x
+            return self.channel_mixer(x)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def normalize_pixels(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the encoder's pixel convention."""
+        return (rgb * 255.0 - self.pixel_mean) / self.pixel_std if self.imagenet else rgb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize_pixels(self.to_rgb(self.window(x)))

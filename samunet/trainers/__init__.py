@@ -4,6 +4,7 @@ from samunet.trainers.base import SAMTrainerBase
 from samunet.trainers.h_sam import HSAMTrainer
 from samunet.trainers.hsp_sam import HSPSAMTrainer
 from samunet.trainers.samed import SAMedTrainer
+from samunet.trainers.self_prompt_sam import SelfPromptSAMTrainer
 
 __all__ = ["AutoMedSAMTrainer", "AutoMedSAMTrainer_plateau", "HSAMTrainer", "HSPSAMTrainer", "SAMTrainerBase",
-           "SAMedTrainer"]
+           "SAMedTrainer", "SelfPromptSAMTrainer"]

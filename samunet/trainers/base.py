@@ -131,6 +131,12 @@ class SAMTrainerBase(nnUNetTrainer):
         return network_class(input_channels=num_input_channels, num_classes=num_output_channels,
                              deep_supervision=enable_deep_supervision and cls.uses_deep_supervision, **kwargs)
 
+    @classmethod
+    def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:
+        """The configuration the network trains and predicts with (patch size, batch size); the planned
+        one, unless a trainer changes it (slice-stack trainers: (D, S, S) patches)."""
+        return configuration_manager
+
     @property
     def network_module(self) -> SAMSegmentationNetwork:
         return unwrap(self.network)
@@ -211,7 +217,7 @@ class SAMTrainerBase(nnUNetTrainer):
     def checkpoint_metadata(self) -> dict:
         module = self.network_module
         return {"version": samunet.__version__, "backbone": module.backbone, "img_size": module.img_size,
-                "hyperparameters": plain_data(self.hyperparameters)}
+                "stack_depth": getattr(module, "stack_depth", None), "hyperparameters": plain_data(self.hyperparameters)}
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
@@ -244,6 +250,9 @@ class SAMTrainerBase(nnUNetTrainer):
             raise CheckpointMismatchError(
                 f"{source} was trained with backbone {meta.get('backbone')} at {meta.get('img_size')} px, but this "
                 f"network is {module.backbone} at {module.img_size} px; use the plans/--backbone it was trained with")
+        if meta.get("stack_depth") not in (None, getattr(module, "stack_depth", None)):
+            raise CheckpointMismatchError(f"{source} was trained on stacks of {meta['stack_depth']} slices, this network "
+                                          f"takes {getattr(module, 'stack_depth', None)}; pass --depth {meta['stack_depth']}")
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not self.was_initialized:

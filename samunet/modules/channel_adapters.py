@@ -1,0 +1,51 @@
+"""Self-Prompt-SAM's two convolutional adapters (paper Sec. 2.2 and 2.5), both inverted bottlenecks.
+
+- :class:`MAdapter` at the very input: the C modality channels (windowed to [0, 1] by
+  :class:`samunet.modules.input_stage.SAMInputStage`) -> a learned correction of the 3-channel
+  image SAM expects. Its last convolution starts at zero, so the network starts with the
+  input stage's fixed mapping (one channel repeated to RGB).
+- :class:`MCAdapter` at the output: the K-1 per-class binary mask logits of SAM's decoder ->
+  K multi-class logits (softmax is applied by the loss and by nnU-Net's predictor).
+- :func:`plain_multiclass_logits`: Table 4's "plain softmax" alternative (S1-S8): a constant 0
+  background logit next to the class logits, so a pixel is background unless some class logit
+  is positive, and otherwise the class with the largest logit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _inverted_bottleneck(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (expand) + InstanceNorm + LeakyReLU, then a 1x1 conv (project)."""
+    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True),
+                         nn.LeakyReLU(0.01, inplace=True), nn.Conv2d(hidden, out_channels, 1))
+
+
+class MAdapter(nn.Module):
+    """(N, C, H, W) intensities in [0, 1] -> (N, 3, H, W) residual for the 3-channel image."""
+
+    def __init__(self, in_channels: int, *, expansion: int = 4) -> None:
+        super().__init__()
+        self.layers = _inverted_bottleneck(in_channels, expansion * max(in_channels, 3), 3)
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MCAdapter(nn.Module):
+    """(N, K-1, H, W) per-class binary logits -> (N, K, H, W) multi-class logits."""
+
+    def __init__(self, num_classes: int, *, expansion: int = 4) -> None:
+        super().__init__()
+        self.layers = _inverted_bottleneck(num_classes - 1, expansion * num_classes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def plain_multiclass_logits(class_logits: torch.Tensor) -> torch.Tensor:
+    """(N, K-1, H, W) -> (N, K, H, W) with a zero background logit in channel 0."""
+    return torch.cat([torch.zeros_like(class_logits[:, :1]), class_logits], dim=1)

@@ -1,0 +1,109 @@
+"""Self-Prompt-SAM's adapters that let a frozen 2D SAM see D adjacent slices (paper Sec. 2.1, Table 4).
+
+A stack of D slices travels through SAM as D consecutive images of the batch: a tensor of
+N = B * D images holds volume b's slices at rows b * D ... b * D + D - 1. Every module here
+reshapes (N, ..., C) to (N / D, D, ..., C) and mixes only along D, so token t of slice d meets
+token t of the other slices of the same stack and nothing else. They must see un-windowed
+tokens: the caller applies them after a window-attention layer has put its windows back.
+
+- ``DepthAdapter(mode="dfused")``: the DFusedAdapter,
+  ``DFused(X) = X + (s(X W_dn) + s(s(X W_dn) W_Dup) W_Ddn) W_up`` with W_dn: C -> C/4,
+  W_up: C/4 -> C on channels and W_Dup: D -> 4D, W_Ddn: 4D -> D on the depth axis, s = GELU.
+- ``mode="vanilla"``: Houlsby's adapter ``X + s(X W_dn) W_up`` (Table 4, S3).
+- ``mode="depth_before"`` / ``"depth_after"``: the vanilla adapter with a depth MLP
+  ``Y + s(Y^T W_Dup) W_Ddn`` (on all C channels, with a skip) before or after it (S4, S5).
+
+W_up starts at zero, so every adapter starts as the identity and the network starts as SAM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ADAPTER_MODES = ("vanilla", "depth_before", "depth_after", "dfused")
+
+
+class DepthMLP(nn.Module):
+    """Inverted bottleneck over the depth axis, no skip: (N, ..., C) -> same, N = stacks * D.
+
+    ``zero_output`` starts its last layer at zero (used where the MLP is outside W_up and the
+    adapter must still start as the identity).
+    """
+
+    def __init__(self, depth: int, *, expansion: int = 4, zero_output: bool = False) -> None:
+        super().__init__()
+        self.depth = depth
+        self.up = nn.Linear(depth, expansion * depth)
+        self.act = nn.GELU()
+        self.down = nn.Linear(expansion * depth, depth)
+        if zero_output:
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % self.depth:
+            raise ValueError(f"{x.shape[0]} images are not whole stacks of {self.depth} slices")
+        stacks = x.reshape(x.shape[0] // self.depth, self.depth, *x.shape[1:])
+        mixed = self.down(self.act(self.up(stacks.movedim(1, -1)))).movedim(-1, 1)
+        return mixed.reshape(x.shape)
+
+
+class DepthAdapter(nn.Module):
+    """One adapter of Table 4 (``mode`` in :data:`ADAPTER_MODES`): (N, ..., C) -> (N, ..., C).
+
+    ``forward(x) = x + delta(x)``; :meth:`delta` alone is what an adapter placed in parallel to
+    an MLP adds (the block already carries the skip).
+    """
+
+    def __init__(self, *, dim: int, depth: int, mode: str = "dfused", reduction: int = 4) -> None:
+        super().__init__()
+        if mode not in ADAPTER_MODES:
+            raise ValueError(f"adapter mode must be one of {ADAPTER_MODES}, not {mode!r}")
+        self.mode = mode
+        self.depth = depth
+        hidden = max(dim // reduction, 1)
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.depth_mlp = None if mode == "vanilla" else DepthMLP(depth, zero_output=mode != "dfused")
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """s(X W_dn): (N, ..., C) -> (N, ..., C/4)."""
+        return self.act(self.down(x))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ..., C) -> what the adapter adds to x."""
+        shift = self.depth_mlp(x) if self.mode == "depth_before" else 0
+        hidden = self.bottleneck(x + shift)
+        if self.mode == "dfused":
+            hidden = hidden + self.depth_mlp(hidden)  # s(s(X W_dn) W_Dup) W_Ddn
+        out = self.up(hidden) + shift
+        if self.mode == "depth_after":
+            out = out + self.depth_mlp(x + out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.delta(x)
+
+
+class DepthPositionalEmbedding(nn.Module):
+    """One learned vector per slice index 0..D-1, added to every token of that slice.
+
+    (N, ..., C) with channels last, or (N, C, H, W) with ``channel_axis=1``; N = stacks * D.
+    Starts at zero (the network starts as SAM).
+    """
+
+    def __init__(self, *, depth: int, dim: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.embedding = nn.Parameter(torch.zeros(depth, dim))
+
+    def forward(self, x: torch.Tensor, channel_axis: int = -1) -> torch.Tensor:
+        if x.shape[0] % self.depth:
+            raise ValueError(f"{x.shape[0]} images are not whole stacks of {self.depth} slices")
+        per_image = self.embedding.repeat(x.shape[0] // self.depth, 1).to(x.dtype)  # (N, C)
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        shape[channel_axis] = per_image.shape[1]
+        return x + per_image.reshape(shape)

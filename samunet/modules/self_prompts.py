@@ -1,0 +1,117 @@
+"""Self-Prompt-SAM's automatic prompts: a box, a point and a mask prompt per foreground class.
+
+The prompt generator's auxiliary multi-class logits give, for every image and foreground class
+k, the binary mask ``argmax == k``; its bounding box is the box prompt, the pixel farthest from
+the mask's boundary (argmax of the Euclidean distance transform) the positive point prompt,
+and class k's logits resized to the prompt encoder's mask size the mask prompt. An absent class
+gets an all-zero box and point (the paper's rule). segment-anything's PromptEncoder encodes them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
+from torch import nn
+
+PROMPT_KINDS = ("box", "point", "mask")
+
+
+class ClassPrompts(NamedTuple):
+    """Prompts of the K-1 foreground classes of N images: axis 0 is the image n, axis 1 the
+    foreground class (label k = index + 1); class-major order is NOT used here.
+
+    boxes: (N, K-1, 4) float (x_min, y_min, x_max, y_max) in pixels of the S x S encoder input,
+    zeros for an absent class; points: (N, K-1, 2) float (x, y) in the same pixels, zeros for an
+    absent class; present: (N, K-1) bool; mask_logits: (N, K-1, m_h, m_w), the class's auxiliary
+    logits at the prompt encoder's mask input size, still in the autograd graph.
+    """
+
+    boxes: torch.Tensor
+    points: torch.Tensor
+    present: torch.Tensor
+    mask_logits: torch.Tensor
+
+
+def farthest_from_boundary(mask: np.ndarray) -> tuple[int, int]:
+    """(H, W) bool, not empty -> (row, col) of the argmax of the mask's Euclidean distance transform.
+
+    scipy's ``distance_transform_edt`` measures the distance to the nearest zero *inside* the
+    array, so the image border would not count as boundary; the transform therefore runs on the
+    mask's bounding box padded by one background pixel, which makes the border a boundary and gives
+    the same distances as the whole (padded) image, since the ring around the box is all background.
+    Ties go to the first pixel in row-major order (numpy's argmax).
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    distance = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), crop.shape)
+    return int(rows[0] + row), int(cols[0] + col)
+
+
+def prompts_from_auxiliary_logits(logits: torch.Tensor, *, image_size: int,
+                                  mask_size: tuple[int, int]) -> ClassPrompts:
+    """logits (N, K, H, W) auxiliary multi-class logits (channel 0 = background) -> ClassPrompts.
+
+    Class k's mask is ``argmax over channels == k``, computed without gradient. Box = tight box of
+    ALL its pixels (every component): min / max column and row index. Point = (column, row) of
+    :func:`farthest_from_boundary`. Box and point are pixel indices (segment-anything's encoder adds
+    the half-pixel shift itself), multiplied by ``image_size / W`` (x) and ``image_size / H`` (y)
+    when the generator runs at another resolution than the S x S encoder input. An absent class has
+    an all-zero box and point and ``present`` False. Mask prompt = ``logits[:, 1:]`` resized
+    (bilinear, align_corners=False) to ``mask_size`` (m_h, m_w), not detached.
+    """
+    if logits.ndim != 4 or logits.shape[1] < 2:
+        raise ValueError(f"expected (N, K >= 2, H, W) logits, got shape {tuple(logits.shape)}")
+    batch, num_classes, height, width = logits.shape
+    labels = logits.detach().argmax(dim=1).cpu().numpy()
+    boxes = np.zeros((batch, num_classes - 1, 4), dtype=np.float64)
+    points = np.zeros((batch, num_classes - 1, 2), dtype=np.float64)
+    present = np.zeros((batch, num_classes - 1), dtype=bool)
+    scale = np.array([image_size / width, image_size / height])  # (x, y)
+    for n in range(batch):
+        for k in range(1, num_classes):
+            mask = labels[n] == k
+            if not mask.any():
+                continue
+            rows = np.flatnonzero(mask.any(axis=1))
+            cols = np.flatnonzero(mask.any(axis=0))
+            boxes[n, k - 1] = np.array([cols[0], rows[0], cols[-1], rows[-1]]) * np.tile(scale, 2)
+            row, col = farthest_from_boundary(mask)
+            points[n, k - 1] = np.array([col, row]) * scale
+            present[n, k - 1] = True
+    mask_logits = F.interpolate(logits[:, 1:], size=tuple(mask_size), mode="bilinear", align_corners=False)
+    return ClassPrompts(boxes=torch.from_numpy(boxes).float().to(logits.device),
+                        points=torch.from_numpy(points).float().to(logits.device),
+                        present=torch.from_numpy(present).to(logits.device), mask_logits=mask_logits)
+
+
+def _class_major(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, K-1, ...) -> (M, ...) with row m = k' * N + n."""
+    return tensor.transpose(0, 1).reshape(-1, *tensor.shape[2:])
+
+
+def encode_class_prompts(prompt_encoder: nn.Module, prompts: ClassPrompts, *, use_box: bool = True,
+                         use_point: bool = True, use_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the selected prompt kinds with segment-anything's PromptEncoder.
+
+    Returns sparse (M, n, C) and dense (M, C, h, w), M = (K-1) * N in CLASS-MAJOR order: row
+    m = k' * N + n (k' the foreground class index, n the image), so the images of one class are
+    consecutive. Sparse tokens, in the encoder's order: point then box corners; box + point -> 3,
+    box -> 2, point alone -> 2 (the encoder appends a "not a point" padding token when no box is
+    given), mask alone -> 0. Each class has one positive point (label 1); an absent class's zero
+    point and zero box are encoded as they are (the paper's rule). Without the mask prompt the dense
+    output is the encoder's learned no-mask embedding. Raises ValueError when all three are off.
+    """
+    if not (use_box or use_point or use_mask):
+        raise ValueError(f"at least one of the prompt kinds {PROMPT_KINDS} must be used")
+    boxes = _class_major(prompts.boxes) if use_box else None
+    points = None
+    if use_point:
+        coords = _class_major(prompts.points).unsqueeze(1)
+        points = (coords, torch.ones(coords.shape[:2], dtype=torch.int64, device=coords.device))
+    masks = _class_major(prompts.mask_logits).unsqueeze(1) if use_mask else None
+    return prompt_encoder(points=points, boxes=boxes, masks=masks)

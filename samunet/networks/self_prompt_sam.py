@@ -1,0 +1,195 @@
+"""Self-Prompt-SAM (Xie et al.): SAM that prompts itself, on stacks of D adjacent slices.
+
+Input (B, C, D, S, S), one stack per sample; SAM sees the N = B * D slices as a batch with
+volume b's slices at rows b * D ... b * D + D - 1, and every depth-aware module groups those
+rows back into stacks. Path of one stack (see docs/methods/self_prompt_sam.md):
+
+1. input stage (window to [0, 1]) + :class:`~samunet.modules.channel_adapters.MAdapter` -> RGB;
+2. frozen image encoder with a depth positional embedding added after the patch embedding and a
+   :class:`~samunet.modules.depth_adapters.DepthAdapter` in every transformer block, after the
+   attention (serial, with its skip) and in parallel to the MLP;
+3. a prompt generator (MSPGenerator, or the stacked-CNN ablation) on 5 encoder maps -> auxiliary
+   K-class logits at every level (deep supervision);
+4. per foreground class: box, distance-transform point and mask prompt from the finest
+   auxiliary logits, encoded by SAM's frozen prompt encoder;
+5. SAM's frozen mask decoder, once per class, with a depth positional embedding on the image
+   positional encoding and depth adapters in its two-way blocks -> one binary logit map per class;
+6. :class:`~samunet.modules.channel_adapters.MCAdapter` (or a plain softmax) -> K-class logits.
+
+``forward`` returns (B, K, D, S, S) logits, or with deep supervision the list [final output,
+generator outputs finest to coarsest], each (B, K, D, S/s, S/s).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samunet.backbones.base import BlockAdapters
+from samunet.backbones.catalog import get_backbone_spec
+from samunet.errors import ConfigurationError
+from samunet.modules.channel_adapters import MAdapter, MCAdapter, plain_multiclass_logits
+from samunet.modules.decoders import decode_masks
+from samunet.modules.depth_adapters import ADAPTER_MODES, DepthAdapter, DepthPositionalEmbedding
+from samunet.modules.prompt_generators import MSPGenerator, StackedCNNPromptGenerator
+from samunet.modules.self_prompts import PROMPT_KINDS, encode_class_prompts, prompts_from_auxiliary_logits
+from samunet.networks.base import SAMSegmentationNetwork
+
+PROMPT_GENERATORS = {"msp": MSPGenerator, "stacked_cnn": StackedCNNPromptGenerator}
+
+
+class SelfPromptSAMNetwork(SAMSegmentationNetwork):
+    """(B, C, D, S, S) -> (B, K, D, S, S) logits; the options select the ablations of Table 4.
+
+    ``prompt_generator``: "msp" or "stacked_cnn"; ``adapter``: None or one of
+    :data:`~samunet.modules.depth_adapters.ADAPTER_MODES`; ``depth_pos_embed``, ``madapter``,
+    ``mc_adapter``: on/off; ``prompts``: the prompt kinds used (Fig. 1).
+    """
+
+    def __init__(self, *, input_channels: int, num_classes: int, backbone: str, img_size: int,
+                 intensity_ranges: list[list[float]], pixel_normalization: str | None = None, depth: int = 1,
+                 deep_supervision: bool = False, prompt_generator: str = "msp", adapter: str | None = "dfused",
+                 depth_pos_embed: bool = True, madapter: bool = True, mc_adapter: bool = True,
+                 prompts: Sequence[str] = PROMPT_KINDS, generator_widths: Sequence[int] | None = None) -> None:
+        if num_classes < 2:
+            raise ConfigurationError("Self-Prompt-SAM needs at least one foreground class")
+        if depth < 1:
+            raise ConfigurationError(f"the slice-stack depth must be >= 1, got {depth}")
+        if prompt_generator not in PROMPT_GENERATORS:
+            raise ConfigurationError(f"prompt_generator must be one of {sorted(PROMPT_GENERATORS)}")
+        if adapter is not None and adapter not in ADAPTER_MODES:
+            raise ConfigurationError(f"adapter must be None or one of {ADAPTER_MODES}, not {adapter!r}")
+        unknown = sorted(set(prompts) - set(PROMPT_KINDS))
+        if unknown or not prompts:
+            raise ConfigurationError(f"prompts must be a non-empty subset of {PROMPT_KINDS}, got {list(prompts)}")
+        super().__init__(input_channels=input_channels, num_classes=num_classes, backbone=backbone,
+                         img_size=img_size, intensity_ranges=intensity_ranges,
+                         pixel_normalization=pixel_normalization, deep_supervision=deep_supervision)
+        spec = get_backbone_spec(backbone)
+        encoder = self.image_encoder
+        self.stack_depth = depth
+        self.prompt_kinds = tuple(kind for kind in PROMPT_KINDS if kind in prompts)
+        self.madapter = MAdapter(input_channels) if madapter else None
+        self.mc_adapter = MCAdapter(num_classes) if mc_adapter else None
+
+        blocks = encoder.transformer_blocks()
+        self.encoder_adapters = nn.ModuleList()
+        self.decoder_adapters = nn.ModuleList()
+        if adapter is not None:
+            for block, dim in blocks:
+                serial, parallel = (DepthAdapter(dim=dim, depth=depth, mode=adapter) for _ in range(2))
+                block.adapters = BlockAdapters(after_attention=serial, parallel_mlp=parallel.delta)
+                self.encoder_adapters.extend([serial, parallel])
+            for layer in self.mask_decoder.transformer.layers:
+                keys, queries = (DepthAdapter(dim=spec.prompt_dim, depth=depth, mode=adapter) for _ in range(2))
+                layer.cross_attn_image_to_token.register_forward_hook(_replace_output(keys))
+                layer.mlp.register_forward_hook(_add_parallel(queries))
+                self.decoder_adapters.extend([keys, queries])
+
+        self.encoder_depth_embedding = self.decoder_depth_embedding = None
+        if depth_pos_embed:
+            self.encoder_depth_embedding = DepthPositionalEmbedding(depth=depth, dim=encoder.feature_channels[0])
+            channel_axis = 1 if spec.family == "tinyvit" else -1
+            encoder.patch_embed.register_forward_hook(
+                lambda module, inputs, output: self.encoder_depth_embedding(output, channel_axis))
+            self.decoder_depth_embedding = DepthPositionalEmbedding(depth=depth, dim=spec.prompt_dim)
+
+        # The generator's 5 maps: TinyViT's 4 stage outputs, or a plain ViT's outputs of the blocks
+        # at quarter depths (for the released ViTs exactly the global-attention blocks); then the
+        # neck's image embedding.
+        self._tapped: list[torch.Tensor] = []
+        if spec.family == "tinyvit":
+            channels = (*encoder.feature_channels, encoder.out_chans)
+            strides = (*encoder.feature_strides, encoder.embedding_stride)
+            self._taps = ()
+        else:
+            count = len(blocks)
+            self._taps = tuple(blocks[(i + 1) * count // 4 - 1][0] for i in range(4))
+            for block in self._taps:
+                block.register_forward_hook(lambda module, inputs, output: self._tapped.append(output))
+            channels = tuple(dim for block, dim in blocks if block in self._taps) + (encoder.out_chans,)
+            strides = (encoder.embedding_stride,) * 5
+        self.prompt_generator = PROMPT_GENERATORS[prompt_generator](
+            in_channels=channels, in_strides=strides, num_classes=num_classes, widths=generator_widths)
+        self.set_trainable()
+
+    def set_trainable(self) -> None:
+        """Everything of SAM frozen; the added modules train (the paper's "only add blocks")."""
+        self.requires_grad_(False)
+        for module in (self.madapter, self.mc_adapter, self.encoder_adapters, self.decoder_adapters,
+                       self.encoder_depth_embedding, self.decoder_depth_embedding, self.prompt_generator,
+                       self.input_stage.channel_mixer):
+            if module is not None:
+                module.requires_grad_(True)
+
+    def deep_supervision_scales(self) -> list[list[float]]:
+        """Final output at full size, then the generator's levels (depth is never downsampled)."""
+        return [[1.0, 1.0, 1.0]] + [[1.0, 1.0 / s, 1.0 / s] for s in self.prompt_generator.level_strides]
+
+    def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) nnU-Net-normalised -> the encoder's (N, 3, S, S) input."""
+        unit = self.input_stage.window(images)
+        rgb = self.input_stage.to_rgb(unit)
+        if self.madapter is not None:
+            rgb = rgb + self.madapter(unit)
+        return self.input_stage.normalize_pixels(rgb)
+
+    def generator_features(self, encoded) -> list[torch.Tensor]:
+        """The prompt generator's 5 maps, shallow to deep, each (N, C_i, h_i, w_i)."""
+        if not self._taps:
+            return [*encoded.features, encoded.embedding]
+        return [t.permute(0, 3, 1, 2) for t in self._tapped] + [encoded.embedding]
+
+    def decode_classes(self, embedding: torch.Tensor, auxiliary: torch.Tensor) -> torch.Tensor:
+        """Image embedding (N, C, h, w) and finest auxiliary logits (N, K, H, W) -> per-class binary
+        logits (N, K-1, S, S), one decoder pass per foreground class."""
+        encoder = self.prompt_encoder
+        prompts = prompts_from_auxiliary_logits(auxiliary, image_size=self.img_size,
+                                                mask_size=tuple(encoder.mask_input_size))
+        sparse, dense = encode_class_prompts(encoder, prompts, use_box="box" in self.prompt_kinds,
+                                             use_point="point" in self.prompt_kinds,
+                                             use_mask="mask" in self.prompt_kinds)
+        classes, images = self.num_classes - 1, embedding.shape[0]
+        image_pe = encoder.get_dense_pe()
+        if self.decoder_depth_embedding is not None:
+            image_pe = self.decoder_depth_embedding(image_pe.expand(images, -1, -1, -1), channel_axis=1)
+        # class-major rows m = k' * N + n, as encode_class_prompts orders them
+        decoded = decode_masks(self.mask_decoder, embedding.repeat(classes, 1, 1, 1), image_pe.repeat(classes, 1, 1, 1),
+                               sparse, dense)
+        logits = decoded.masks[:, 0].reshape(classes, images, *decoded.masks.shape[-2:]).transpose(0, 1)
+        if logits.shape[-1] != self.img_size:
+            logits = F.interpolate(logits, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        batch, channels, depth = x.shape[:3]
+        if x.ndim != 5 or depth != self.stack_depth or x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected stacks (B, C, {self.stack_depth}, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(x.shape)}")
+        images = x.transpose(1, 2).reshape(batch * depth, channels, *x.shape[-2:])
+        self._tapped.clear()
+        encoded = self.image_encoder(self.encoder_input(images))
+        auxiliary = self.prompt_generator(self.generator_features(encoded))
+        self._tapped.clear()
+        class_logits = self.decode_classes(encoded.embedding, auxiliary[0])
+        output = self.mc_adapter(class_logits) if self.mc_adapter is not None else plain_multiclass_logits(class_logits)
+        if not self.deep_supervision:
+            return _to_stacks(output, batch)
+        return [_to_stacks(output, batch)] + [_to_stacks(level, batch) for level in auxiliary]
+
+
+def _to_stacks(logits: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * D, K, H, W) -> (B, K, D, H, W)."""
+    return logits.reshape(batch, -1, *logits.shape[1:]).transpose(1, 2)
+
+
+def _replace_output(adapter: nn.Module):
+    """Forward hook: the module's output goes through ``adapter`` (serial, the adapter has its skip)."""
+    return lambda module, inputs, output: adapter(output)
+
+
+def _add_parallel(adapter: DepthAdapter):
+    """Forward hook: ``adapter.delta`` of the module's input is added to its output (parallel)."""
+    return lambda module, inputs, output: output + adapter.delta(inputs[0])

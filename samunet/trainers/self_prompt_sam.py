@@ -1,0 +1,163 @@
+"""SelfPromptSAMTrainer: Self-Prompt-SAM (Xie et al.) through nnU-Net's training loop, on D-slice stacks.
+
+Network: ``samunet.networks.self_prompt_sam.SelfPromptSAMNetwork``. What the trainer adds (see
+docs/methods/self_prompt_sam.md):
+
+- D-slice stacks inside the ``2d`` configuration: the trainer's configuration has patch size
+  (D, S, S), D from the plans' ``arch_kwargs.depth`` (``samunet_train --depth`` overrides it), so
+  nnU-Net's data loader samples D adjacent slices of the 2d-preprocessed volumes, its
+  augmentation runs in-plane only (the same 2D transform on every slice: nnU-Net's "dummy 2D"
+  mode, mirroring in-plane only) and nnU-Net's predictor slides (D, S, S) windows over the whole
+  volume with overlap and Gaussian weighting (padding where the volume is smaller). The batch
+  size is the planned number of 2D images divided by D (at least 1 stack).
+- Loss: nnU-Net's CE + Dice on the MSPGenerator's levels, weights halving with each halving of
+  resolution and summing to 1; phase 1 (the first 20% of epochs) trains only that, phase 2 adds
+  CE + Dice on the MC-Adapter's output.
+- Optimiser: nnU-Net's SGD (lr 0.01, momentum 0.99, nesterov), weight decay 3e-5, poly LR 0.9.
+- Ablation trainers S1-S8 of the paper's Table 4 (S9 is this trainer) and the prompt
+  combinations of its Fig. 1.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from samunet.errors import ConfigurationError
+from samunet.modules.prompt_generators import deep_supervision_weights
+from samunet.registry import TRAINERS
+from samunet.trainers.base import SAMTrainerBase
+
+PHASE_ONE_FRACTION = 0.2
+
+
+def stacked_configuration(configuration_manager: ConfigurationManager) -> ConfigurationManager:
+    """The 2d configuration with patch size (D, S, S) and batch size max(1, planned / D), D from
+    ``arch_kwargs.depth``; a 2d configuration is required."""
+    configuration = copy.deepcopy(configuration_manager.configuration)
+    patch_size = list(configuration["patch_size"])
+    if len(patch_size) != 2:
+        raise ConfigurationError(f"slice stacks are built inside a 2d configuration; this one has patch size "
+                                 f"{patch_size}. Use -c 2d")
+    depth = int(configuration["architecture"]["arch_kwargs"].get("depth", 1))
+    configuration["patch_size"] = [depth, *patch_size]
+    configuration["batch_size"] = max(1, round(configuration["batch_size"] / depth))
+    return ConfigurationManager(configuration)
+
+
+def phase_two_start_epoch(num_epochs: int, fraction: float = PHASE_ONE_FRACTION) -> int:
+    """First epoch of phase 2: epochs 0 .. ceil(fraction * num_epochs) - 1 train the generator only."""
+    return math.ceil(fraction * num_epochs)
+
+
+class SelfPromptLoss(nn.Module):
+    """outputs / targets: [final output, generator levels finest first] (nnU-Net's deep-supervision
+    order). ``sum_i w_i loss(level_i)`` plus, in phase 2 (``include_output``), ``loss(final)``."""
+
+    def __init__(self, loss: nn.Module, generator_weights: list[float]) -> None:
+        super().__init__()
+        self.loss = loss
+        self.generator_weights = list(generator_weights)
+        self.include_output = False
+
+    def forward(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        if len(outputs) != len(self.generator_weights) + 1:
+            raise ValueError(f"expected the final output and {len(self.generator_weights)} generator levels, "
+                             f"got {len(outputs)} outputs")
+        total = sum(w * self.loss(o, t) for w, o, t in zip(self.generator_weights, outputs[1:], targets[1:]))
+        if self.include_output:
+            total = total + self.loss(outputs[0], targets[0])
+        return total
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer(SAMTrainerBase):
+    """The full model (Table 4, S9): MSPGenerator, DFusedAdapters, depth positional embeddings,
+    MAdapter, MC-Adapter, box + point + mask prompts."""
+
+    network_class = "samunet.networks.self_prompt_sam.SelfPromptSAMNetwork"
+    network_kwargs = {"prompt_generator": "msp", "adapter": "dfused", "depth_pos_embed": True, "madapter": True,
+                      "mc_adapter": True, "prompts": ["box", "point", "mask"]}
+    uses_deep_supervision = True
+    uses_slice_stacks = True
+    optimizer_name = "sgd"
+    default_hyperparameters = {"initial_lr": 0.01, "weight_decay": 3e-5}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.configuration_manager = self.inference_configuration(self.configuration_manager)
+
+    @classmethod
+    def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:
+        return stacked_configuration(configuration_manager)
+
+    def _do_i_compile(self) -> bool:
+        # The prompts come from a SciPy distance transform inside forward: torch.compile cannot trace it.
+        return False
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """In-plane augmentation only: nnU-Net's dummy-2D mode applies one 2D spatial transform to all
+        D slices; rotation as nnU-Net's 2d configuration; mirroring in-plane (axes 1, 2)."""
+        depth, *plane = self.configuration_manager.patch_size
+        if max(plane) / min(plane) > 1.5:
+            rotation = (-15. / 360 * 2. * np.pi, 15. / 360 * 2. * np.pi)
+        else:
+            rotation = (-np.pi, np.pi)
+        initial = get_patch_size(plane, rotation, rotation, rotation, (0.85, 1.25))
+        mirror_axes = (1, 2)
+        self.inference_allowed_mirroring_axes = mirror_axes
+        self.print_to_log_file(f"slice stacks of {depth}: in-plane augmentation, mirroring axes {mirror_axes}")
+        return rotation, True, [depth, *initial], mirror_axes
+
+    def _build_loss(self):
+        weights = deep_supervision_weights(self.network_module.prompt_generator.level_strides)
+        return SelfPromptLoss(self.dice_and_ce_loss(weight_ce=1, weight_dice=1), weights)
+
+    @property
+    def phase_two_start(self) -> int:
+        return phase_two_start_epoch(self.num_epochs)
+
+    def on_train_epoch_start(self):
+        phase_two = self.current_epoch >= self.phase_two_start
+        if phase_two != self.loss.include_output or self.current_epoch == 0:
+            self.print_to_log_file("phase 2: generator + MC-Adapter output loss" if phase_two
+                                   else f"phase 1 (until epoch {self.phase_two_start}): generator loss only")
+        self.loss.include_output = phase_two
+        super().on_train_epoch_start()
+
+
+def _variant(name: str, doc: str, **changes) -> type[SelfPromptSAMTrainer]:
+    kwargs = {**SelfPromptSAMTrainer.network_kwargs, **changes}
+    trainer = type(name, (SelfPromptSAMTrainer,), {"network_kwargs": kwargs, "__module__": __name__,
+                                                    "__doc__": f"Self-Prompt-SAM {doc}: {kwargs}"})
+    return TRAINERS.register()(trainer)
+
+
+_BASE = {"adapter": None, "depth_pos_embed": False, "madapter": False, "mc_adapter": False}
+# Table 4: each row adds one block to the previous (S9 is SelfPromptSAMTrainer).
+ABLATIONS = {
+    "S1": dict(_BASE, prompt_generator="stacked_cnn"),
+    "S2": dict(_BASE),
+    "S3": dict(_BASE, adapter="vanilla"),
+    "S4": dict(_BASE, adapter="depth_before"),
+    "S5": dict(_BASE, adapter="depth_after"),
+    "S6": dict(_BASE, adapter="dfused"),
+    "S7": dict(_BASE, adapter="dfused", depth_pos_embed=True),
+    "S8": dict(_BASE, adapter="dfused", depth_pos_embed=True, madapter=True),
+}
+# Fig. 1: the prompt kinds on or off (box + point + mask is SelfPromptSAMTrainer).
+PROMPT_COMBINATIONS = [("box",), ("point",), ("mask",), ("box", "point"), ("box", "mask"), ("point", "mask")]
+
+ABLATION_TRAINERS = {
+    trainer.__name__: trainer for trainer in
+    [_variant(f"SelfPromptSAMTrainer_{row}", f"Table 4 {row}", **changes) for row, changes in ABLATIONS.items()]
+    + [_variant("SelfPromptSAMTrainer_" + "_".join(kinds), "prompts " + "+".join(kinds), prompts=list(kinds))
+       for kinds in PROMPT_COMBINATIONS]
+}
+globals().update(ABLATION_TRAINERS)  # importable by dotted name as well as through TRAINERS
