@@ -273,3 +273,37 @@ def test_trains_on_stacks_and_predicts_a_volume_end_to_end(planned_tiny_dataset,
     for image in sorted((raw / "imagesTs").glob("*_0000.nii.gz")):
         predicted = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
         assert predicted.GetSize() == sitk.ReadImage(str(image)).GetSize()  # 8 slices, D = 3: every slice
+
+
+def test_sliding_over_depth_gives_every_slice_both_sides_and_returns_the_volumes_depth():
+    """Edge slices are repeated D // 2 times, so the outermost slices are the centre of a (D, S, S)
+    window (context on both sides); the logits come back aligned with the input's slices."""
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    from samunet.inference.slice_stack_predictor import SliceStackPredictor, depth_padding
+
+    class EchoNetwork(torch.nn.Module):
+        """(B, 1, D, S, S) -> (B, 2, D, S, S): the input as class-1 logit; records window centres."""
+
+        def __init__(self):
+            super().__init__()
+            self.centres = []
+
+        def forward(self, x):
+            self.centres.append(x[0, 0, x.shape[2] // 2, 0, 0].item())
+            return torch.cat([torch.zeros_like(x), x], dim=1)
+
+    predictor = SliceStackPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.network = EchoNetwork()
+    predictor.configuration_manager = ConfigurationManager({"patch_size": [3, 8, 8], "architecture": {
+        "network_class_name": "EchoNetwork", "arch_kwargs": {}, "_kw_requires_import": []}})
+    predictor.label_manager = SimpleNamespace(num_segmentation_heads=2)
+    predictor.allowed_mirroring_axes = None
+    volume = torch.arange(7.0).view(1, 7, 1, 1).expand(1, 7, 8, 8).contiguous()  # slice z holds the value z
+    logits = predictor.predict_sliding_window_return_logits(volume)
+    assert depth_padding(3) == 1 and logits.shape == (2, 7, 8, 8)
+    assert torch.allclose(torch.as_tensor(logits[1]).float(), volume[0], atol=1e-2)  # nnU-Net returns fp16
+    assert {0.0, 6.0} <= set(predictor.network.centres)  # the outermost slices sit mid-window

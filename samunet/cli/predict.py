@@ -52,7 +52,6 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
                     plans_identifier: str = "samunetPlans", checkpoint_name: str = "checkpoint_final.pth",
                     device: str | None = None, use_mirroring: bool = True, tile_step_size: float = 0.5):
     """An initialised ``nnUNetPredictor`` holding the folds' weights."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -81,9 +80,10 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
                 f"(slice stacks: {meta.get('stack_depth')}) but the model's plans build {network.backbone} at "
                 f"{network.img_size} px (slice stacks: {getattr(network, 'stack_depth', None)})")
     device = select_device(device)
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device.type == "cuda", device=device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor = trainer_class.predictor_class()(
+        tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+        perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+        verbose_preprocessing=False, allow_tqdm=False)
     mirroring = checkpoints[0].get("inference_allowed_mirroring_axes")
     predictor.manual_initialization(network.to(device), plans_manager, configuration_manager,
                                     [c["network_weights"] for c in checkpoints], dataset_json, trainer_name,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -136,6 +137,11 @@ class SAMTrainerBase(nnUNetTrainer):
         """The configuration the network trains and predicts with (patch size, batch size); the planned
         one, unless a trainer changes it (slice-stack trainers: (D, S, S) patches)."""
         return configuration_manager
+
+    @classmethod
+    def predictor_class(cls) -> type:
+        """The nnunetv2 predictor class that slides this trainer's network over a volume."""
+        return nnUNetPredictor
 
     @property
     def network_module(self) -> SAMSegmentationNetwork:

@@ -8,8 +8,10 @@ docs/methods/self_prompt_sam.md):
   nnU-Net's data loader samples D adjacent slices of the 2d-preprocessed volumes, its
   augmentation runs in-plane only (the same 2D transform on every slice: nnU-Net's "dummy 2D"
   mode, mirroring in-plane only) and nnU-Net's predictor slides (D, S, S) windows over the whole
-  volume with overlap and Gaussian weighting (padding where the volume is smaller). The batch
-  size is the planned number of 2D images divided by D (at least 1 stack).
+  volume with overlap and Gaussian weighting, after repeating the edge slices D // 2 times at each
+  end (:class:`~samunet.inference.slice_stack_predictor.SliceStackPredictor`), so the outermost
+  slices also get context on both sides. The batch size is the planned number of 2D images divided
+  by D (at least 1 stack).
 - Loss: nnU-Net's CE + Dice on the MSPGenerator's levels, weights halving with each halving of
   resolution and summing to 1; phase 1 (the first 20% of epochs) trains only that, phase 2 adds
   CE + Dice on the MC-Adapter's output.
@@ -29,6 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from samunet.errors import ConfigurationError
+from samunet.inference.slice_stack_predictor import SliceStackPredictor, validation_predictor
 from samunet.modules.prompt_generators import deep_supervision_weights
 from samunet.registry import TRAINERS
 from samunet.trainers.base import SAMTrainerBase
@@ -96,6 +99,14 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
     @classmethod
     def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:
         return stacked_configuration(configuration_manager)
+
+    @classmethod
+    def predictor_class(cls) -> type:
+        return SliceStackPredictor
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        with validation_predictor(SliceStackPredictor):
+            super().perform_actual_validation(save_probabilities)
 
     def _do_i_compile(self) -> bool:
         # The prompts come from a SciPy distance transform inside forward: torch.compile cannot trace it.

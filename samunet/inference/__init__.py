@@ -1,0 +1,1 @@
+"""Inference helpers built on nnunetv2's predictor."""
