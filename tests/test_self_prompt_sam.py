@@ -173,8 +173,11 @@ def test_madapter_and_mc_adapter_are_convolutional_inverted_bottlenecks():
     assert madapter.layers[0].out_channels > 3 and madapter.layers[-1].out_channels == 3
     assert not madapter(torch.rand(1, 2, 8, 8)).any()  # starts at zero
     assert mc.layers[0].in_channels == 3 and mc.layers[0].out_channels > 4 and mc(torch.randn(1, 3, 8, 8)).shape[1] == 4
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in mc.modules())  # keeps the logits' level
     logits = torch.tensor([[-0.5, -1.5]]).view(1, 2, 1, 1)  # both classes below 0: background wins
     assert plain_multiclass_logits(logits).argmax(1).item() == 0
+    class_logits = torch.randn(1, 3, 8, 8)
+    assert torch.equal(mc(class_logits), plain_multiclass_logits(class_logits))  # starts as the plain mapping
 
 
 def test_stacks_come_from_the_2d_configuration_with_patch_d_s_s_and_batch_per_stack():
@@ -214,6 +217,10 @@ def test_ablations_s1_to_s8_and_prompt_combinations_are_named_trainers():
         assert TRAINERS.get(f"SelfPromptSAMTrainer_{row}").network_kwargs["adapter"] == mode
     s8 = TRAINERS.get("SelfPromptSAMTrainer_S8").network_kwargs
     assert s8["madapter"] and s8["depth_pos_embed"] and not s8["mc_adapter"]
+    short = TRAINERS.get("SelfPromptSAMTrainer_adamw")
+    assert short.optimizer_name == "adamw" and short.network_kwargs == SelfPromptSAMTrainer.network_kwargs
+    assert SelfPromptSAMTrainer.optimizer_name == "sgd" and SelfPromptSAMTrainer.default_hyperparameters == {
+        "initial_lr": 0.01, "weight_decay": 3e-5}  # the paper's recipe (Appendix D)
     box_only = TRAINERS.get("SelfPromptSAMTrainer_box").network_kwargs["prompts"]
     assert box_only == ["box"] and TRAINERS.get("SelfPromptSAMTrainer_point_mask").network_kwargs["prompts"] == [
         "point", "mask"]

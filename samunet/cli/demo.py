@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
     parser.add_argument("--num-epochs", type=int, default=None)
     parser.add_argument("--iters-per-epoch", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="override the trainer's initial learning rate")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"default {DEMO_HYPERPARAMETERS['batch_size']} (slice-stack trainers: stacks)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack (slice-stack trainers)")
@@ -157,7 +158,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     select_device(args.device)
     overrides = {k: v for k, v in (("num_epochs", args.num_epochs),
                                    ("num_iterations_per_epoch", args.iters_per_epoch),
-                                   ("batch_size", args.batch_size)) if v is not None}
+                                   ("batch_size", args.batch_size), ("initial_lr", args.lr)) if v is not None}
     started = time.perf_counter()
     summary = run_demo(Path(args.output), trainer=args.trainer, backbone=args.backbone,
                        image_size=args.image_size, device=args.device, hyperparameters=overrides,

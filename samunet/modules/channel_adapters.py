@@ -5,7 +5,8 @@
   image SAM expects. Its last convolution starts at zero, so the network starts with the
   input stage's fixed mapping (one channel repeated to RGB).
 - :class:`MCAdapter` at the output: the K-1 per-class binary mask logits of SAM's decoder ->
-  K multi-class logits (softmax is applied by the loss and by nnU-Net's predictor).
+  K multi-class logits (softmax is applied by the loss and by nnU-Net's predictor), starting as
+  the plain mapping below.
 - :func:`plain_multiclass_logits`: Table 4's "plain softmax" alternative (S1-S8): a constant 0
   background logit next to the class logits, so a pixel is background unless some class logit
   is positive, and otherwise the class with the largest logit.
@@ -16,18 +17,15 @@ import torch
 from torch import nn
 
 
-def _inverted_bottleneck(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
-    """3x3 conv (expand) + InstanceNorm + LeakyReLU, then a 1x1 conv (project)."""
-    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True),
-                         nn.LeakyReLU(0.01, inplace=True), nn.Conv2d(hidden, out_channels, 1))
-
-
 class MAdapter(nn.Module):
-    """(N, C, H, W) intensities in [0, 1] -> (N, 3, H, W) residual for the 3-channel image."""
+    """(N, C, H, W) intensities in [0, 1] -> (N, 3, H, W) residual for the 3-channel image: 3x3 conv
+    (expand) + InstanceNorm + LeakyReLU, then a 1x1 conv (project)."""
 
     def __init__(self, in_channels: int, *, expansion: int = 4) -> None:
         super().__init__()
-        self.layers = _inverted_bottleneck(in_channels, expansion * max(in_channels, 3), 3)
+        hidden = expansion * max(in_channels, 3)
+        self.layers = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True),
+                                    nn.LeakyReLU(0.01, inplace=True), nn.Conv2d(hidden, 3, 1))
         nn.init.zeros_(self.layers[-1].weight)
         nn.init.zeros_(self.layers[-1].bias)
 
@@ -36,14 +34,25 @@ class MAdapter(nn.Module):
 
 
 class MCAdapter(nn.Module):
-    """(N, K-1, H, W) per-class binary logits -> (N, K, H, W) multi-class logits."""
+    """(N, K-1, H, W) per-class binary logits -> (N, K, H, W) multi-class logits.
+
+    Two convolutions, 3x3 (K-1 -> 4K) + LeakyReLU and 1x1 (4K -> K), as the paper describes it. No
+    normalisation layer: a per-image norm would remove the logits' absolute level, which is what
+    says whether a class is present at all. The output is added to :func:`plain_multiclass_logits`
+    and the last convolution starts at zero, so the adapter starts as the plain mapping and learns
+    the correction the paper's Fig. 1(c) motivates.
+    """
 
     def __init__(self, num_classes: int, *, expansion: int = 4) -> None:
         super().__init__()
-        self.layers = _inverted_bottleneck(num_classes - 1, expansion * num_classes, num_classes)
+        hidden = expansion * num_classes
+        self.layers = nn.Sequential(nn.Conv2d(num_classes - 1, hidden, 3, padding=1), nn.LeakyReLU(0.01, inplace=True),
+                                    nn.Conv2d(hidden, num_classes, 1))
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return plain_multiclass_logits(x) + self.layers(x)
 
 
 def plain_multiclass_logits(class_logits: torch.Tensor) -> torch.Tensor:
