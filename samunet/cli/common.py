@@ -67,6 +67,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def process_count(text: str) -> int:
+    """argparse type of ``-np``: a whole number of worker processes, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_fold(text: str) -> int | str:
     """``0``..``4``, ``fold0``..``fold4`` or ``all``."""
     value = text.lower().removeprefix("fold").removeprefix("_")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import add_common_arguments, run_cli, setup_logging
+from samunet.cli.common import add_common_arguments, process_count, run_cli, setup_logging
 from samunet.errors import ConfigurationError
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--plans", default="samunetPlans", help="plans identifier (default samunetPlans)")
     parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     parser.add_argument("-o", default=None, help="output JSON (default MODEL_FOLDER/cv_summary_samunet.json)")
-    parser.add_argument("-np", type=int, default=1, help="worker processes for scoring (default 1)")
+    parser.add_argument("-np", type=process_count, default=1, help="worker processes for scoring (default 1)")
     add_common_arguments(parser, device=False)
     return parser
 
@@ -33,9 +33,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from samunet.preprocessing.dataset_checks import resolve_dataset_name
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.tolerance_mm <= 0 or args.np < 1:
-        raise ConfigurationError(f"--tolerance-mm must be positive and -np at least 1, got {args.tolerance_mm} "
-                                 f"and {args.np}")
+    if args.tolerance_mm <= 0:
+        raise ConfigurationError(f"--tolerance-mm must be positive, got {args.tolerance_mm}")
     folders = ensure_nnunet_paths()
     dataset_name = resolve_dataset_name(args.d)
     model_folder = Path(folders["nnUNet_results"]) / dataset_name / f"{args.tr}__{args.plans}__{args.c}"

@@ -12,8 +12,7 @@ import argparse
 import logging
 from typing import Sequence
 
-from samunet.cli.common import add_common_arguments, run_cli, setup_logging
-from samunet.errors import ConfigurationError
+from samunet.cli.common import add_common_arguments, process_count, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", nargs="+", required=True, help="two or more folders with .npz + .pkl")
     parser.add_argument("-o", "--output", required=True, help="folder for the ensembled label maps")
-    parser.add_argument("-np", type=int, default=1, help="worker processes (default 1: in this process)")
+    parser.add_argument("-np", type=process_count, default=1, help="worker processes (default 1: in this process)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write the averaged .npz/.pkl")
     add_common_arguments(parser, device=False)
     return parser
@@ -32,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.np < 1:
-        raise ConfigurationError(f"-np must be at least 1, got {args.np}")
     from samunet.evaluation.model_selection import ensemble_prediction_folders
     written = ensemble_prediction_folders(args.input, args.output, num_processes=args.np,
                                           save_probabilities=args.save_probabilities)

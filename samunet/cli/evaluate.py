@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import run_cli
+from samunet.cli.common import process_count, run_cli
 from samunet.errors import ConfigurationError, DatasetError
 from samunet.paths import ensure_nnunet_paths
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", required=True, help="dataset id (218) or name (Dataset218_Name); gives dataset.json")
     parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     parser.add_argument("-o", default=None, help=f"output JSON (default PRED/{DEFAULT_OUTPUT_NAME}); .md beside it")
-    parser.add_argument("-np", type=int, default=1, help="number of worker processes (default 1)")
+    parser.add_argument("-np", type=process_count, default=1, help="number of worker processes (default 1)")
     return parser
 
 
@@ -47,8 +47,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.tolerance_mm <= 0:
         raise ConfigurationError(f"--tolerance-mm must be positive, got {args.tolerance_mm}")
-    if args.np < 1:
-        raise ConfigurationError(f"-np must be at least 1, got {args.np}")
     output_json = Path(args.o) if args.o else Path(args.pred) / DEFAULT_OUTPUT_NAME
     dataset_json_path = find_dataset_json(args.d)
     try:

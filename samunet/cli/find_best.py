@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import add_common_arguments, run_cli, setup_logging
-from samunet.errors import ConfigurationError
+from samunet.cli.common import add_common_arguments, process_count, run_cli, setup_logging
 
 OUTPUT_NAME = "find_best_samunet.json"
 
@@ -31,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensembles", action="store_true", help="also evaluate ensembles of pairs of trainers")
     parser.add_argument("--recompute", action="store_true", help="recompute cv summaries even when present")
     parser.add_argument("-o", default=None, help=f"output JSON (default $nnUNet_results/DATASET/{OUTPUT_NAME})")
-    parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("-np", type=process_count, default=1, help="worker processes (default 1)")
     add_common_arguments(parser, device=False)
     return parser
 
@@ -43,8 +42,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from samunet.preprocessing.dataset_checks import resolve_dataset_name
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.np < 1:
-        raise ConfigurationError(f"-np must be at least 1, got {args.np}")
     folders = ensure_nnunet_paths()
     dataset_name = resolve_dataset_name(args.d)
     results = Path(folders["nnUNet_results"])

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import add_common_arguments, prepare_environment, run_cli, setup_logging
+from samunet.cli.common import (add_common_arguments, prepare_environment, process_count, run_cli,
+                                 setup_logging)
 from samunet.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--configuration", default="2d", help="only 2d: SAM encoders work on slices")
     parser.add_argument("--verify_dataset_integrity", action="store_true",
                         help="also run nnunetv2's full integrity check (reads every voxel)")
-    parser.add_argument("-np", "--num-processes", type=int, default=2, help="processes for fingerprint/preprocessing")
+    parser.add_argument("-np", "--num-processes", type=process_count, default=2,
+                        help="processes for fingerprint/preprocessing")
     parser.add_argument("--backbone", default="litemedsam", help="litemedsam (default), vit_b, vit_l or vit_h")
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size (default: planned)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack for stacked-slice methods")

@@ -56,7 +56,7 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from samunet.registry import TRAINERS
-    from samunet.trainers.base import CheckpointMismatchError
+    from samunet.trainers.base import check_network_fits
 
     trainer_class = TRAINERS.get(trainer_name)
     folder = model_folder(dataset_name, trainer_name, plans_identifier, configuration)
@@ -72,13 +72,7 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
                                                        num_outputs, enable_deep_supervision=False)
     checkpoints = load_fold_checkpoints(folder, folds, checkpoint_name, trainer_name)
     for checkpoint in checkpoints:
-        meta = checkpoint.get("samunet", {})
-        if (meta.get("backbone") != network.backbone or meta.get("img_size") != network.img_size
-                or meta.get("stack_depth") not in (None, getattr(network, "stack_depth", None))):
-            raise CheckpointMismatchError(
-                f"{checkpoint['path']} holds a {meta.get('backbone')} network at {meta.get('img_size')} px "
-                f"(slice stacks: {meta.get('stack_depth')}) but the model's plans build {network.backbone} at "
-                f"{network.img_size} px (slice stacks: {getattr(network, 'stack_depth', None)})")
+        check_network_fits(checkpoint.get("samunet", {}), network, str(checkpoint["path"]))
     device = select_device(device)
     predictor = trainer_class.predictor_class()(
         tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,

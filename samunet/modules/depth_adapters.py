@@ -23,6 +23,12 @@ from torch import nn
 ADAPTER_MODES = ("vanilla", "depth_before", "depth_after", "dfused")
 
 
+def check_whole_stacks(x: torch.Tensor, depth: int) -> None:
+    """Raise ValueError unless the N images of x (N, ...) form whole stacks of ``depth`` slices."""
+    if x.shape[0] % depth:
+        raise ValueError(f"{x.shape[0]} images are not whole stacks of {depth} slices")
+
+
 class DepthMLP(nn.Module):
     """Inverted bottleneck over the depth axis, no skip: (N, ..., C) -> same, N = stacks * D.
 
@@ -41,8 +47,7 @@ class DepthMLP(nn.Module):
             nn.init.zeros_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] % self.depth:
-            raise ValueError(f"{x.shape[0]} images are not whole stacks of {self.depth} slices")
+        check_whole_stacks(x, self.depth)
         stacks = x.reshape(x.shape[0] // self.depth, self.depth, *x.shape[1:])
         mixed = self.down(self.act(self.up(stacks.movedim(1, -1)))).movedim(-1, 1)
         return mixed.reshape(x.shape)
@@ -101,8 +106,7 @@ class DepthPositionalEmbedding(nn.Module):
         self.embedding = nn.Parameter(torch.zeros(depth, dim))
 
     def forward(self, x: torch.Tensor, channel_axis: int = -1) -> torch.Tensor:
-        if x.shape[0] % self.depth:
-            raise ValueError(f"{x.shape[0]} images are not whole stacks of {self.depth} slices")
+        check_whole_stacks(x, self.depth)
         per_image = self.embedding.repeat(x.shape[0] // self.depth, 1).to(x.dtype)  # (N, C)
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
         shape[channel_axis] = per_image.shape[1]

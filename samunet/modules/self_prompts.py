@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt
 from torch import nn
+
+from samunet.modules.mask_geometry import farthest_from_boundary, mask_boxes
 
 PROMPT_KINDS = ("box", "point", "mask")
 
@@ -35,23 +35,6 @@ class ClassPrompts(NamedTuple):
     mask_logits: torch.Tensor
 
 
-def farthest_from_boundary(mask: np.ndarray) -> tuple[int, int]:
-    """(H, W) bool, not empty -> (row, col) of the argmax of the mask's Euclidean distance transform.
-
-    scipy's ``distance_transform_edt`` measures the distance to the nearest zero *inside* the
-    array, so the image border would not count as boundary; the transform therefore runs on the
-    mask's bounding box padded by one background pixel, which makes the border a boundary and gives
-    the same distances as the whole (padded) image, since the ring around the box is all background.
-    Ties go to the first pixel in row-major order (numpy's argmax).
-    """
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    distance = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), crop.shape)
-    return int(rows[0] + row), int(cols[0] + col)
-
-
 def prompts_from_auxiliary_logits(logits: torch.Tensor, *, image_size: int,
                                   mask_size: tuple[int, int]) -> ClassPrompts:
     """logits (N, K, H, W) auxiliary multi-class logits (channel 0 = background) -> ClassPrompts.
@@ -67,26 +50,18 @@ def prompts_from_auxiliary_logits(logits: torch.Tensor, *, image_size: int,
     if logits.ndim != 4 or logits.shape[1] < 2:
         raise ValueError(f"expected (N, K >= 2, H, W) logits, got shape {tuple(logits.shape)}")
     batch, num_classes, height, width = logits.shape
-    labels = logits.detach().argmax(dim=1).cpu().numpy()
-    boxes = np.zeros((batch, num_classes - 1, 4), dtype=np.float64)
-    points = np.zeros((batch, num_classes - 1, 2), dtype=np.float64)
-    present = np.zeros((batch, num_classes - 1), dtype=bool)
-    scale = np.array([image_size / width, image_size / height])  # (x, y)
-    for n in range(batch):
-        for k in range(1, num_classes):
-            mask = labels[n] == k
-            if not mask.any():
-                continue
-            rows = np.flatnonzero(mask.any(axis=1))
-            cols = np.flatnonzero(mask.any(axis=0))
-            boxes[n, k - 1] = np.array([cols[0], rows[0], cols[-1], rows[-1]]) * np.tile(scale, 2)
-            row, col = farthest_from_boundary(mask)
-            points[n, k - 1] = np.array([col, row]) * scale
-            present[n, k - 1] = True
+    labels = logits.detach().argmax(dim=1).cpu()
+    scale = torch.tensor([image_size / width, image_size / height])  # (x, y)
+    masks = torch.stack([labels == k for k in range(1, num_classes)], dim=1)  # (N, K-1, H, W)
+    present = masks.flatten(2).any(dim=2)
+    boxes = mask_boxes(masks.flatten(0, 1)).view(batch, num_classes - 1, 4) * scale.repeat(2)
+    points = torch.zeros(batch, num_classes - 1, 2)
+    for n, k in present.nonzero().tolist():
+        row, col = farthest_from_boundary(masks[n, k].numpy())
+        points[n, k] = torch.tensor([col, row]) * scale
     mask_logits = F.interpolate(logits[:, 1:], size=tuple(mask_size), mode="bilinear", align_corners=False)
-    return ClassPrompts(boxes=torch.from_numpy(boxes).float().to(logits.device),
-                        points=torch.from_numpy(points).float().to(logits.device),
-                        present=torch.from_numpy(present).to(logits.device), mask_logits=mask_logits)
+    return ClassPrompts(boxes=boxes.to(logits.device), points=points.to(logits.device),
+                        present=present.to(logits.device), mask_logits=mask_logits)
 
 
 def _class_major(tensor: torch.Tensor) -> torch.Tensor:

@@ -105,11 +105,11 @@ class SelfPromptSAMNetwork(SAMSegmentationNetwork):
             strides = (*encoder.feature_strides, encoder.embedding_stride)
             self._taps = ()
         else:
-            count = len(blocks)
-            self._taps = tuple(blocks[(i + 1) * count // 4 - 1][0] for i in range(4))
+            tapped = [blocks[(i + 1) * len(blocks) // 4 - 1] for i in range(4)]
+            self._taps = tuple(block for block, _ in tapped)
             for block in self._taps:
                 block.register_forward_hook(lambda module, inputs, output: self._tapped.append(output))
-            channels = tuple(dim for block, dim in blocks if block in self._taps) + (encoder.out_chans,)
+            channels = tuple(dim for _, dim in tapped) + (encoder.out_chans,)
             strides = (encoder.embedding_stride,) * 5
         self.prompt_generator = PROMPT_GENERATORS[prompt_generator](
             in_channels=channels, in_strides=strides, num_classes=num_classes, widths=generator_widths)

@@ -29,6 +29,7 @@ from torch import autocast
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from samunet.errors import ConfigurationError
+from samunet.modules.mask_geometry import mask_boxes
 from samunet.modules.uncertainty_loss import LOSS_TERMS, AutoMedSAMJointLoss, signed_distance_maps
 from samunet.registry import TRAINERS
 from samunet.trainers.base import SAMTrainerBase
@@ -53,16 +54,6 @@ def sample_prompt_classes(target: torch.Tensor, *, num_classes: int,
         present.append(pick_present)
     return (torch.tensor(labels, dtype=torch.long, device=target.device),
             torch.tensor(present, dtype=torch.bool, device=target.device))
-
-
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) bool -> boxes (B, 4) float (x_min, y_min, x_max, y_max) in pixels; zeros for empty masks."""
-    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
-    for i, mask in enumerate(masks):
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        if len(ys):
-            boxes[i] = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
-    return boxes
 
 
 class ValidationPlateauScheduler:

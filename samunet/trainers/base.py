@@ -36,6 +36,7 @@ import samunet
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError, SamunetError
 from samunet.networks.base import SAMSegmentationNetwork
+from samunet.registry import TRAINERS
 from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -252,13 +253,7 @@ class SAMTrainerBase(nnUNetTrainer):
         if checkpoint.get("trainer_name") not in (None, self.__class__.__name__):
             raise CheckpointMismatchError(f"{source} was trained with {checkpoint['trainer_name']}, "
                                           f"not {self.__class__.__name__}; pass -tr {checkpoint['trainer_name']}")
-        if meta.get("backbone") not in (None, module.backbone) or meta.get("img_size") not in (None, module.img_size):
-            raise CheckpointMismatchError(
-                f"{source} was trained with backbone {meta.get('backbone')} at {meta.get('img_size')} px, but this "
-                f"network is {module.backbone} at {module.img_size} px; use the plans/--backbone it was trained with")
-        if meta.get("stack_depth") not in (None, getattr(module, "stack_depth", None)):
-            raise CheckpointMismatchError(f"{source} was trained on stacks of {meta['stack_depth']} slices, this network "
-                                          f"takes {getattr(module, 'stack_depth', None)}; pass --depth {meta['stack_depth']}")
+        check_network_fits(meta, module, source)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not self.was_initialized:
@@ -278,6 +273,29 @@ class SAMTrainerBase(nnUNetTrainer):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+def check_network_fits(meta: dict, network: nn.Module, source: str) -> None:
+    """Refuse a checkpoint (its ``samunet`` metadata ``meta``) made for another backbone, input size or
+    slice-stack depth than ``network``, saying which; entries the metadata lacks are not checked."""
+    if meta.get("backbone") not in (None, network.backbone) or meta.get("img_size") not in (None, network.img_size):
+        raise CheckpointMismatchError(
+            f"{source} was trained with backbone {meta.get('backbone')} at {meta.get('img_size')} px, but this "
+            f"network is {network.backbone} at {network.img_size} px; use the plans/--backbone it was trained with")
+    depth = getattr(network, "stack_depth", None)
+    if meta.get("stack_depth") not in (None, depth):
+        raise CheckpointMismatchError(f"{source} was trained on stacks of {meta['stack_depth']} slices, this network "
+                                      f"takes {depth}; pass --depth {meta['stack_depth']}")
+
+
+def network_variant(base: type[SAMTrainerBase], name: str, doc: str, **network_changes) -> type[SAMTrainerBase]:
+    """Register trainer ``name``: ``base`` with ``network_changes`` merged into its ``network_kwargs``
+    (an ablation or a setting of the same method). The class lives in ``base``'s module; the caller
+    puts it into that module's namespace so it is importable by dotted name too."""
+    kwargs = {**base.network_kwargs, **network_changes}
+    trainer = type(name, (base,), {"network_kwargs": kwargs, "__module__": base.__module__,
+                                   "__doc__": f"{doc}: {kwargs}"})
+    return TRAINERS.register()(trainer)
 
 
 def known_pixel_normalization(weights: str | None) -> str | None:

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from samunet.errors import ConfigurationError
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.base import SAMTrainerBase, network_variant
 
 STAGE_ONE_WEIGHT_START = 0.8
 STAGE_ONE_WEIGHT_DECAY = 0.005
@@ -152,11 +152,8 @@ class HSAMTrainer(SAMTrainerBase):
 def _ablation_trainer(mask_attention: str, hierarchical_pixel_decoder: bool, cmattn: bool) -> type[HSAMTrainer]:
     name = (f"HSAMTrainer_{mask_attention}_{'hpd' if hierarchical_pixel_decoder else 'nohpd'}_"
             f"{'cm' if cmattn else 'nocm'}")
-    kwargs = {**HSAMTrainer.network_kwargs, "mask_attention": mask_attention,
-              "hierarchical_pixel_decoder": hierarchical_pixel_decoder, "cmattn": cmattn}
-    trainer = type(name, (HSAMTrainer,), {"network_kwargs": kwargs, "__module__": __name__,
-                                          "__doc__": f"H-SAM ablation: {kwargs}"})
-    return TRAINERS.register()(trainer)
+    return network_variant(HSAMTrainer, name, "H-SAM ablation", mask_attention=mask_attention,
+                           hierarchical_pixel_decoder=hierarchical_pixel_decoder, cmattn=cmattn)
 
 
 # Table 4 (learnable mask attention / hierarchical pixel decoder / CMAttn on or off; all on is

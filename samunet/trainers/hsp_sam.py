@@ -13,7 +13,7 @@ Table 5's ablations are trainers of their own (same network, flags in ``network_
 number of prompt pairs for the prompt-quantity study (1, 2, 4, 8, 16).
 """
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.base import SAMTrainerBase, network_variant
 
 DICE_WEIGHT = 0.8  # alpha of the paper's loss (section 3.5)
 CE_WEIGHT = 1.0 - DICE_WEIGHT
@@ -64,26 +64,10 @@ class HSPSAMTrainer_NoQA(HSPSAMTrainer):
     network_kwargs = {**FULL_MODEL, "qa_prompts": False}
 
 
-@TRAINERS.register()
-class HSPSAMTrainer_1prompts(HSPSAMTrainer):
-    network_kwargs = {**FULL_MODEL, "num_prompts": 1}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_2prompts(HSPSAMTrainer):
-    network_kwargs = {**FULL_MODEL, "num_prompts": 2}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_4prompts(HSPSAMTrainer):
-    network_kwargs = {**FULL_MODEL, "num_prompts": 4}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_8prompts(HSPSAMTrainer):
-    network_kwargs = {**FULL_MODEL, "num_prompts": 8}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_16prompts(HSPSAMTrainer):
-    network_kwargs = {**FULL_MODEL, "num_prompts": 16}
+# The prompt-quantity study: c Q&A prompt pairs per level.
+PROMPT_COUNT_TRAINERS = {
+    trainer.__name__: trainer for trainer in
+    [network_variant(HSPSAMTrainer, f"HSPSAMTrainer_{count}prompts", f"HSP-SAM with {count} prompt pair(s)",
+                     num_prompts=count) for count in (1, 2, 4, 8, 16)]
+}
+globals().update(PROMPT_COUNT_TRAINERS)  # importable by dotted name as well as through TRAINERS

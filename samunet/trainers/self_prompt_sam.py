@@ -34,7 +34,7 @@ from samunet.errors import ConfigurationError
 from samunet.inference.slice_stack_predictor import SliceStackPredictor, validation_predictor
 from samunet.modules.prompt_generators import deep_supervision_weights
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.base import SAMTrainerBase, network_variant
 
 PHASE_ONE_FRACTION = 0.2
 
@@ -154,13 +154,6 @@ class SelfPromptSAMTrainer_adamw(SelfPromptSAMTrainer):
     default_hyperparameters = {"initial_lr": 1e-3, "weight_decay": 0.01}
 
 
-def _variant(name: str, doc: str, **changes) -> type[SelfPromptSAMTrainer]:
-    kwargs = {**SelfPromptSAMTrainer.network_kwargs, **changes}
-    trainer = type(name, (SelfPromptSAMTrainer,), {"network_kwargs": kwargs, "__module__": __name__,
-                                                    "__doc__": f"Self-Prompt-SAM {doc}: {kwargs}"})
-    return TRAINERS.register()(trainer)
-
-
 _BASE = {"adapter": None, "depth_pos_embed": False, "madapter": False, "mc_adapter": False}
 # Table 4: each row adds one block to the previous (S9 is SelfPromptSAMTrainer).
 ABLATIONS = {
@@ -178,8 +171,10 @@ PROMPT_COMBINATIONS = [("box",), ("point",), ("mask",), ("box", "point"), ("box"
 
 ABLATION_TRAINERS = {
     trainer.__name__: trainer for trainer in
-    [_variant(f"SelfPromptSAMTrainer_{row}", f"Table 4 {row}", **changes) for row, changes in ABLATIONS.items()]
-    + [_variant("SelfPromptSAMTrainer_" + "_".join(kinds), "prompts " + "+".join(kinds), prompts=list(kinds))
+    [network_variant(SelfPromptSAMTrainer, f"SelfPromptSAMTrainer_{row}", f"Self-Prompt-SAM, Table 4 {row}", **changes)
+     for row, changes in ABLATIONS.items()]
+    + [network_variant(SelfPromptSAMTrainer, "SelfPromptSAMTrainer_" + "_".join(kinds),
+                       "Self-Prompt-SAM, prompts " + "+".join(kinds), prompts=list(kinds))
        for kinds in PROMPT_COMBINATIONS]
 }
 globals().update(ABLATION_TRAINERS)  # importable by dotted name as well as through TRAINERS
