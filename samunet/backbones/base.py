@@ -17,18 +17,22 @@ from torch import nn
 class EncoderOutput(NamedTuple):
     """embedding: (B, P, h, w) after the neck; features: list of (B, C_i, h_i, w_i), shallow to deep;
     prompts: when prompt tokens were given, each prompt level's tokens (B, c_j, D_j) after the
-    level's last block (None for a level given None), else None."""
+    level's last block (None for a level given None), else None; intermediates: the outputs
+    (B, C, h_i, w_i) of the transformer blocks asked for with ``intermediates=`` (feature taps),
+    in the order asked."""
 
     embedding: torch.Tensor
     features: list[torch.Tensor]
     prompts: list[torch.Tensor | None] | None = None
+    intermediates: Sequence[torch.Tensor] = ()
 
 
 class QKVProjection(NamedTuple):
     """Where q and v sit in one attention layer's fused ``qkv`` linear.
 
-    ``owner.qkv`` is an ``nn.Linear``; ``q_channels`` / ``v_channels`` are the indices of its
-    output channels that form the query and the value (layouts differ between ViT and TinyViT).
+    ``owner.qkv`` is an ``nn.Linear`` and ``owner.adapters`` the layer's :class:`AttentionAdapters`;
+    ``q_channels`` / ``v_channels`` are the indices of the linear's output channels that form the
+    query and the value (layouts differ between ViT and TinyViT).
     """
 
     owner: nn.Module
@@ -49,6 +53,37 @@ class BlockAdapters(NamedTuple):
     parallel_mlp: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+class AttentionAdapters(NamedTuple):
+    """Trainable modules a method inserts into one attention layer of a frozen encoder (held in a
+    plain tuple, like :class:`BlockAdapters`, so the encoder's state_dict is unchanged).
+
+    ``qkv`` maps (the fused ``qkv`` linear's input (..., C), its output (..., 3C')) to the output
+    the layer uses instead; LoRA adds its low-rank update to q and v this way.
+    """
+
+    qkv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+class EncoderAdapters(NamedTuple):
+    """Trainable modules a method inserts at the encoder level (a plain tuple, see :class:`BlockAdapters`).
+
+    ``after_patch_embed`` maps the patch-embedding output, in the encoder's own layout (channel
+    axis ``SAMImageEncoder.token_channel_axis``), before anything else is added to it.
+    """
+
+    after_patch_embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def fill_slots(owner: nn.Module, **slots) -> None:
+    """Put adapters into ``owner.adapters`` (a :class:`BlockAdapters`, :class:`AttentionAdapters` or
+    :class:`EncoderAdapters`). Raises ValueError when a slot is already taken, so two methods never
+    overwrite each other's adapters silently."""
+    taken = [name for name in slots if getattr(owner.adapters, name) is not None]
+    if taken:
+        raise ValueError(f"adapter slots {taken} of {type(owner).__name__} are already filled")
+    owner.adapters = owner.adapters._replace(**slots)
+
+
 class SAMImageEncoder(nn.Module):
     """Base class of samunet's image encoders (see the module docstring for the shapes).
 
@@ -56,6 +91,11 @@ class SAMImageEncoder(nn.Module):
     where one entry of ``features`` is taken (``prompt_level_features`` lists those entries).
     ``forward(x, prompt_tokens)`` can let extra learned tokens take part in the attention of
     each group (HSP-SAM's Q prompts); without them the encoder is unchanged.
+
+    Extension points, so that no method rewires the encoder with forward hooks: ``adapters``
+    (:class:`EncoderAdapters`) on the encoder, ``adapters`` (:class:`BlockAdapters`) on every block of
+    :meth:`transformer_blocks`, ``adapters`` (:class:`AttentionAdapters`) on the owner of every
+    :meth:`qkv_projections` entry, and feature taps (``forward(x, intermediates=...)``).
     """
 
     img_size: int
@@ -64,6 +104,8 @@ class SAMImageEncoder(nn.Module):
     feature_channels: tuple[int, ...]
     feature_strides: tuple[int, ...]
     prompt_level_features: tuple[int, ...]
+    token_channel_axis: int  # channel axis of the patch-embedding output: -1 (B, h, w, C) or 1 (B, C, h, w)
+    adapters: EncoderAdapters
 
     @property
     def embedding_size(self) -> int:
@@ -74,8 +116,9 @@ class SAMImageEncoder(nn.Module):
         """Token width of each prompt level (the width its prompt tokens must have)."""
         return tuple(self.feature_channels[i] for i in self.prompt_level_features)
 
-    def forward(self, x: torch.Tensor,
-                prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:  # pragma: no cover
+    def forward(self, x: torch.Tensor, prompt_tokens: Sequence[torch.Tensor | None] | None = None,
+                intermediates: Sequence[int] = ()) -> EncoderOutput:  # pragma: no cover
+        """``intermediates``: indices into :meth:`transformer_blocks` whose outputs are returned too."""
         raise NotImplementedError
 
     def transformer_blocks(self) -> list[tuple[nn.Module, int]]:  # pragma: no cover - abstract

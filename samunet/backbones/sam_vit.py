@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.backbones.base import BlockAdapters, EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
+from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
+                                    SAMImageEncoder, batch_prompt_tokens)
 from samunet.backbones.neck import sam_neck
 
 logger = logging.getLogger(__name__)
@@ -121,11 +122,17 @@ class Attention(nn.Module):
         if use_rel_pos:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid_size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid_size - 1, self.head_dim))
+        self.adapters = AttentionAdapters()
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> the fused (..., 3 * dim) q, k, v, through the layer's ``qkv`` adapter slot."""
+        qkv = self.qkv(x)
+        return qkv if self.adapters.qkv is None else self.adapters.qkv(x, qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, dim) -> (B, H, W, dim)."""
         batch, height, width, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
+        qkv = self.project_qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W, head_dim)
         bias = None
         if self.use_rel_pos:
@@ -144,7 +151,7 @@ class Attention(nn.Module):
         batch, height, width, dim = x.shape
         count, num_prompts = height * width, prompts.shape[1]
         tokens = torch.cat([x.reshape(batch, count, dim), prompts], dim=1)
-        qkv = self.qkv(tokens).reshape(batch, count + num_prompts, 3, self.num_heads, self.head_dim)
+        qkv = self.project_qkv(tokens).reshape(batch, count + num_prompts, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W + c, head_dim)
         bias = None
         if self.use_rel_pos:
@@ -269,6 +276,8 @@ class SAMViTEncoder(SAMImageEncoder):
         self.feature_channels = (embed_dim,) * len(self.global_attn_indexes)
         self.feature_strides = (patch_size,) * len(self.global_attn_indexes)
         self.prompt_level_features = tuple(range(len(self.global_attn_indexes)))
+        self.token_channel_axis = -1
+        self.adapters = EncoderAdapters()
         grid_size = img_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
@@ -280,32 +289,33 @@ class SAMViTEncoder(SAMImageEncoder):
             for i in range(depth))
         self.neck = sam_neck(embed_dim, out_chans)
 
-    def forward(self, x: torch.Tensor,
-                prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:
+    def forward(self, x: torch.Tensor, prompt_tokens: Sequence[torch.Tensor | None] | None = None,
+                intermediates: Sequence[int] = ()) -> EncoderOutput:
         """x: (B, in_chans, S, S); prompt_tokens: None, or per prompt level (c_j, embed_dim) or
-        (B, c_j, embed_dim) tokens that take part in that level's attention (None: none there)."""
+        (B, c_j, embed_dim) tokens that take part in that level's attention (None: none there);
+        intermediates: indices of blocks whose outputs (B, embed_dim, S/16, S/16) are returned too."""
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected input (B, C, {self.img_size}, {self.img_size}), "
                              f"got {tuple(x.shape)}")
-        tokens = self.patch_embed(x) + self.pos_embed
-        features = []
-        if prompt_tokens is None:
-            for block in self.blocks:
-                tokens = block(tokens)
-                if block.is_global:
-                    features.append(tokens.permute(0, 3, 1, 2))
-            return EncoderOutput(embedding=self.neck(tokens.permute(0, 3, 1, 2)), features=features)
-        levels = batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims)
-        for block in self.blocks:
+        tokens = self.patch_embed(x)
+        if self.adapters.after_patch_embed is not None:
+            tokens = self.adapters.after_patch_embed(tokens)
+        tokens = tokens + self.pos_embed
+        levels = (None if prompt_tokens is None
+                  else batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims))
+        features, taps = [], {}
+        for index, block in enumerate(self.blocks):
             level = len(features)  # blocks after the last global block belong to no level
-            if level < len(levels) and levels[level] is not None:
+            if levels is not None and level < len(levels) and levels[level] is not None:
                 tokens, levels[level] = block.forward_with_prompts(tokens, levels[level])
             else:
                 tokens = block(tokens)
             if block.is_global:
                 features.append(tokens.permute(0, 3, 1, 2))
-        return EncoderOutput(embedding=self.neck(tokens.permute(0, 3, 1, 2)), features=features,
-                             prompts=levels)
+            if index in intermediates:
+                taps[index] = tokens.permute(0, 3, 1, 2)
+        return EncoderOutput(embedding=self.neck(tokens.permute(0, 3, 1, 2)), features=features, prompts=levels,
+                             intermediates=[taps[i] for i in intermediates])
 
     def transformer_blocks(self) -> list[tuple[nn.Module, int]]:
         return [(block, block.attn.num_heads * block.attn.head_dim) for block in self.blocks]

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.backbones.base import BlockAdapters, EncoderOutput, QKVProjection, SAMImageEncoder, batch_prompt_tokens
+from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
+                                    SAMImageEncoder, batch_prompt_tokens)
 from samunet.backbones.neck import sam_neck
 
 
@@ -172,6 +173,13 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
         self.register_buffer("attention_bias_idxs", offset_index(window_size), persistent=False)
+        self.adapters = AttentionAdapters()
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm then the fused qkv projection, (..., dim) -> (..., 3 * dim), through the ``qkv`` adapter slot."""
+        normed = self.norm(x)
+        qkv = self.qkv(normed)
+        return qkv if self.adapters.qkv is None else self.adapters.qkv(normed, qkv)
 
     def qkv_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of the q and of the v channels in ``qkv``'s output (each heads * head_dim)."""
@@ -202,7 +210,7 @@ class WindowAttention(nn.Module):
         window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
         num_prompts = prompts.shape[1]
         qkv, rows, cols = self._window_qkv(x)
-        prompt_qkv = self.qkv(self.norm(prompts)).reshape(batch, num_prompts, heads, 3 * head_dim)
+        prompt_qkv = self.project_qkv(prompts).reshape(batch, num_prompts, heads, 3 * head_dim)
         prompt_qkv = prompt_qkv.transpose(1, 2).repeat_interleave(rows * cols, dim=0)
         q, k, v = torch.cat([qkv, prompt_qkv], dim=2).split(head_dim, dim=-1)
         bias = self.attention_biases[:, self.attention_bias_idxs]
@@ -221,10 +229,10 @@ class WindowAttention(nn.Module):
         window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
         pad_h, pad_w = -height % window, -width % window
         rows, cols = (height + pad_h) // window, (width + pad_w) // window
-        qkv = self.qkv(self.norm(x))
+        qkv = self.project_qkv(x)
         if pad_h or pad_w:
             # a zero token normalises to norm.bias; project that once instead of every pad token
-            fill = self.qkv(self.norm(x.new_zeros(1, dim)))
+            fill = self.project_qkv(x.new_zeros(1, dim))
             padded = qkv.new_empty(batch, rows * window, cols * window, 3 * dim)
             padded[:, :height, :width] = qkv
             padded[:, height:] = fill
@@ -301,17 +309,25 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = self.blocks(x)
+    def forward(self, x: torch.Tensor, taps: dict[nn.Module, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``taps``: blocks whose outputs are wanted, mapped to None; they are filled in place."""
+        feature = x
+        for block in self.blocks:
+            feature = block(feature)
+            if taps is not None and block in taps:
+                taps[block] = feature
         return feature, (feature if self.downsample is None else self.downsample(feature))
 
-    def forward_with_prompts(self, x: torch.Tensor,
-                             prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_with_prompts(self, x: torch.Tensor, prompts: torch.Tensor,
+                             taps: dict[nn.Module, torch.Tensor] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Like ``forward`` with prompts (B, c, dim) through every (attention) block; also
         returns the updated prompts."""
         feature = x
         for block in self.blocks:
             feature, prompts = block.forward_with_prompts(feature, prompts)
+            if taps is not None and block in taps:
+                taps[block] = feature
         return feature, (feature if self.downsample is None else self.downsample(feature)), prompts
 
 
@@ -333,6 +349,8 @@ class TinyViTEncoder(SAMImageEncoder):
         self.feature_strides = tuple(strides)
         self.embedding_stride = strides[-1]
         self.prompt_level_features = tuple(range(1, len(dims)))  # the attention stages
+        self.token_channel_axis = 1
+        self.adapters = EncoderAdapters()
 
         self.patch_embed = PatchEmbed(in_chans=3, embed_dim=dims[0])
         self.layers = nn.ModuleList()
@@ -356,28 +374,30 @@ class TinyViTEncoder(SAMImageEncoder):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor,
-                prompt_tokens: Sequence[torch.Tensor | None] | None = None) -> EncoderOutput:
+    def forward(self, x: torch.Tensor, prompt_tokens: Sequence[torch.Tensor | None] | None = None,
+                intermediates: Sequence[int] = ()) -> EncoderOutput:
         """x: (B, 3, S, S); prompt_tokens: None, or per attention stage j = 1, 2, 3 tokens
         (c_j, embed_dims[j]) or (B, c_j, embed_dims[j]) that take part in its attention (None:
-        none there)."""
+        none there); intermediates: indices into :meth:`transformer_blocks` whose outputs
+        (B, dim, h, w) are returned too."""
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        if self.adapters.after_patch_embed is not None:
+            x = self.adapters.after_patch_embed(x)
+        blocks = [block for block, _ in self.transformer_blocks()]
+        taps = {blocks[i]: None for i in intermediates} if intermediates else None
+        levels = (None if prompt_tokens is None else
+                  dict(zip(self.prompt_level_features,
+                           batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims))))
         features = []
-        if prompt_tokens is None:
-            for stage in self.layers:
-                feature, x = stage(x)
-                features.append(feature)
-            return EncoderOutput(embedding=self.neck(x), features=features)
-        levels = dict(zip(self.prompt_level_features,
-                          batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims)))
         for index, stage in enumerate(self.layers):
-            if levels.get(index) is not None:
-                feature, x, levels[index] = stage.forward_with_prompts(x, levels[index])
+            if levels is not None and levels.get(index) is not None:
+                feature, x, levels[index] = stage.forward_with_prompts(x, levels[index], taps)
             else:
-                feature, x = stage(x)
+                feature, x = stage(x, taps)
             features.append(feature)
-        return EncoderOutput(embedding=self.neck(x), features=features,
-                             prompts=[levels[index] for index in self.prompt_level_features])
+        prompts = None if levels is None else [levels[index] for index in self.prompt_level_features]
+        return EncoderOutput(embedding=self.neck(x), features=features, prompts=prompts,
+                             intermediates=[taps[blocks[i]] for i in intermediates] if taps else [])
 
     def transformer_blocks(self) -> list[tuple[nn.Module, int]]:
         return [(block, block.attn.num_heads * block.attn.head_dim) for block in self.modules()

@@ -4,22 +4,15 @@ nnU-Net slides (D, S, S) windows over the volume with overlap (step 0.5) and Gau
 inner slices see context on both sides across the overlapping windows, but on its own the first
 and last slices would only ever sit at a window's edge. :class:`SliceStackPredictor` first repeats
 the edge slices D // 2 times on each side, so the outermost slices are the centre of a window too,
-then crops the logits back.
-
-nnunetv2's trainer builds its validation predictor inline from the module-level name
-``nnUNetPredictor``; :func:`validation_predictor` swaps that name for the duration of a call, the
-one place where nnunetv2 offers no hook.
+then crops the logits back. Trainers name it as their ``predictor_class``, which both
+``samunet_predict`` and the final validation (:mod:`samunet.trainers.validation`) use.
 """
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
 
 def depth_padding(depth: int) -> int:
@@ -37,14 +30,3 @@ class SliceStackPredictor(nnUNetPredictor):
         padded = F.pad(input_image[None].float(), (0, 0, 0, 0, pad, pad), mode="replicate")[0]
         logits = super().predict_sliding_window_return_logits(padded.to(input_image.dtype))
         return logits[:, pad:pad + input_image.shape[1]]
-
-
-@contextlib.contextmanager
-def validation_predictor(predictor_class: type[nnUNetPredictor]) -> Iterator[None]:
-    """Make ``nnUNetTrainer.perform_actual_validation`` build ``predictor_class`` inside the block."""
-    original = trainer_module.nnUNetPredictor
-    trainer_module.nnUNetPredictor = predictor_class
-    try:
-        yield
-    finally:
-        trainer_module.nnUNetPredictor = original

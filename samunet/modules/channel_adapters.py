@@ -4,12 +4,10 @@
   :class:`samunet.modules.input_stage.SAMInputStage`) -> a learned correction of the 3-channel
   image SAM expects. Its last convolution starts at zero, so the network starts with the
   input stage's fixed mapping (one channel repeated to RGB).
-- :class:`MCAdapter` at the output: the K-1 per-class binary mask logits of SAM's decoder ->
-  K multi-class logits (softmax is applied by the loss and by nnU-Net's predictor), starting as
-  the plain mapping below.
-- :func:`plain_multiclass_logits`: Table 4's "plain softmax" alternative (S1-S8): a constant 0
-  background logit next to the class logits, so a pixel is background unless some class logit
-  is positive, and otherwise the class with the largest logit.
+- :class:`MCAdapter` at the output: the K per-class binary mask logits of SAM's decoder (one
+  decoder pass per class, the background included, as the paper's Fig. 1(c) shows) -> K
+  multi-class logits (softmax is applied by the loss and by nnU-Net's predictor). Without it
+  (Table 4, S1-S8: "plain softmax") the K binary logits are the multi-class logits as they are.
 """
 from __future__ import annotations
 
@@ -34,27 +32,22 @@ class MAdapter(nn.Module):
 
 
 class MCAdapter(nn.Module):
-    """(N, K-1, H, W) per-class binary logits -> (N, K, H, W) multi-class logits.
+    """(N, K, H, W) per-class binary logits -> (N, K, H, W) multi-class logits.
 
-    Two convolutions, 3x3 (K-1 -> 4K) + LeakyReLU and 1x1 (4K -> K), as the paper describes it. No
-    normalisation layer: a per-image norm would remove the logits' absolute level, which is what
-    says whether a class is present at all. The output is added to :func:`plain_multiclass_logits`
-    and the last convolution starts at zero, so the adapter starts as the plain mapping and learns
-    the correction the paper's Fig. 1(c) motivates.
+    Two convolutions, 3x3 (K -> 4K) + LeakyReLU and 1x1 (4K -> K), an inverted bottleneck as the
+    paper describes it. No normalisation layer: a per-image norm would remove the logits' absolute
+    level, which is what says whether a class is present at all. The output is added to the binary
+    logits (a residual) and the last convolution starts at zero, so the adapter starts as the plain
+    mapping and learns the correction the paper's Fig. 1(c) motivates.
     """
 
     def __init__(self, num_classes: int, *, expansion: int = 4) -> None:
         super().__init__()
         hidden = expansion * num_classes
-        self.layers = nn.Sequential(nn.Conv2d(num_classes - 1, hidden, 3, padding=1), nn.LeakyReLU(0.01, inplace=True),
+        self.layers = nn.Sequential(nn.Conv2d(num_classes, hidden, 3, padding=1), nn.LeakyReLU(0.01, inplace=True),
                                     nn.Conv2d(hidden, num_classes, 1))
         nn.init.zeros_(self.layers[-1].weight)
         nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plain_multiclass_logits(x) + self.layers(x)
-
-
-def plain_multiclass_logits(class_logits: torch.Tensor) -> torch.Tensor:
-    """(N, K-1, H, W) -> (N, K, H, W) with a zero background logit in channel 0."""
-    return torch.cat([torch.zeros_like(class_logits[:, :1]), class_logits], dim=1)
+        return x + self.layers(x)

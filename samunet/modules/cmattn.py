@@ -9,10 +9,12 @@ layer compresses the channels, and the result multiplies the image embedding (Ha
 on a residual path.
 
 samunet's reading of the parts the paper leaves open (see docs/methods/h_sam.md):
-- P = softmax over the classes of the mask feature; the noise of Eq. 1 is added to class channel
-  i of P (``P(gt = i)``) with variance ``max_noise_std**2 * f_min / f_i``, so the rarest class
-  gets ``max_noise_std`` and the variance is inversely proportional to the frequency. Dropout
-  (p = 0.1, as in the authors' code) follows the noise; neither acts in eval mode.
+- P = softmax over the classes of the mask feature. Eq. 1, ``P(gt = i) + N(0, var(i))``: at every
+  pixel whose ground-truth class (the label map resized to the mask feature's grid, nearest) is
+  i, P gets Gaussian noise of variance ``var(i) = max_noise_std**2 * f_min / f_i``, so the rarest
+  class gets ``max_noise_std`` and the variance is inversely proportional to the frequency;
+  labels outside 0..K-1 (an ignore label) get none. Dropout (p = 0.1, as in the authors' code)
+  follows the noise; neither acts in eval mode, where no label map is needed.
 - The attention runs over the h*w grid positions (the tokens), each position described by its K
   class probabilities lifted to ``width`` channels, so the module works at any input size.
 - The compressing linear (``width`` -> 1) starts at zero: CMAttn starts as the identity, and the
@@ -78,16 +80,28 @@ class ClassBalancedMaskAttention(nn.Module):
         """(K,) standard deviation of the training noise of each class."""
         return class_balanced_noise_std(self.class_frequencies, self.max_noise_std).to(self.class_frequencies.device)
 
-    def add_class_noise(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) -> the same plus class-balanced Gaussian noise in training (Eq. 1); unchanged in eval."""
+    def add_class_noise(self, probabilities: torch.Tensor, ground_truth: torch.Tensor | None) -> torch.Tensor:
+        """(B, K, h, w) -> the same plus Eq. 1's noise in training; unchanged in eval.
+
+        ground_truth: label map (B, 1, H, W) of any size (resized here, nearest). Raises ValueError when
+        it is missing in training: the noise of a pixel is drawn by its ground-truth class.
+        """
         if not self.training:
             return probabilities
-        std = self.noise_std().to(probabilities.dtype).view(1, -1, 1, 1)
-        return probabilities + torch.randn_like(probabilities) * std
+        if ground_truth is None:
+            raise ValueError("CMAttn's class-balanced noise (H-SAM Eq. 1) is drawn by each pixel's ground-truth "
+                             "class: pass the label map to the network's forward in training")
+        labels = F.interpolate(ground_truth.float(), size=probabilities.shape[-2:], mode="nearest")[:, 0].long()
+        valid = (labels >= 0) & (labels < self.num_classes)
+        std = self.noise_std().to(probabilities.dtype)[labels.clamp(0, self.num_classes - 1)]
+        pixel_std = torch.where(valid, std, torch.zeros_like(std))  # (B, h, w)
+        return probabilities + torch.randn_like(probabilities) * pixel_std.unsqueeze(1)
 
-    def forward(self, image_embedding: torch.Tensor, mask_feature: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embedding: torch.Tensor, mask_feature: torch.Tensor,
+                ground_truth: torch.Tensor | None = None) -> torch.Tensor:
+        """ground_truth: the label map (B, 1, H, W), needed in training only (Eq. 1)."""
         batch, _, height, width = mask_feature.shape
-        probabilities = self.dropout(self.add_class_noise(mask_feature.softmax(dim=1)))
+        probabilities = self.dropout(self.add_class_noise(mask_feature.softmax(dim=1), ground_truth))
         tokens = self.lift(probabilities.flatten(2).transpose(1, 2))  # (B, hw, width)
         head_dim = tokens.shape[-1] // self.num_heads
         q, k, v = self.qkv(tokens).view(batch, -1, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)

@@ -96,18 +96,19 @@ class DepthAdapter(nn.Module):
 class DepthPositionalEmbedding(nn.Module):
     """One learned vector per slice index 0..D-1, added to every token of that slice.
 
-    (N, ..., C) with channels last, or (N, C, H, W) with ``channel_axis=1``; N = stacks * D.
-    Starts at zero (the network starts as SAM).
+    (N, ..., C) with channels last (``channel_axis=-1``), or e.g. (N, C, H, W) with ``channel_axis=1``;
+    N = stacks * D. Starts at zero (the network starts as SAM).
     """
 
-    def __init__(self, *, depth: int, dim: int) -> None:
+    def __init__(self, *, depth: int, dim: int, channel_axis: int = -1) -> None:
         super().__init__()
         self.depth = depth
+        self.channel_axis = channel_axis
         self.embedding = nn.Parameter(torch.zeros(depth, dim))
 
-    def forward(self, x: torch.Tensor, channel_axis: int = -1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_whole_stacks(x, self.depth)
         per_image = self.embedding.repeat(x.shape[0] // self.depth, 1).to(x.dtype)  # (N, C)
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        shape[channel_axis] = per_image.shape[1]
+        shape[self.channel_axis] = per_image.shape[1]
         return x + per_image.reshape(shape)

@@ -7,45 +7,59 @@ and Dec_j level j's mask-decoder block fed with the level's A prompts:
     out_i = Dec_i(out_{i+1} + neck_i(emb_i) + out_N, A_i),   i = N-1 .. 1
 
 ``+ out_N`` is the skip connection (Table 5's ablation drops it). For the fusion, Dec_j returns
-its two-way transformer's updated image embedding (B, C, h, w); only level 1's block also has
-SAM's mask heads, because the masks come from level 1 alone.
+its two-way blocks' updated image embedding (B, C, h, w); only level 1's block also has SAM's
+mask heads, because the masks come from level 1 alone.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from samunet.modules.decoders import decoder_tokens
+from samunet.modules.two_way_transformer import two_way_block
 
 
 class ImageSideDecoderBlock(nn.Module):
-    """A mask-decoder block of levels 2..N: SAM's two-way transformer with its IoU and mask output
-    tokens (state_dict names as in SAM's ``MaskDecoder``), without the unused mask heads.
+    """A mask-decoder block of levels 2..N: the two-way attention blocks of SAM's transformer with SAM's
+    IoU and mask output tokens (names ``layers``, ``iou_token``, ``mask_tokens``).
 
-    forward: image embedding (B, C, h, w), image_pe (1, C, h, w), sparse prompts (B, N, C),
-    dense prompts (B or 1, C, h, w) -> the transformer's updated image embedding (B, C, h, w).
+    Only the updated image embedding leaves the block, so it holds neither the mask heads nor the
+    transformer's final token-to-image attention, which changes the tokens alone: every parameter it
+    holds shapes its output.
+
+    forward: image embedding (B, C, h, w), image_pe (1, C, h, w), sparse prompts (B, N, C), dense
+    prompts (B or 1, C, h, w) -> the transformer's updated image embedding (B, C, h, w).
     """
 
     def __init__(self, *, transformer: nn.Module, num_mask_tokens: int, dim: int) -> None:
         super().__init__()
-        self.transformer = transformer
+        self.layers = copy.deepcopy(transformer.layers)
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(num_mask_tokens, dim)
 
     def copy_from(self, mask_decoder: nn.Module) -> None:
-        """Take the transformer and output tokens of a SAM ``MaskDecoder`` with as many mask tokens."""
-        parts = ("transformer.", "iou_token.", "mask_tokens.")
-        state = {k: v.detach().clone() for k, v in mask_decoder.state_dict().items() if k.startswith(parts)}
+        """Take the two-way blocks and output tokens of a SAM ``MaskDecoder`` with as many mask tokens."""
+        renamed = {"transformer.layers.": "layers.", "iou_token.": "iou_token.", "mask_tokens.": "mask_tokens."}
+        state = {}
+        for key, value in mask_decoder.state_dict().items():
+            for prefix, own in renamed.items():
+                if key.startswith(prefix):
+                    state[own + key[len(prefix):]] = value.detach().clone()
         self.load_state_dict(state, strict=True)
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse_prompts: torch.Tensor,
                 dense_prompts: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = image_embedding.shape
-        _, source = self.transformer(image_embedding + dense_prompts, image_pe.expand(batch, -1, -1, -1),
-                                     decoder_tokens(self, sparse_prompts))
-        return source.transpose(1, 2).reshape(batch, channels, height, width)
+        tokens = decoder_tokens(self, sparse_prompts)
+        keys = (image_embedding + dense_prompts).flatten(2).transpose(1, 2)
+        key_pe = image_pe.expand(batch, -1, -1, -1).flatten(2).transpose(1, 2)
+        queries = tokens
+        for block in self.layers:
+            queries, keys = two_way_block(block, queries, keys, tokens, key_pe)
+        return keys.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 def top_down_fusion(projected: Sequence[torch.Tensor], decode: Callable[[int, torch.Tensor], torch.Tensor], *,

@@ -4,7 +4,8 @@ SAMed, H-SAM and HSP-SAM fine-tune SAM's encoder this way: the fused ``qkv`` lin
 frozen and each of q and v gets a trainable low-rank update ``B A x`` (A: dim -> r, B: r -> dim,
 B zero-initialised so the encoder is unchanged at the start).
 
-The update is attached with a forward hook on the ``qkv`` linear instead of wrapping it, so the
+The update goes into each attention layer's ``qkv`` adapter slot
+(:class:`samunet.backbones.base.AttentionAdapters`) instead of wrapping the linear, so the
 encoder's state_dict keeps the released checkpoint's tensor names (strict loading keeps
 working) and the LoRA tensors live in their own module (``network.lora.*``).
 """
@@ -15,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from samunet.backbones.base import QKVProjection
+from samunet.backbones.base import QKVProjection, fill_slots
 
 
 class QVLoRA(nn.Module):
@@ -42,16 +43,12 @@ class QVLoRA(nn.Module):
             nn.init.zeros_(up.weight)
         self.register_buffer("q_channels", projection.q_channels.clone().long(), persistent=False)
         self.register_buffer("v_channels", projection.v_channels.clone().long(), persistent=False)
-        self._hook = linear.register_forward_hook(self._add_update)
+        fill_slots(projection.owner, qkv=self)
 
-    def _add_update(self, module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
-        output = output.index_add(-1, self.q_channels, self.q_up(self.q_down(x)), alpha=self.scale)
-        return output.index_add(-1, self.v_channels, self.v_up(self.v_down(x)), alpha=self.scale)
-
-    def remove(self) -> None:
-        """Detach the update from the linear (the module then does nothing)."""
-        self._hook.remove()
+    def forward(self, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """The linear's input x (..., dim) and output qkv (..., 3*dim') -> qkv with the q and v updates added."""
+        qkv = qkv.index_add(-1, self.q_channels, self.q_up(self.q_down(x)), alpha=self.scale)
+        return qkv.index_add(-1, self.v_channels, self.v_up(self.v_down(x)), alpha=self.scale)
 
 
 def add_qv_lora(projections: list[QKVProjection], *, rank: int, alpha: float | None = None) -> nn.ModuleList:

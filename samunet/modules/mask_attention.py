@@ -14,9 +14,9 @@ whole value path (``V W_o + b_o``) is what M scales: with M = 0 the message is e
 queries stay unchanged, with M = 1 it is exactly SAM's cross-attention (the softmax rows sum to 1,
 so folding the bias into the values changes nothing there).
 
-:func:`mask_guided_two_way_transformer` runs a segment-anything ``TwoWayTransformer`` with its
-own weights and every token-to-image attention (both blocks and the final one) mask-guided; the
-image-to-token attention is left as it is.
+:func:`samunet.modules.two_way_transformer.run_two_way_transformer` uses
+:func:`token_to_image_message` for every token-to-image attention of SAM's two-way transformer
+(both blocks and the final one); the image-to-token attention is left as it is.
 """
 from __future__ import annotations
 
@@ -39,17 +39,19 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def masked_cross_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor, mode: str) -> torch.Tensor:
+def token_to_image_message(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None, mode: str) -> torch.Tensor:
     """The attention message of SAM ``Attention`` ``attention`` from queries to keys, guided by ``mask``.
 
-    q: (B, Nq, C); k, v: (B, Nk, C); mask: (B, Nq, Nk) in [0, 1]. Returns (B, Nq, C), to be added
-    to the queries by the caller.
+    q: (B, Nq, C); k, v: (B, Nk, C); mask: (B, Nq, Nk) in [0, 1] (ignored, and may be None, in mode
+    "none": SAM's plain attention). Returns (B, Nq, C), to be added to the queries by the caller.
     """
     if mode not in MASK_ATTENTION_MODES:
         raise ValueError(f"mask attention mode must be one of {MASK_ATTENTION_MODES}, got {mode!r}")
     if mode == "none":
         return attention(q=q, k=k, v=v)
+    if mask is None:
+        raise ValueError(f"mask attention mode {mode!r} needs a mask")
     heads = attention.num_heads
     queries = _split_heads(attention.q_proj(q), heads)
     keys = _split_heads(attention.k_proj(k), heads)
@@ -64,38 +66,3 @@ def masked_cross_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tenso
     message = F.linear(_merge_heads(weights @ values), attention.out_proj.weight)
     mass = weights.sum(dim=-1).mean(dim=1).unsqueeze(-1)  # (B, Nq, 1): 1 where M = 1, 0 where M = 0
     return message + mass * attention.out_proj.bias
-
-
-def _block(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
-           key_pe: torch.Tensor, mask: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One segment-anything ``TwoWayAttentionBlock`` with its token-to-image attention mask-guided."""
-    if block.skip_first_layer_pe:
-        queries = block.self_attn(q=queries, k=queries, v=queries)
-    else:
-        q = queries + query_pe
-        queries = queries + block.self_attn(q=q, k=q, v=queries)
-    queries = block.norm1(queries)
-    queries = block.norm2(queries + masked_cross_attention(block.cross_attn_token_to_image, queries + query_pe,
-                                                           keys + key_pe, keys, mask, mode))
-    queries = block.norm3(queries + block.mlp(queries))
-    q, k = queries + query_pe, keys + key_pe
-    keys = block.norm4(keys + block.cross_attn_image_to_token(q=k, k=q, v=queries))
-    return queries, keys
-
-
-def mask_guided_two_way_transformer(transformer: nn.Module, image_embedding: torch.Tensor, image_pe: torch.Tensor,
-                                    tokens: torch.Tensor, token_masks: torch.Tensor,
-                                    mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run SAM's ``TwoWayTransformer`` with mask-guided token-to-image attention.
-
-    image_embedding, image_pe: (B, C, h, w); tokens: (B, N, C); token_masks: (B, N, h*w) in [0, 1].
-    Returns (tokens (B, N, C), image tokens (B, h*w, C)), as ``TwoWayTransformer.forward`` does.
-    """
-    keys = image_embedding.flatten(2).transpose(1, 2)
-    key_pe = image_pe.flatten(2).transpose(1, 2)
-    queries = tokens
-    for block in transformer.layers:
-        queries, keys = _block(block, queries, keys, tokens, key_pe, token_masks, mode)
-    message = masked_cross_attention(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys,
-                                     token_masks, mode)
-    return transformer.norm_final_attn(queries + message), keys

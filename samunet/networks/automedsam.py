@@ -13,8 +13,10 @@
 - ``uncertainty``: the loss's learnable s_i, kept here so checkpoints, ``--c`` and fold loading carry
   them; inference never uses them.
 
-``forward_class(x, k)`` is the training path. ``forward(x)`` runs every foreground class (or the ones
-set with :meth:`set_predict_classes`) and returns K-channel log-probabilities for nnU-Net:
+``forward(x, class_labels=k)`` is the training path (one prompted class per image, returning a
+:class:`ClassPrediction`); trainers call it through the (possibly DDP-wrapped or compiled) network.
+``forward(x)`` runs every foreground class (or the ones set with :meth:`set_predict_classes`) and
+returns K-channel log-probabilities for nnU-Net:
 p_k = sigmoid(logit_k) for k >= 1 (0 for unselected classes), p_0 = 1 - max_k p_k, normalised to
 sum 1. Argmax therefore gives class k where p_k > 0.5 and is the largest; overlaps go to the most
 probable class.
@@ -28,10 +30,10 @@ import torch.nn.functional as F
 
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError
-from samunet.modules.decoders import decode_masks
+from samunet.modules.decoders import decode_masks, freeze_iou_head
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder
 from samunet.modules.uncertainty_loss import LOSS_TERMS, UncertaintyWeighting
-from samunet.networks.base import SAMSegmentationNetwork
+from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 
 
 class ClassPrediction(NamedTuple):
@@ -63,21 +65,16 @@ def parse_class_selection(selection: str, labels: dict[str, int | list[int]]) ->
 
 
 class AutoMedSAMNetwork(SAMSegmentationNetwork):
-    """Train: ``forward_class`` (B, C, S, S), k (B,) -> :class:`ClassPrediction`. Eval: ``forward``
-    (B, C, S, S) -> log-probabilities (B, K, S, S)."""
+    """Train: ``forward(x, class_labels=k)`` (B, C, S, S), k (B,) -> :class:`ClassPrediction`. Eval:
+    ``forward(x)`` (B, C, S, S) -> log-probabilities (B, K, S, S)."""
 
-    def __init__(self, *, input_channels: int, num_classes: int, backbone: str, img_size: int,
-                 intensity_ranges: list[list[float]], pixel_normalization: str | None = None,
-                 depth: int = 1, num_sparse_tokens: int = 2, num_timesteps: int = 1000,
-                 max_noise_scale: float = 1.0, deep_supervision: bool = False) -> None:
-        # ``depth`` (slices per stack) is planned for the stacked-slice methods; AutoMedSAM sees single slices.
-        if num_classes < 2:
+    def __init__(self, config: SAMNetworkConfig, *, num_sparse_tokens: int = 2, num_timesteps: int = 1000,
+                 max_noise_scale: float = 1.0) -> None:
+        if config.num_classes < 2:
             raise ConfigurationError("AutoMedSAM needs at least one foreground class")
-        super().__init__(input_channels=input_channels, num_classes=num_classes, backbone=backbone,
-                         img_size=img_size, intensity_ranges=intensity_ranges,
-                         pixel_normalization=pixel_normalization, deep_supervision=deep_supervision)
+        super().__init__(config)
         self.class_prompt_encoder = DiffusionClassPromptEncoder(
-            num_classes=num_classes - 1, embed_dim=get_backbone_spec(backbone).prompt_dim,
+            num_classes=config.num_classes - 1, embed_dim=get_backbone_spec(config.backbone).prompt_dim,
             embedding_size=self.prompt_encoder.image_embedding_size, num_sparse_tokens=num_sparse_tokens,
             num_timesteps=num_timesteps, max_noise_scale=max_noise_scale)
         self.uncertainty = UncertaintyWeighting(num_terms=len(LOSS_TERMS))
@@ -85,12 +82,8 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        self.requires_grad_(False)
-        self.class_prompt_encoder.requires_grad_(True)
-        self.mask_decoder.requires_grad_(True)
-        self.uncertainty.requires_grad_(True)
-        if self.input_stage.channel_mixer is not None:
-            self.input_stage.channel_mixer.requires_grad_(True)
+        self.train_only(self.class_prompt_encoder, self.mask_decoder, self.uncertainty)
+        freeze_iou_head(self.mask_decoder)
 
     def set_predict_classes(self, classes: Sequence[int] | None) -> None:
         """Label values that ``forward`` predicts (None: all); the others get probability 0."""
@@ -117,9 +110,6 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
             logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
         return ClassPrediction(mask_logits=logits, sparse=sparse, dense=dense)
 
-    def forward_class(self, x: torch.Tensor, class_labels: torch.Tensor) -> ClassPrediction:
-        """(B, C_in, S, S), label values (B,) -> binary mask logits of those classes and their prompts."""
-        return self.decode_class(self.encode(x), class_labels, x.shape[-2:])
 
     @torch.no_grad()
     def whole_image_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +125,13 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
         encoder's S x S image) -> sparse (B, 2, C), dense (B, C, h, w)."""
         return self.prompt_encoder(points=None, boxes=boxes[:, None], masks=None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor | ClassPrediction:
+        """x: (B, C_in, S, S). With label values ``class_labels`` (B,) in 1..K-1: the binary mask logits of
+        those classes and their prompts (training). Without: log-probabilities (B, K, S, S) of every
+        selected class, merged as the module docstring says."""
         embedding = self.encode(x)
+        if class_labels is not None:
+            return self.decode_class(embedding, class_labels, x.shape[-2:])
         classes = self.predict_classes or list(range(1, self.num_classes))
         probabilities = x.new_zeros(x.shape[0], self.num_classes, *x.shape[-2:], dtype=torch.float32)
         for label in classes:

@@ -10,9 +10,12 @@
   loading, with CMAttn on its input embedding (:mod:`samunet.modules.cmattn`), mask-guided
   token-to-image attention driven by stage 1's probabilities (:mod:`samunet.modules.mask_attention`)
   and the hierarchical pixel decoder to full resolution (:mod:`samunet.modules.pixel_decoder`).
-- Output: with ``deep_supervision`` [stage-2 logits (full), stage-1 logits (native)]; without it the
-  log of the mean of both stages' softmax probabilities (stage 1 upsampled), so nnU-Net's
-  softmax/argmax gives the averaged decision.
+- Output: the log of the mean of both stages' softmax probabilities (stage 1 upsampled), so
+  nnU-Net's softmax/argmax gives the averaged decision (Sec. 3.5); with ``deep_supervision`` the
+  list [that average, stage-2 logits (full), stage-1 logits (native)]: nnU-Net validates and ranks
+  checkpoints on the first entry, so it rates what is deployed, and the loss uses the other two.
+- In training the forward takes the label map too: CMAttn's noise (Eq. 1) is drawn by each pixel's
+  ground-truth class.
 
 Each of the three stage-2 parts can be switched off for the paper's Tables 4 and 5.
 """
@@ -29,12 +32,13 @@ from torch import nn
 
 from samunet.errors import ConfigurationError
 from samunet.modules.cmattn import ClassBalancedMaskAttention
-from samunet.modules.decoders import (decoder_tokens, default_dense_prompt, empty_sparse_prompts,
+from samunet.modules.decoders import (decoder_tokens, default_dense_prompt, empty_sparse_prompts, freeze_iou_head,
                                       hypernetwork_masks)
 from samunet.modules.lora import add_qv_lora
-from samunet.modules.mask_attention import MASK_ATTENTION_MODES, mask_guided_two_way_transformer
+from samunet.modules.mask_attention import MASK_ATTENTION_MODES
 from samunet.modules.pixel_decoder import HierarchicalPixelDecoder, sam_upscaling_levels
-from samunet.networks.base import SAMSegmentationNetwork
+from samunet.modules.two_way_transformer import run_two_way_transformer
+from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.sam_import import sam_modeling
 
 logger = logging.getLogger(__name__)
@@ -56,8 +60,9 @@ def decode_stage_one(decoder: nn.Module, image_embedding: torch.Tensor, image_pe
     image_embedding: (B, C, h, w); image_pe, dense_prompt: (1, C, h, w); sparse_prompts: (B, N, C).
     """
     batch, channels, height, width = image_embedding.shape
-    hidden, image_tokens = decoder.transformer(image_embedding + dense_prompt, image_pe.expand(batch, -1, -1, -1),
-                                               decoder_tokens(decoder, sparse_prompts))
+    hidden, image_tokens = run_two_way_transformer(decoder.transformer, image_embedding + dense_prompt,
+                                                   image_pe.expand(batch, -1, -1, -1),
+                                                   decoder_tokens(decoder, sparse_prompts))
     class_tokens = hidden[:, 1:1 + decoder.num_mask_tokens]
     mask_feature = (class_tokens @ image_tokens.transpose(1, 2)).view(batch, -1, height, width)
     grid = image_tokens.transpose(1, 2).reshape(batch, channels, height, width)
@@ -111,14 +116,18 @@ class HSAMStageTwoDecoder(nn.Module):
         logger.info("stage-2 decoder: %d of %d tensors initialised from stage 1", len(shared), len(own))
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse_prompts: torch.Tensor,
-                dense_prompt: torch.Tensor, stage_one: StageOneOutput) -> torch.Tensor:
+                dense_prompt: torch.Tensor, stage_one: StageOneOutput,
+                ground_truth: torch.Tensor | None = None) -> torch.Tensor:
+        """ground_truth: the label map (B, 1, H, W) for CMAttn's training noise (None in eval)."""
         batch, channels, height, width = image_embedding.shape
         if self.cmattn is not None:
-            image_embedding = self.cmattn(image_embedding, stage_one.mask_feature)
+            image_embedding = self.cmattn(image_embedding, stage_one.mask_feature, ground_truth)
         tokens = decoder_tokens(self, sparse_prompts)
-        hidden, image_tokens = mask_guided_two_way_transformer(
+        token_masks = (None if self.mask_attention == "none"
+                       else self.token_masks(stage_one.logits, (height, width), tokens.shape[1]))
+        hidden, image_tokens = run_two_way_transformer(
             self.transformer, image_embedding + dense_prompt, image_pe.expand(batch, -1, -1, -1), tokens,
-            self.token_masks(stage_one.logits, (height, width), tokens.shape[1]), self.mask_attention)
+            token_masks=token_masks, mask_mode=self.mask_attention)
         class_tokens = hidden[:, 1:1 + self.num_mask_tokens]
         grid = image_tokens.transpose(1, 2).reshape(batch, channels, height, width)
         if self.pixel_decoder is not None:
@@ -138,28 +147,22 @@ class HSAMStageTwoDecoder(nn.Module):
 
 
 class HSAMNetwork(SAMSegmentationNetwork):
-    """(B, C, S, S) -> [stage-2 logits (B, K, S, S), stage-1 logits (B, K, 4h, 4w)] with deep
-    supervision, else log of the two stages' mean probabilities (B, K, S, S)."""
+    """(B, C, S, S) -> log of the two stages' mean probabilities (B, K, S, S); with deep supervision
+    [that, stage-2 logits (B, K, S, S), stage-1 logits (B, K, 4h, 4w)]."""
 
-    def __init__(self, *, input_channels: int, num_classes: int, backbone: str, img_size: int,
-                 intensity_ranges: list[list[float]], pixel_normalization: str | None = None,
-                 depth: int = 1, lora_rank: int = 4, mask_attention: str = "learnable",
+    def __init__(self, config: SAMNetworkConfig, *, lora_rank: int = 4, mask_attention: str = "learnable",
                  hierarchical_pixel_decoder: bool = True, cmattn: bool = True,
-                 class_frequencies: list[float] | None = None, max_noise_std: float = 0.1,
-                 deep_supervision: bool = False) -> None:
-        # ``depth`` (slices per stack) is planned for the stacked-slice methods; H-SAM sees single slices.
-        super().__init__(input_channels=input_channels, num_classes=num_classes, backbone=backbone,
-                         img_size=img_size, intensity_ranges=intensity_ranges,
-                         pixel_normalization=pixel_normalization, num_mask_tokens=num_classes,
-                         deep_supervision=deep_supervision)
+                 class_frequencies: list[float] | None = None, max_noise_std: float = 0.1) -> None:
+        super().__init__(config, num_mask_tokens=config.num_classes)
         stride = self.image_encoder.embedding_stride
         num_upsamplings = round(math.log2(stride / 4)) if stride >= 4 else -1
         if num_upsamplings < 0 or 4 * 2 ** num_upsamplings != stride:
-            raise ConfigurationError(f"H-SAM needs an embedding stride of 4 * 2**n, backbone {backbone} has {stride}")
+            raise ConfigurationError(f"H-SAM needs an embedding stride of 4 * 2**n, backbone {config.backbone} "
+                                     f"has {stride}")
         self.stage_one_scale = 4 / stride
         self.lora = add_qv_lora(self.image_encoder.qkv_projections(), rank=lora_rank)
         self.stage2_decoder = HSAMStageTwoDecoder(
-            stage_one=self.mask_decoder, num_classes=num_classes, mask_attention=mask_attention,
+            stage_one=self.mask_decoder, num_classes=config.num_classes, mask_attention=mask_attention,
             hierarchical_pixel_decoder=hierarchical_pixel_decoder, cmattn=cmattn, num_upsamplings=num_upsamplings,
             max_noise_std=max_noise_std)
         if class_frequencies is not None:
@@ -167,8 +170,9 @@ class HSAMNetwork(SAMSegmentationNetwork):
         self.set_trainable()
 
     def deep_supervision_scales(self) -> list[list[float]]:
-        """Stage 2 at full resolution, stage 1 at the decoder's native scale (1/4 for a ViT)."""
-        return [[1.0, 1.0], [self.stage_one_scale, self.stage_one_scale]]
+        """The deployed average and stage 2 at full resolution, stage 1 at the decoder's native scale
+        (1/4 for a ViT)."""
+        return [[1.0, 1.0], [1.0, 1.0], [self.stage_one_scale, self.stage_one_scale]]
 
     def set_class_frequencies(self, frequencies: torch.Tensor | list[float]) -> None:
         """Class frequencies of the training data for CMAttn's class-balanced noise (kept in the state_dict)."""
@@ -178,13 +182,8 @@ class HSAMNetwork(SAMSegmentationNetwork):
         self.stage2_decoder.cmattn.set_class_frequencies(frequencies)
 
     def set_trainable(self) -> None:
-        self.requires_grad_(False)
-        self.lora.requires_grad_(True)
-        self.mask_decoder.requires_grad_(True)
-        self.stage2_decoder.requires_grad_(True)
-        self.prompt_encoder.no_mask_embed.requires_grad_(True)
-        if self.input_stage.channel_mixer is not None:
-            self.input_stage.channel_mixer.requires_grad_(True)
+        self.train_only(self.lora, self.mask_decoder, self.stage2_decoder, self.prompt_encoder.no_mask_embed)
+        freeze_iou_head(self.mask_decoder)
 
     def load_pretrained(self, state_dict, source: str = "checkpoint") -> None:
         """Load the released SAM parts, then start stage 2 from the loaded stage-1 decoder."""
@@ -199,15 +198,17 @@ class HSAMNetwork(SAMSegmentationNetwork):
         mean = (stage_two_logits.float().softmax(dim=1) + stage_one.softmax(dim=1)) / 2
         return mean.clamp_min(1e-12).log()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """x: (B, C, S, S); target: the label map (B, 1, S, S), needed in training by CMAttn (Eq. 1)."""
         embedding = self.image_encoder(self.input_stage(x)).embedding
         image_pe = self.prompt_encoder.get_dense_pe()
         sparse = empty_sparse_prompts(self.prompt_encoder, x.shape[0])
         dense = default_dense_prompt(self.prompt_encoder)
         stage_one = decode_stage_one(self.mask_decoder, embedding, image_pe, sparse, dense)
-        stage_two = self.stage2_decoder(embedding, image_pe, sparse, dense, stage_one)
+        stage_two = self.stage2_decoder(embedding, image_pe, sparse, dense, stage_one, target)
         if stage_two.shape[-2:] != x.shape[-2:]:
             stage_two = F.interpolate(stage_two, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        deployed = self.average_stages(stage_two, stage_one.logits)
         if self.deep_supervision:
-            return [stage_two, stage_one.logits]
-        return self.average_stages(stage_two, stage_one.logits)
+            return [deployed, stage_two, stage_one.logits]
+        return deployed

@@ -2,7 +2,8 @@
 
 Frozen image encoder with rank-32 LoRA on q and v of every attention layer. Per hierarchy level
 j (the blocks up to each global-attention block of a ViT; each attention stage of TinyViT):
-c learnable Q prompts that take part in the level's attention, A_j = MLP_j(f_j(Q_j)) as the
+c learnable Q prompts (c = the number of foreground classes by default) that take part in the
+level's attention, A_j = MLP_j(f_j(Q_j)) as the
 level's decoder prompts (``modules/qa_prompts.py``), a neck to the decoder width and a
 mask-decoder block, fused top-down by eq. 6 (``modules/hierarchical_fusion.py``). The masks
 (one mask token per class, background included) come from level 1's decoder, upsampled to the
@@ -11,7 +12,6 @@ See docs/methods/hsp_sam.md for every choice the paper leaves open.
 """
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import torch
@@ -20,31 +20,26 @@ from torch import nn
 
 from samunet.backbones.neck import sam_neck
 from samunet.errors import ConfigurationError
-from samunet.modules.decoders import decode_masks, default_dense_prompt, empty_sparse_prompts
+from samunet.modules.decoders import decode_masks, default_dense_prompt, empty_sparse_prompts, freeze_iou_head
 from samunet.modules.hierarchical_fusion import ImageSideDecoderBlock, top_down_fusion
 from samunet.modules.lora import add_qv_lora
 from samunet.modules.qa_prompts import QAPrompts
-from samunet.networks.base import SAMSegmentationNetwork
+from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 
 
 class HSPSAMNetwork(SAMSegmentationNetwork):
     """(B, C, S, S) -> class logits (B, K, S, S).
 
-    ``num_prompts`` (c) defaults to the number of classes K and is independent of it.
+    ``num_prompts`` (c) defaults to the number of segmentation targets, the foreground classes
+    K - 1 (the paper sets the quantity "to match the number of segmentation targets c"), and can be
+    set independently of it.
     ``hierarchical=False`` keeps only level N (the encoder's own neck and embedding, SAM's
     decoder); ``skip_connections`` (the ``+ out_N`` term) needs the hierarchy.
     """
 
-    def __init__(self, *, input_channels: int, num_classes: int, backbone: str, img_size: int,
-                 intensity_ranges: list[list[float]], pixel_normalization: str | None = None,
-                 depth: int = 1, lora_rank: int = 32, num_prompts: int | None = None,
-                 qa_prompts: bool = True, hierarchical: bool = True, skip_connections: bool = True,
-                 deep_supervision: bool = False) -> None:
-        # ``depth`` (slices per stack) is planned for the stacked-slice methods; HSP-SAM sees single slices.
-        super().__init__(input_channels=input_channels, num_classes=num_classes, backbone=backbone,
-                         img_size=img_size, intensity_ranges=intensity_ranges,
-                         pixel_normalization=pixel_normalization, num_mask_tokens=num_classes,
-                         deep_supervision=deep_supervision)
+    def __init__(self, config: SAMNetworkConfig, *, lora_rank: int = 32, num_prompts: int | None = None,
+                 qa_prompts: bool = True, hierarchical: bool = True, skip_connections: bool = True) -> None:
+        super().__init__(config, num_mask_tokens=config.num_classes)
         if skip_connections and not hierarchical:
             raise ConfigurationError("skip connections join hierarchy levels: they need hierarchical=True")
         encoder = self.image_encoder
@@ -56,7 +51,7 @@ class HSPSAMNetwork(SAMSegmentationNetwork):
         self.lora = add_qv_lora(encoder.qkv_projections(), rank=lora_rank)
         self.qa_prompts: nn.ModuleList | None = None
         if qa_prompts:
-            count = num_prompts if num_prompts is not None else num_classes
+            count = num_prompts if num_prompts is not None else max(config.num_classes - 1, 1)
             self.qa_prompts = nn.ModuleList(
                 QAPrompts(num_prompts=count, encoder_dim=level_dims[j], decoder_dim=decoder_dim)
                 for j in self.levels)
@@ -64,19 +59,16 @@ class HSPSAMNetwork(SAMSegmentationNetwork):
         self.level_necks = nn.ModuleList(sam_neck(level_dims[j], decoder_dim) for j in self.levels[:-1])
         # Dec_1 is SAM's mask decoder (``mask_decoder``); levels 2..N have image-side blocks
         self.level_decoders = nn.ModuleList(
-            ImageSideDecoderBlock(transformer=copy.deepcopy(self.mask_decoder.transformer),
-                                  num_mask_tokens=num_classes, dim=decoder_dim)
+            ImageSideDecoderBlock(transformer=self.mask_decoder.transformer, num_mask_tokens=config.num_classes,
+                                  dim=decoder_dim)
             for _ in self.levels[1:])
         self._copy_pretrained_into_levels()
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        self.requires_grad_(False)
-        for module in (self.lora, self.qa_prompts, self.level_necks, self.level_decoders, self.mask_decoder,
-                       self.input_stage.channel_mixer):
-            if module is not None:
-                module.requires_grad_(True)
-        self.prompt_encoder.no_mask_embed.requires_grad_(True)
+        self.train_only(self.lora, self.qa_prompts, self.level_necks, self.level_decoders, self.mask_decoder,
+                        self.prompt_encoder.no_mask_embed)
+        freeze_iou_head(self.mask_decoder)
 
     def load_pretrained(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load the released checkpoint, then start every level's decoder block and neck from it."""

@@ -9,32 +9,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from samunet.modules.decoders import decode_masks, default_dense_prompt, empty_sparse_prompts
+from samunet.modules.decoders import decode_masks, default_dense_prompt, empty_sparse_prompts, freeze_iou_head
 from samunet.modules.lora import add_qv_lora
-from samunet.networks.base import SAMSegmentationNetwork
+from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 
 
 class SAMedNetwork(SAMSegmentationNetwork):
     """(B, C, S, S) -> class logits (B, K, S, S)."""
 
-    def __init__(self, *, input_channels: int, num_classes: int, backbone: str, img_size: int,
-                 intensity_ranges: list[list[float]], pixel_normalization: str | None = None,
-                 depth: int = 1, lora_rank: int = 4, deep_supervision: bool = False) -> None:
-        # ``depth`` (slices per stack) is planned for the stacked-slice methods; SAMed sees single slices.
-        super().__init__(input_channels=input_channels, num_classes=num_classes, backbone=backbone,
-                         img_size=img_size, intensity_ranges=intensity_ranges,
-                         pixel_normalization=pixel_normalization, num_mask_tokens=num_classes,
-                         deep_supervision=deep_supervision)
+    def __init__(self, config: SAMNetworkConfig, *, lora_rank: int = 4) -> None:
+        super().__init__(config, num_mask_tokens=config.num_classes)
         self.lora = add_qv_lora(self.image_encoder.qkv_projections(), rank=lora_rank)
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        self.requires_grad_(False)
-        self.lora.requires_grad_(True)
-        self.mask_decoder.requires_grad_(True)
-        self.prompt_encoder.no_mask_embed.requires_grad_(True)
-        if self.input_stage.channel_mixer is not None:
-            self.input_stage.channel_mixer.requires_grad_(True)
+        self.train_only(self.lora, self.mask_decoder, self.prompt_encoder.no_mask_embed)
+        freeze_iou_head(self.mask_decoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = self.image_encoder(self.input_stage(x)).embedding

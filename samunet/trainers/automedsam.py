@@ -24,8 +24,6 @@ import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from samunet.errors import ConfigurationError
@@ -117,34 +115,16 @@ class AutoMedSAMTrainer(SAMTrainerBase):
         return {"labels": labels, "present": present, "mask": mask, "distance_maps": signed_distance_maps(mask),
                 "boxes": mask_boxes(mask[:, 0] > 0) * scale}
 
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+    def forward_and_loss(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """One sampled class per image, decoded through ``self.network`` (the module that trains), and the
+        uncertainty-weighted joint loss against that class's mask and the frozen teacher's prompts."""
         targets = self.class_targets(target)
-        module = self.network_module
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            prediction = module.forward_class(data, targets["labels"])
-            teacher_sparse, teacher_dense = module.teacher_prompts(targets["boxes"])
-            joint = self.joint_loss(mask_logits=prediction.mask_logits, target=targets["mask"],
-                                    distance_maps=targets["distance_maps"], sparse=prediction.sparse,
-                                    dense=prediction.dense, teacher_sparse=teacher_sparse,
-                                    teacher_dense=teacher_dense, present=targets["present"])
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(joint.total).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            joint.total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        loss = joint.total.detach().cpu().numpy()
-        if self._epoch_progress is not None:
-            self._epoch_progress.update(1)
-            self._epoch_progress.set_postfix(loss=f"{float(loss):.3f}")
-        return {"loss": loss}
+        prediction = self.network(data, class_labels=targets["labels"])
+        teacher_sparse, teacher_dense = self.network_module.teacher_prompts(targets["boxes"])
+        return self.joint_loss(mask_logits=prediction.mask_logits, target=targets["mask"],
+                               distance_maps=targets["distance_maps"], sparse=prediction.sparse,
+                               dense=prediction.dense, teacher_sparse=teacher_sparse, teacher_dense=teacher_dense,
+                               present=targets["present"]).total
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)

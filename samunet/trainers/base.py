@@ -6,6 +6,13 @@ What it adds to nnunetv2's trainer:
   inference rebuilds the network and then loads the whole trained checkpoint;
 - the optimiser sees only trainable parameters;
 - deep supervision is asked of the network (``deep_supervision_scales``), not of a U-Net decoder;
+- one training step for every method (:meth:`SAMTrainerBase.train_step`): a method changes only
+  what its network is given and how the loss is computed (:meth:`SAMTrainerBase.forward_and_loss`),
+  and the forward always goes through ``self.network``, the (compiled, DDP-wrapped) module that trains;
+- training phases (:meth:`SAMTrainerBase.training_phase_starts`): a method whose modules start
+  learning later (Self-Prompt-SAM) keeps them frozen until their phase begins;
+- the final validation runs with the predictor the trainer names (``predictor_class``), on
+  nnunetv2's public entry points (:mod:`samunet.trainers.validation`);
 - hyper-parameters are class attributes that ``samunet_train`` can override; the overrides are
   a constructor argument, so nnunetv2 records them in the checkpoint's ``init_args`` and ``--c``
   restores them;
@@ -23,20 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
+from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
 import samunet
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError, SamunetError
-from samunet.networks.base import SAMSegmentationNetwork
+from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.registry import TRAINERS
+from samunet.trainers.validation import run_final_validation
 from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -129,9 +138,11 @@ class SAMTrainerBase(nnUNetTrainer):
         network_class = pydoc.locate(class_name)
         if network_class is None:
             raise ImportError(f"network class {class_name!r} (from the plans or {cls.__name__}) cannot be imported")
-        kwargs = {**architecture["arch_kwargs"], **cls.network_kwargs}
-        return network_class(input_channels=num_input_channels, num_classes=num_output_channels,
-                             deep_supervision=enable_deep_supervision and cls.uses_deep_supervision, **kwargs)
+        config, options = SAMNetworkConfig.split({
+            **architecture["arch_kwargs"], **cls.network_kwargs, "input_channels": num_input_channels,
+            "num_classes": num_output_channels,
+            "deep_supervision": enable_deep_supervision and cls.uses_deep_supervision})
+        return network_class(config, **options)
 
     @classmethod
     def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:
@@ -192,18 +203,59 @@ class SAMTrainerBase(nnUNetTrainer):
                                         momentum=0.99, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    # ---- progress -------------------------------------------------------------------------
+    # ---- training phases --------------------------------------------------------------------
+    def training_phase_starts(self) -> tuple[int, ...]:
+        """Epochs at which a training phase begins, ascending, the first 0. One phase by default."""
+        return (0,)
+
+    def training_phase(self, epoch: int) -> int:
+        """Index of the phase ``epoch`` belongs to."""
+        return sum(start <= epoch for start in self.training_phase_starts()) - 1
+
+    def enter_training_phase(self, phase: int) -> None:
+        """Make the network train what phase ``phase`` trains (``on_train_epoch_start`` calls it every
+        epoch). One phase: nothing changes."""
+
+    # ---- one training step ------------------------------------------------------------------
     def on_train_epoch_start(self):
+        self.enter_training_phase(self.training_phase(self.current_epoch))
         super().on_train_epoch_start()
         self._epoch_progress = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}",
                                     unit="it", leave=False, disable=self.local_rank != 0)
 
+    def forward_and_loss(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The training loss of one batch: ``self.loss(self.network(data), target)``. A method that
+        gives its network more than the image or computes its loss otherwise overrides this, and
+        still calls ``self.network`` (the module that trains: compiled, DDP-wrapped)."""
+        return self.loss(self.network(data), target)
+
     def train_step(self, batch: dict) -> dict:
-        result = super().train_step(batch)
+        """nnU-Net's step (autocast on CUDA, grad scaler, clipping at norm 12), around :meth:`forward_and_loss`."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.forward_and_loss(data, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        value = loss.detach().cpu().numpy()
         if self._epoch_progress is not None:
             self._epoch_progress.update(1)
-            self._epoch_progress.set_postfix(loss=f"{float(result['loss']):.3f}")
-        return result
+            self._epoch_progress.set_postfix(loss=f"{float(value):.3f}")
+        return {"loss": value}
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        run_final_validation(self, save_probabilities)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         if self._epoch_progress is not None:
@@ -286,16 +338,6 @@ def check_network_fits(meta: dict, network: nn.Module, source: str) -> None:
     if meta.get("stack_depth") not in (None, depth):
         raise CheckpointMismatchError(f"{source} was trained on stacks of {meta['stack_depth']} slices, this network "
                                       f"takes {depth}; pass --depth {meta['stack_depth']}")
-
-
-def network_variant(base: type[SAMTrainerBase], name: str, doc: str, **network_changes) -> type[SAMTrainerBase]:
-    """Register trainer ``name``: ``base`` with ``network_changes`` merged into its ``network_kwargs``
-    (an ablation or a setting of the same method). The class lives in ``base``'s module; the caller
-    puts it into that module's namespace so it is importable by dotted name too."""
-    kwargs = {**base.network_kwargs, **network_changes}
-    trainer = type(name, (base,), {"network_kwargs": kwargs, "__module__": base.__module__,
-                                   "__doc__": f"{doc}: {kwargs}"})
-    return TRAINERS.register()(trainer)
 
 
 def known_pixel_normalization(weights: str | None) -> str | None:

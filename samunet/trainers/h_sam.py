@@ -5,8 +5,11 @@ hierarchical pixel decoder, CMAttn). What the trainer adds (see docs/methods/h_s
 
 - Loss: per stage 0.1 CE + 0.9 Dice (the authors' Table 8, nnU-Net's ``DC_and_CE_loss``);
   total ``lw * L_stage1 + (1 - lw) * L_stage2`` with ``lw = 0.8 * exp(-0.005 * epoch)`` (Sec. 3,
-  "Training Loss"), updated at every epoch start. nnU-Net's deep-supervision targets give stage 2
-  the full-resolution label and stage 1 the label at the network's stage-1 scale.
+  "Training Loss"), updated at every epoch start. The network's deep-supervision outputs are
+  [deployed average, stage 2, stage 1]; nnU-Net's targets give the first two the full-resolution
+  label and stage 1 the label at the network's stage-1 scale. nnU-Net's online pseudo-Dice and
+  ``checkpoint_best.pth`` therefore rate the averaged output that prediction uses.
+- The training forward gets the label map too (CMAttn's noise is drawn by each pixel's class, Eq. 1).
 - Class frequencies for CMAttn's class-balanced noise: voxel counts per class over the training
   cases of the fold, measured in ``initialize()`` and kept in the network's state_dict (so in
   every checkpoint).
@@ -25,7 +28,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from samunet.errors import ConfigurationError
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase, network_variant
+from samunet.trainers.base import SAMTrainerBase
 
 STAGE_ONE_WEIGHT_START = 0.8
 STAGE_ONE_WEIGHT_DECAY = 0.005
@@ -40,8 +43,9 @@ def stage_one_weight(epoch: int, start: float = STAGE_ONE_WEIGHT_START, decay: f
 class TwoStageLoss(nn.Module):
     """``lw * loss(stage 1) + (1 - lw) * loss(stage 2)``.
 
-    outputs / targets: [stage 2 at full resolution, stage 1 at its scale] (nnU-Net's deep-supervision
-    order, full resolution first). ``stage_one_weight`` is lw and is set by the trainer.
+    outputs / targets: [deployed average, stage 2 at full resolution, stage 1 at its scale] (the
+    network's deep-supervision order, full resolution first); the average is not trained directly.
+    ``stage_one_weight`` is lw and is set by the trainer.
     """
 
     def __init__(self, stage_loss: nn.Module, stage_one_weight: float = STAGE_ONE_WEIGHT_START) -> None:
@@ -50,8 +54,8 @@ class TwoStageLoss(nn.Module):
         self.stage_one_weight = stage_one_weight
 
     def forward(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-        stage_two = self.stage_loss(outputs[0], targets[0])
-        stage_one = self.stage_loss(outputs[1], targets[1])
+        stage_two = self.stage_loss(outputs[1], targets[1])
+        stage_one = self.stage_loss(outputs[2], targets[2])
         return self.stage_one_weight * stage_one + (1 - self.stage_one_weight) * stage_two
 
 
@@ -143,26 +147,65 @@ class HSAMTrainer(SAMTrainerBase):
             self.loss.stage_one_weight = stage_one_weight(self.current_epoch)
             self.print_to_log_file(f"stage-1 loss weight lw: {self.loss.stage_one_weight:.4f}")
 
+    def forward_and_loss(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The label map goes into the forward as well: CMAttn draws its noise by each pixel's class."""
+        label_map = target[0] if isinstance(target, list) else target
+        return self.loss(self.network(data, label_map), target)
+
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
         self.lr_scheduler.step()
         return result
 
 
-def _ablation_trainer(mask_attention: str, hierarchical_pixel_decoder: bool, cmattn: bool) -> type[HSAMTrainer]:
-    name = (f"HSAMTrainer_{mask_attention}_{'hpd' if hierarchical_pixel_decoder else 'nohpd'}_"
-            f"{'cm' if cmattn else 'nocm'}")
-    return network_variant(HSAMTrainer, name, "H-SAM ablation", mask_attention=mask_attention,
-                           hierarchical_pixel_decoder=hierarchical_pixel_decoder, cmattn=cmattn)
+# Table 4 (learnable mask attention / hierarchical pixel decoder / CMAttn on or off; all on is HSAMTrainer)
+# and Table 5 (Mask2Former's binary mask attention). Each changes only the network's options.
+FULL_MODEL = HSAMTrainer.network_kwargs
 
 
-# Table 4 (learnable mask attention / hierarchical pixel decoder / CMAttn on or off; all on is
-# HSAMTrainer itself) and Table 5 (original binary mask attention).
-ABLATION_TRAINERS = {
-    trainer.__name__: trainer
-    for trainer in [_ablation_trainer(mask, hpd, cm)
-                    for mask in ("learnable", "none") for hpd in (True, False) for cm in (True, False)
-                    if (mask, hpd, cm) != ("learnable", True, True)]
-    + [_ablation_trainer("binary", False, False)]
-}
-globals().update(ABLATION_TRAINERS)  # importable by dotted name as well as through TRAINERS
+@TRAINERS.register()
+class HSAMTrainer_learnable_hpd_nocm(HSAMTrainer):
+    """Table 4: learnable mask attention, with the hierarchical pixel decoder, without CMAttn."""
+    network_kwargs = {**FULL_MODEL, "cmattn": False}
+
+
+@TRAINERS.register()
+class HSAMTrainer_learnable_nohpd_cm(HSAMTrainer):
+    """Table 4: learnable mask attention, without the hierarchical pixel decoder, with CMAttn."""
+    network_kwargs = {**FULL_MODEL, "hierarchical_pixel_decoder": False}
+
+
+@TRAINERS.register()
+class HSAMTrainer_learnable_nohpd_nocm(HSAMTrainer):
+    """Table 4: learnable mask attention, without the hierarchical pixel decoder, without CMAttn."""
+    network_kwargs = {**FULL_MODEL, "hierarchical_pixel_decoder": False, "cmattn": False}
+
+
+@TRAINERS.register()
+class HSAMTrainer_none_hpd_cm(HSAMTrainer):
+    """Table 4: plain cross-attention, with the hierarchical pixel decoder, with CMAttn."""
+    network_kwargs = {**FULL_MODEL, "mask_attention": "none"}
+
+
+@TRAINERS.register()
+class HSAMTrainer_none_hpd_nocm(HSAMTrainer):
+    """Table 4: plain cross-attention, with the hierarchical pixel decoder, without CMAttn."""
+    network_kwargs = {**FULL_MODEL, "mask_attention": "none", "cmattn": False}
+
+
+@TRAINERS.register()
+class HSAMTrainer_none_nohpd_cm(HSAMTrainer):
+    """Table 4: plain cross-attention, without the hierarchical pixel decoder, with CMAttn."""
+    network_kwargs = {**FULL_MODEL, "mask_attention": "none", "hierarchical_pixel_decoder": False}
+
+
+@TRAINERS.register()
+class HSAMTrainer_none_nohpd_nocm(HSAMTrainer):
+    """Table 4: plain cross-attention, without the hierarchical pixel decoder, without CMAttn."""
+    network_kwargs = {**FULL_MODEL, "mask_attention": "none", "hierarchical_pixel_decoder": False, "cmattn": False}
+
+
+@TRAINERS.register()
+class HSAMTrainer_binary_nohpd_nocm(HSAMTrainer):
+    """Table 5: binary (Mask2Former) mask attention, without the hierarchical pixel decoder, without CMAttn."""
+    network_kwargs = {**FULL_MODEL, "mask_attention": "binary", "hierarchical_pixel_decoder": False, "cmattn": False}

@@ -1,7 +1,7 @@
 """HSPSAMTrainer: Hierarchical Self-Prompting SAM (Q&A prompt pairs, hierarchical feature fusion).
 
 Network: ``samunet.networks.hsp_sam.HSPSAMNetwork`` (LoRA rank 32 on q and v of every encoder
-block, c = number of classes Q&A prompt pairs per hierarchy level, one decoder block and neck per
+block, c = number of foreground classes Q&A prompt pairs per hierarchy level, one decoder block and neck per
 level, eq. 6 fusion with skip connections). Loss: 0.8 Dice + 0.2 CE (the paper's alpha = 0.8),
 nnU-Net's Dice settings otherwise. Schedule: poly LR (0.9). Optimiser: the paper names none;
 AdamW with lr 1e-3 and weight decay 0.1 as for SAMed, whose LoRA fine-tuning HSP-SAM follows.
@@ -13,7 +13,7 @@ Table 5's ablations are trainers of their own (same network, flags in ``network_
 number of prompt pairs for the prompt-quantity study (1, 2, 4, 8, 16).
 """
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase, network_variant
+from samunet.trainers.base import SAMTrainerBase
 
 DICE_WEIGHT = 0.8  # alpha of the paper's loss (section 3.5)
 CE_WEIGHT = 1.0 - DICE_WEIGHT
@@ -64,10 +64,34 @@ class HSPSAMTrainer_NoQA(HSPSAMTrainer):
     network_kwargs = {**FULL_MODEL, "qa_prompts": False}
 
 
-# The prompt-quantity study: c Q&A prompt pairs per level.
-PROMPT_COUNT_TRAINERS = {
-    trainer.__name__: trainer for trainer in
-    [network_variant(HSPSAMTrainer, f"HSPSAMTrainer_{count}prompts", f"HSP-SAM with {count} prompt pair(s)",
-                     num_prompts=count) for count in (1, 2, 4, 8, 16)]
-}
-globals().update(PROMPT_COUNT_TRAINERS)  # importable by dotted name as well as through TRAINERS
+# The prompt-quantity study (Fig. 3): c Q&A prompt pairs per level, whatever the number of classes.
+
+
+@TRAINERS.register()
+class HSPSAMTrainer_1prompts(HSPSAMTrainer):
+    """The full model with 1 Q&A prompt pair per level."""
+    network_kwargs = {**FULL_MODEL, "num_prompts": 1}
+
+
+@TRAINERS.register()
+class HSPSAMTrainer_2prompts(HSPSAMTrainer):
+    """The full model with 2 Q&A prompt pairs per level."""
+    network_kwargs = {**FULL_MODEL, "num_prompts": 2}
+
+
+@TRAINERS.register()
+class HSPSAMTrainer_4prompts(HSPSAMTrainer):
+    """The full model with 4 Q&A prompt pairs per level."""
+    network_kwargs = {**FULL_MODEL, "num_prompts": 4}
+
+
+@TRAINERS.register()
+class HSPSAMTrainer_8prompts(HSPSAMTrainer):
+    """The full model with 8 Q&A prompt pairs per level."""
+    network_kwargs = {**FULL_MODEL, "num_prompts": 8}
+
+
+@TRAINERS.register()
+class HSPSAMTrainer_16prompts(HSPSAMTrainer):
+    """The full model with 16 Q&A prompt pairs per level."""
+    network_kwargs = {**FULL_MODEL, "num_prompts": 16}

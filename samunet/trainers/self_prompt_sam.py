@@ -13,8 +13,9 @@ docs/methods/self_prompt_sam.md):
   slices also get context on both sides. The batch size is the planned number of 2D images divided
   by D (at least 1 stack).
 - Loss: nnU-Net's CE + Dice on the MSPGenerator's levels, weights halving with each halving of
-  resolution and summing to 1; phase 1 (the first 20% of epochs) trains only that, phase 2 adds
-  CE + Dice on the MC-Adapter's output.
+  resolution and summing to 1; phase 1 (the first 20% of epochs) trains only that, and the modules
+  after the prompts (decoder depth embedding and adapters, MC-Adapter), which that loss cannot
+  reach, stay frozen; phase 2 adds CE + Dice on the MC-Adapter's output and trains them too.
 - Optimiser: nnU-Net's SGD (lr 0.01, momentum 0.99, nesterov), weight decay 3e-5, poly LR 0.9.
 - Ablation trainers S1-S8 of the paper's Table 4 (S9 is this trainer) and the prompt
   combinations of its Fig. 1; ``SelfPromptSAMTrainer_adamw`` for short schedules.
@@ -31,10 +32,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from samunet.errors import ConfigurationError
-from samunet.inference.slice_stack_predictor import SliceStackPredictor, validation_predictor
+from samunet.inference.slice_stack_predictor import SliceStackPredictor
 from samunet.modules.prompt_generators import deep_supervision_weights
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase, network_variant
+from samunet.trainers.base import SAMTrainerBase
 
 PHASE_ONE_FRACTION = 0.2
 
@@ -104,10 +105,6 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
     def predictor_class(cls) -> type:
         return SliceStackPredictor
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        with validation_predictor(SliceStackPredictor):
-            super().perform_actual_validation(save_probabilities)
-
     def _do_i_compile(self) -> bool:
         # The prompts come from a SciPy distance transform inside forward: torch.compile cannot trace it.
         return False
@@ -134,13 +131,17 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
     def phase_two_start(self) -> int:
         return phase_two_start_epoch(self.num_epochs)
 
-    def on_train_epoch_start(self):
-        phase_two = self.current_epoch >= self.phase_two_start
+    def training_phase_starts(self) -> tuple[int, ...]:
+        """Phase 1 (generator loss only) from epoch 0, phase 2 from ``phase_two_start``."""
+        return (0, self.phase_two_start)
+
+    def enter_training_phase(self, phase: int) -> None:
+        phase_two = phase == 1
         if phase_two != self.loss.include_output or self.current_epoch == 0:
             self.print_to_log_file("phase 2: generator + MC-Adapter output loss" if phase_two
                                    else f"phase 1 (until epoch {self.phase_two_start}): generator loss only")
         self.loss.include_output = phase_two
-        super().on_train_epoch_start()
+        self.network_module.set_trainable(train_decoder=phase_two)
 
 
 @TRAINERS.register()
@@ -154,27 +155,93 @@ class SelfPromptSAMTrainer_adamw(SelfPromptSAMTrainer):
     default_hyperparameters = {"initial_lr": 1e-3, "weight_decay": 0.01}
 
 
-_BASE = {"adapter": None, "depth_pos_embed": False, "madapter": False, "mc_adapter": False}
-# Table 4: each row adds one block to the previous (S9 is SelfPromptSAMTrainer).
-ABLATIONS = {
-    "S1": dict(_BASE, prompt_generator="stacked_cnn"),
-    "S2": dict(_BASE),
-    "S3": dict(_BASE, adapter="vanilla"),
-    "S4": dict(_BASE, adapter="depth_before"),
-    "S5": dict(_BASE, adapter="depth_after"),
-    "S6": dict(_BASE, adapter="dfused"),
-    "S7": dict(_BASE, adapter="dfused", depth_pos_embed=True),
-    "S8": dict(_BASE, adapter="dfused", depth_pos_embed=True, madapter=True),
-}
-# Fig. 1: the prompt kinds on or off (box + point + mask is SelfPromptSAMTrainer).
-PROMPT_COMBINATIONS = [("box",), ("point",), ("mask",), ("box", "point"), ("box", "mask"), ("point", "mask")]
+# Table 4: each row adds one block to the previous (S9 is SelfPromptSAMTrainer); only the network's options change.
+FULL_MODEL = SelfPromptSAMTrainer.network_kwargs
+_BASE = {**FULL_MODEL, "adapter": None, "depth_pos_embed": False, "madapter": False, "mc_adapter": False}
 
-ABLATION_TRAINERS = {
-    trainer.__name__: trainer for trainer in
-    [network_variant(SelfPromptSAMTrainer, f"SelfPromptSAMTrainer_{row}", f"Self-Prompt-SAM, Table 4 {row}", **changes)
-     for row, changes in ABLATIONS.items()]
-    + [network_variant(SelfPromptSAMTrainer, "SelfPromptSAMTrainer_" + "_".join(kinds),
-                       "Self-Prompt-SAM, prompts " + "+".join(kinds), prompts=list(kinds))
-       for kinds in PROMPT_COMBINATIONS]
-}
-globals().update(ABLATION_TRAINERS)  # importable by dotted name as well as through TRAINERS
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S1(SelfPromptSAMTrainer):
+    """Table 4, S1: stacked-CNN prompt generator on the image embedding, no adapters, no depth embeddings, no MAdapter, plain softmax."""
+    network_kwargs = dict(_BASE, prompt_generator="stacked_cnn")
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S2(SelfPromptSAMTrainer):
+    """Table 4, S2: MSPGenerator; no adapters, no depth embeddings, no MAdapter, plain softmax."""
+    network_kwargs = dict(_BASE)
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S3(SelfPromptSAMTrainer):
+    """Table 4, S3: S2 + vanilla adapters."""
+    network_kwargs = dict(_BASE, adapter="vanilla")
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S4(SelfPromptSAMTrainer):
+    """Table 4, S4: S2 + adapters with a depth MLP before them."""
+    network_kwargs = dict(_BASE, adapter="depth_before")
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S5(SelfPromptSAMTrainer):
+    """Table 4, S5: S2 + adapters with a depth MLP after them."""
+    network_kwargs = dict(_BASE, adapter="depth_after")
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S6(SelfPromptSAMTrainer):
+    """Table 4, S6: S2 + DFusedAdapters."""
+    network_kwargs = dict(_BASE, adapter="dfused")
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S7(SelfPromptSAMTrainer):
+    """Table 4, S7: S6 + depth positional embeddings."""
+    network_kwargs = dict(_BASE, adapter="dfused", depth_pos_embed=True)
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_S8(SelfPromptSAMTrainer):
+    """Table 4, S8: S7 + MAdapter (S9, with the MC-Adapter, is SelfPromptSAMTrainer)."""
+    network_kwargs = dict(_BASE, adapter="dfused", depth_pos_embed=True, madapter=True)
+
+
+# Fig. 1: the prompt kinds on or off (box + point + mask is SelfPromptSAMTrainer).
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_box(SelfPromptSAMTrainer):
+    """The full model prompted with box only (Fig. 1)."""
+    network_kwargs = {**FULL_MODEL, "prompts": ["box"]}
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_point(SelfPromptSAMTrainer):
+    """The full model prompted with point only (Fig. 1)."""
+    network_kwargs = {**FULL_MODEL, "prompts": ["point"]}
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_mask(SelfPromptSAMTrainer):
+    """The full model prompted with mask only (Fig. 1)."""
+    network_kwargs = {**FULL_MODEL, "prompts": ["mask"]}
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_box_point(SelfPromptSAMTrainer):
+    """The full model prompted with box + point only (Fig. 1)."""
+    network_kwargs = {**FULL_MODEL, "prompts": ["box", "point"]}
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_box_mask(SelfPromptSAMTrainer):
+    """The full model prompted with box + mask only (Fig. 1)."""
+    network_kwargs = {**FULL_MODEL, "prompts": ["box", "mask"]}
+
+
+@TRAINERS.register()
+class SelfPromptSAMTrainer_point_mask(SelfPromptSAMTrainer):
+    """The full model prompted with point + mask only (Fig. 1)."""
+    network_kwargs = {**FULL_MODEL, "prompts": ["point", "mask"]}

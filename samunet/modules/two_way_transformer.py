@@ -1,0 +1,88 @@
+"""SAM's two-way transformer run with explicit extension points, on its own weights.
+
+segment-anything's ``TwoWayTransformer.forward`` has no place for anything a method adds. This
+module runs the same submodules (state_dict names untouched) in the same order, and lets a
+network pass, per call:
+
+- ``adapters``: one :class:`TwoWayLayerAdapters` per two-way block (Self-Prompt-SAM's depth
+  adapters in the decoder), instead of forward hooks on segment-anything's modules;
+- ``token_masks`` with a ``mask_mode``: the token-to-image attention guided by a mask
+  (H-SAM's learnable mask cross-attention and its binary ablation,
+  :mod:`samunet.modules.mask_attention`).
+
+:func:`two_way_block` runs one block, for decoders that use only the blocks (HSP-SAM's image-side
+decoder blocks).
+
+With none of them it computes exactly what ``TwoWayTransformer.forward`` computes (tested).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from samunet.modules.mask_attention import token_to_image_message
+
+
+class TwoWayLayerAdapters(NamedTuple):
+    """Trainable modules inserted into one ``TwoWayAttentionBlock``.
+
+    ``after_image_attention`` maps the image-to-token attention output (N, h*w, C) before it is
+    added to the image tokens (serial, the adapter carries its own skip); ``parallel_mlp`` maps
+    the token MLP's input (N, T, C) to a term added to the MLP's output.
+    """
+
+    after_image_attention: Callable[[torch.Tensor], torch.Tensor] | None = None
+    parallel_mlp: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def two_way_block(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                  key_pe: torch.Tensor, *, adapters: TwoWayLayerAdapters | None = None,
+                  token_masks: torch.Tensor | None = None,
+                  mask_mode: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment-anything ``TwoWayAttentionBlock``: queries (N, T, C), keys (N, h*w, C) -> both updated."""
+    adapters = adapters or TwoWayLayerAdapters()
+    if block.skip_first_layer_pe:
+        queries = block.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + block.self_attn(q=q, k=q, v=queries)
+    queries = block.norm1(queries)
+    message = token_to_image_message(block.cross_attn_token_to_image, queries + query_pe, keys + key_pe, keys,
+                                     token_masks, mask_mode)
+    queries = block.norm2(queries + message)
+    mlp_out = block.mlp(queries)
+    if adapters.parallel_mlp is not None:
+        mlp_out = mlp_out + adapters.parallel_mlp(queries)
+    queries = block.norm3(queries + mlp_out)
+    q, k = queries + query_pe, keys + key_pe
+    image_update = block.cross_attn_image_to_token(q=k, k=q, v=queries)
+    if adapters.after_image_attention is not None:
+        image_update = adapters.after_image_attention(image_update)
+    return queries, block.norm4(keys + image_update)
+
+
+def run_two_way_transformer(transformer: nn.Module, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                            tokens: torch.Tensor, *, adapters: Sequence[TwoWayLayerAdapters] | None = None,
+                            token_masks: torch.Tensor | None = None,
+                            mask_mode: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Run SAM's ``TwoWayTransformer`` ``transformer`` with the extension points of the module docstring.
+
+    image_embedding, image_pe: (N, C, h, w); tokens: (N, T, C); token_masks: (N, T, h*w) in [0, 1] or
+    None; adapters: one per block or None. Returns (tokens (N, T, C), image tokens (N, h*w, C)) as
+    ``TwoWayTransformer.forward`` does.
+    """
+    layers = transformer.layers
+    if adapters is not None and len(adapters) != len(layers):
+        raise ValueError(f"expected one adapter set per two-way block ({len(layers)}), got {len(adapters)}")
+    keys = image_embedding.flatten(2).transpose(1, 2)
+    key_pe = image_pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for index, block in enumerate(layers):
+        queries, keys = two_way_block(block, queries, keys, tokens, key_pe,
+                                      adapters=adapters[index] if adapters is not None else None,
+                                      token_masks=token_masks, mask_mode=mask_mode)
+    message = token_to_image_message(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys,
+                                     token_masks, mask_mode)
+    return transformer.norm_final_attn(queries + message), keys

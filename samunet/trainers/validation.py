@@ -1,0 +1,86 @@
+"""The final validation of a samunet trainer, on nnunetv2's public entry points.
+
+nnunetv2's ``nnUNetTrainer.perform_actual_validation`` builds its ``nnUNetPredictor`` inline, so a
+trainer whose network needs another predictor (the slice-stack predictor of Self-Prompt-SAM) could
+only get it there by patching nnunetv2's module globals. samunet instead runs the same steps
+itself, with the predictor class the trainer names (``SAMTrainerBase.predictor_class``):
+nnunetv2's predictor (``manual_initialization``, ``predict_sliding_window_return_logits``: Gaussian
+sliding window, mirroring), its export (``export_prediction_from_logits``: original geometry) and
+its evaluation (``compute_metrics_on_folder`` into ``validation/summary.json``), with the
+validation cases of the fold split over the ranks of a distributed run as nnunetv2 does.
+Cascades (``next_stage_names``) are not supported: samunet plans a single ``2d`` configuration.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from torch import distributed as dist
+
+if TYPE_CHECKING:
+    from samunet.trainers.base import SAMTrainerBase
+
+MAX_EXPORTS_IN_FLIGHT = 2  # predictions waiting for export at once (as nnunetv2): bounds the memory held
+
+
+def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = False) -> dict | None:
+    """Predict the fold's validation cases with ``trainer.predictor_class()``, export them to
+    ``<fold>/validation`` and evaluate them there; returns nnunetv2's metrics (rank 0) or None."""
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    predictor = trainer.predictor_class()(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                          perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                          verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    output_folder = os.path.join(trainer.output_folder, "validation")
+    os.makedirs(output_folder, exist_ok=True)
+    _, keys = trainer.do_split()
+    if trainer.is_ddp:
+        keys = keys[trainer.local_rank::dist.get_world_size()]
+    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, keys)
+    with multiprocessing.get_context("spawn").Pool(default_num_processes) as export_pool:
+        pending = []
+        for key in dataset.identifiers:
+            trainer.print_to_log_file(f"predicting {key}")
+            data, _, _, properties = dataset.load_case(key)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
+                data = torch.from_numpy(data[:])
+            logits = predictor.predict_sliding_window_return_logits(data).cpu()
+            while sum(not result.ready() for result in pending) >= MAX_EXPORTS_IN_FLIGHT:
+                next(result for result in pending if not result.ready()).wait(0.1)
+            pending.append(export_pool.starmap_async(export_prediction_from_logits, (
+                (logits, properties, trainer.configuration_manager, trainer.plans_manager, trainer.dataset_json,
+                 os.path.join(output_folder, key), save_probabilities),)))
+        for result in pending:
+            result.get()
+    if trainer.is_ddp:
+        dist.barrier()
+    metrics = None
+    if trainer.local_rank == 0:
+        labels = trainer.label_manager
+        metrics = compute_metrics_on_folder(
+            os.path.join(trainer.preprocessed_dataset_folder_base, "gt_segmentations"), output_folder,
+            os.path.join(output_folder, "summary.json"), trainer.plans_manager.image_reader_writer_class(),
+            trainer.dataset_json["file_ending"],
+            labels.foreground_regions if labels.has_regions else labels.foreground_labels, labels.ignore_label,
+            chill=True,
+            num_processes=default_num_processes * (dist.get_world_size() if trainer.is_ddp else 1))
+        for label in metrics["mean"]:
+            trainer.logger.log_summary(f"final_val/class_{label}_dice", metrics["mean"][label]["Dice"])
+        trainer.logger.log_summary("final_val/foreground_dice", metrics["foreground_mean"]["Dice"])
+        trainer.print_to_log_file("Validation complete", also_print_to_console=True)
+        trainer.print_to_log_file("Mean Validation Dice: ", metrics["foreground_mean"]["Dice"],
+                                  also_print_to_console=True)
+    trainer.set_deep_supervision_enabled(True)
+    compute_gaussian.cache_clear()
+    return metrics
