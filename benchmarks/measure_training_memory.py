@@ -32,10 +32,12 @@ import sys
 def measure_one(backbone: str, size: int, batch: int, device: str) -> dict:
     import torch
 
+    from samunet.networks.base import SAMNetworkConfig
     from samunet.networks.samed import SAMedNetwork
     torch.manual_seed(0)
-    network = SAMedNetwork(input_channels=1, num_classes=4, backbone=backbone, img_size=size,
-                           intensity_ranges=[[-2.0, 2.0]]).to(device).train()
+    config = SAMNetworkConfig(input_channels=1, num_classes=4, backbone=backbone, img_size=size,
+                              intensity_ranges=[[-2.0, 2.0]])
+    network = SAMedNetwork(config).to(device).train()
     optimizer = torch.optim.AdamW(list(network.trainable_parameters()), lr=1e-4)
     image = torch.randn(batch, 1, size, size, device=device)
     target = torch.randint(0, 4, (batch, size, size), device=device)

@@ -340,6 +340,19 @@ def check_network_fits(meta: dict, network: nn.Module, source: str) -> None:
                                       f"takes {depth}; pass --depth {meta['stack_depth']}")
 
 
+def register_variants(base: type[SAMTrainerBase], variants: dict[str, tuple[str, dict]], namespace: dict) -> None:
+    """Register one trainer per entry ``name: (description, network option changes)``: ``base`` with the
+    changes merged into its ``network_kwargs`` (an ablation or a setting of the same method). Each class
+    also goes into ``namespace`` (the calling module's ``globals()``), so ``module.name`` imports it like a
+    class statement would. Every variant of every method is declared this way, in a table whose keys are
+    the literal trainer names."""
+    for name, (description, changes) in variants.items():
+        trainer = type(name, (base,), {
+            "network_kwargs": {**base.network_kwargs, **changes}, "__module__": namespace["__name__"],
+            "__qualname__": name, "__doc__": f"{description} ({base.__name__} with {changes})"})
+        namespace[name] = TRAINERS.register()(trainer)
+
+
 def known_pixel_normalization(weights: str | None) -> str | None:
     """The pixel normalisation a known checkpoint (by name or file name) was trained with."""
     if weights is None:

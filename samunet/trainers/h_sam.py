@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from samunet.errors import ConfigurationError
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.base import SAMTrainerBase, register_variants
 
 STAGE_ONE_WEIGHT_START = 0.8
 STAGE_ONE_WEIGHT_DECAY = 0.005
@@ -159,53 +159,18 @@ class HSAMTrainer(SAMTrainerBase):
 
 
 # Table 4 (learnable mask attention / hierarchical pixel decoder / CMAttn on or off; all on is HSAMTrainer)
-# and Table 5 (Mask2Former's binary mask attention). Each changes only the network's options.
-FULL_MODEL = HSAMTrainer.network_kwargs
-
-
-@TRAINERS.register()
-class HSAMTrainer_learnable_hpd_nocm(HSAMTrainer):
-    """Table 4: learnable mask attention, with the hierarchical pixel decoder, without CMAttn."""
-    network_kwargs = {**FULL_MODEL, "cmattn": False}
-
-
-@TRAINERS.register()
-class HSAMTrainer_learnable_nohpd_cm(HSAMTrainer):
-    """Table 4: learnable mask attention, without the hierarchical pixel decoder, with CMAttn."""
-    network_kwargs = {**FULL_MODEL, "hierarchical_pixel_decoder": False}
-
-
-@TRAINERS.register()
-class HSAMTrainer_learnable_nohpd_nocm(HSAMTrainer):
-    """Table 4: learnable mask attention, without the hierarchical pixel decoder, without CMAttn."""
-    network_kwargs = {**FULL_MODEL, "hierarchical_pixel_decoder": False, "cmattn": False}
-
-
-@TRAINERS.register()
-class HSAMTrainer_none_hpd_cm(HSAMTrainer):
-    """Table 4: plain cross-attention, with the hierarchical pixel decoder, with CMAttn."""
-    network_kwargs = {**FULL_MODEL, "mask_attention": "none"}
-
-
-@TRAINERS.register()
-class HSAMTrainer_none_hpd_nocm(HSAMTrainer):
-    """Table 4: plain cross-attention, with the hierarchical pixel decoder, without CMAttn."""
-    network_kwargs = {**FULL_MODEL, "mask_attention": "none", "cmattn": False}
-
-
-@TRAINERS.register()
-class HSAMTrainer_none_nohpd_cm(HSAMTrainer):
-    """Table 4: plain cross-attention, without the hierarchical pixel decoder, with CMAttn."""
-    network_kwargs = {**FULL_MODEL, "mask_attention": "none", "hierarchical_pixel_decoder": False}
-
-
-@TRAINERS.register()
-class HSAMTrainer_none_nohpd_nocm(HSAMTrainer):
-    """Table 4: plain cross-attention, without the hierarchical pixel decoder, without CMAttn."""
-    network_kwargs = {**FULL_MODEL, "mask_attention": "none", "hierarchical_pixel_decoder": False, "cmattn": False}
-
-
-@TRAINERS.register()
-class HSAMTrainer_binary_nohpd_nocm(HSAMTrainer):
-    """Table 5: binary (Mask2Former) mask attention, without the hierarchical pixel decoder, without CMAttn."""
-    network_kwargs = {**FULL_MODEL, "mask_attention": "binary", "hierarchical_pixel_decoder": False, "cmattn": False}
+# and Table 5 (Mask2Former's binary mask attention): HSAMTrainer_<mask attention>_<hpd|nohpd>_<cm|nocm>.
+_NO_HPD = {"hierarchical_pixel_decoder": False}
+register_variants(HSAMTrainer, {
+    "HSAMTrainer_learnable_hpd_nocm": ("Table 4: without CMAttn", {"cmattn": False}),
+    "HSAMTrainer_learnable_nohpd_cm": ("Table 4: without the hierarchical pixel decoder", _NO_HPD),
+    "HSAMTrainer_learnable_nohpd_nocm": ("Table 4: learnable mask attention alone", {**_NO_HPD, "cmattn": False}),
+    "HSAMTrainer_none_hpd_cm": ("Table 4: plain cross-attention", {"mask_attention": "none"}),
+    "HSAMTrainer_none_hpd_nocm": ("Table 4: hierarchical pixel decoder alone", {"mask_attention": "none",
+                                                                               "cmattn": False}),
+    "HSAMTrainer_none_nohpd_cm": ("Table 4: CMAttn alone", {**_NO_HPD, "mask_attention": "none"}),
+    "HSAMTrainer_none_nohpd_nocm": ("Table 4: two stages, none of the three parts",
+                                    {**_NO_HPD, "mask_attention": "none", "cmattn": False}),
+    "HSAMTrainer_binary_nohpd_nocm": ("Table 5: Mask2Former's binary mask attention",
+                                      {**_NO_HPD, "mask_attention": "binary", "cmattn": False}),
+}, globals())

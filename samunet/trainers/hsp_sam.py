@@ -13,7 +13,7 @@ Table 5's ablations are trainers of their own (same network, flags in ``network_
 number of prompt pairs for the prompt-quantity study (1, 2, 4, 8, 16).
 """
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.base import SAMTrainerBase, register_variants
 
 DICE_WEIGHT = 0.8  # alpha of the paper's loss (section 3.5)
 CE_WEIGHT = 1.0 - DICE_WEIGHT
@@ -40,58 +40,20 @@ class HSPSAMTrainer(SAMTrainerBase):
         return self.dice_and_ce_loss(weight_ce=CE_WEIGHT, weight_dice=DICE_WEIGHT)
 
 
-@TRAINERS.register()
-class HSPSAMTrainer_QAOnly(HSPSAMTrainer):
-    """Table 5, Ablation_1: Q&A prompt pairs on one level, no hierarchy."""
-    network_kwargs = {**FULL_MODEL, "hierarchical": False, "skip_connections": False}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_NoSkip(HSPSAMTrainer):
-    """Table 5, Ablation_2: Q&A prompt pairs and hierarchical decoding, no skip connections."""
-    network_kwargs = {**FULL_MODEL, "skip_connections": False}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_HierarchyOnly(HSPSAMTrainer):
-    """Table 5, Ablation_4: hierarchical decoding alone."""
-    network_kwargs = {**FULL_MODEL, "qa_prompts": False, "skip_connections": False}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_NoQA(HSPSAMTrainer):
-    """Table 5, Ablation_5: hierarchical decoding with skip connections, no Q&A prompt pairs."""
-    network_kwargs = {**FULL_MODEL, "qa_prompts": False}
-
-
-# The prompt-quantity study (Fig. 3): c Q&A prompt pairs per level, whatever the number of classes.
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_1prompts(HSPSAMTrainer):
-    """The full model with 1 Q&A prompt pair per level."""
-    network_kwargs = {**FULL_MODEL, "num_prompts": 1}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_2prompts(HSPSAMTrainer):
-    """The full model with 2 Q&A prompt pairs per level."""
-    network_kwargs = {**FULL_MODEL, "num_prompts": 2}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_4prompts(HSPSAMTrainer):
-    """The full model with 4 Q&A prompt pairs per level."""
-    network_kwargs = {**FULL_MODEL, "num_prompts": 4}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_8prompts(HSPSAMTrainer):
-    """The full model with 8 Q&A prompt pairs per level."""
-    network_kwargs = {**FULL_MODEL, "num_prompts": 8}
-
-
-@TRAINERS.register()
-class HSPSAMTrainer_16prompts(HSPSAMTrainer):
-    """The full model with 16 Q&A prompt pairs per level."""
-    network_kwargs = {**FULL_MODEL, "num_prompts": 16}
+# Table 5's ablations (HSPSAMTrainer is Ablation_3) and the prompt-quantity study (Fig. 3): c Q&A prompt
+# pairs per level, whatever the number of classes.
+register_variants(HSPSAMTrainer, {
+    "HSPSAMTrainer_QAOnly": ("Table 5, Ablation_1: Q&A prompt pairs on one level, no hierarchy",
+                             {"hierarchical": False, "skip_connections": False}),
+    "HSPSAMTrainer_NoSkip": ("Table 5, Ablation_2: Q&A pairs and hierarchical decoding, no skip connections",
+                             {"skip_connections": False}),
+    "HSPSAMTrainer_HierarchyOnly": ("Table 5, Ablation_4: hierarchical decoding alone",
+                                    {"qa_prompts": False, "skip_connections": False}),
+    "HSPSAMTrainer_NoQA": ("Table 5, Ablation_5: hierarchical decoding with skip connections, no Q&A pairs",
+                           {"qa_prompts": False}),
+    "HSPSAMTrainer_1prompts": ("Fig. 3: 1 Q&A prompt pair per level", {"num_prompts": 1}),
+    "HSPSAMTrainer_2prompts": ("Fig. 3: 2 Q&A prompt pairs per level", {"num_prompts": 2}),
+    "HSPSAMTrainer_4prompts": ("Fig. 3: 4 Q&A prompt pairs per level", {"num_prompts": 4}),
+    "HSPSAMTrainer_8prompts": ("Fig. 3: 8 Q&A prompt pairs per level", {"num_prompts": 8}),
+    "HSPSAMTrainer_16prompts": ("Fig. 3: 16 Q&A prompt pairs per level", {"num_prompts": 16}),
+}, globals())

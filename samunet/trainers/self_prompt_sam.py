@@ -35,7 +35,7 @@ from samunet.errors import ConfigurationError
 from samunet.inference.slice_stack_predictor import SliceStackPredictor
 from samunet.modules.prompt_generators import deep_supervision_weights
 from samunet.registry import TRAINERS
-from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.base import SAMTrainerBase, register_variants
 
 PHASE_ONE_FRACTION = 0.2
 
@@ -155,93 +155,24 @@ class SelfPromptSAMTrainer_adamw(SelfPromptSAMTrainer):
     default_hyperparameters = {"initial_lr": 1e-3, "weight_decay": 0.01}
 
 
-# Table 4: each row adds one block to the previous (S9 is SelfPromptSAMTrainer); only the network's options change.
-FULL_MODEL = SelfPromptSAMTrainer.network_kwargs
-_BASE = {**FULL_MODEL, "adapter": None, "depth_pos_embed": False, "madapter": False, "mc_adapter": False}
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S1(SelfPromptSAMTrainer):
-    """Table 4, S1: stacked-CNN prompt generator on the image embedding, no adapters, no depth embeddings, no MAdapter, plain softmax."""
-    network_kwargs = dict(_BASE, prompt_generator="stacked_cnn")
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S2(SelfPromptSAMTrainer):
-    """Table 4, S2: MSPGenerator; no adapters, no depth embeddings, no MAdapter, plain softmax."""
-    network_kwargs = dict(_BASE)
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S3(SelfPromptSAMTrainer):
-    """Table 4, S3: S2 + vanilla adapters."""
-    network_kwargs = dict(_BASE, adapter="vanilla")
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S4(SelfPromptSAMTrainer):
-    """Table 4, S4: S2 + adapters with a depth MLP before them."""
-    network_kwargs = dict(_BASE, adapter="depth_before")
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S5(SelfPromptSAMTrainer):
-    """Table 4, S5: S2 + adapters with a depth MLP after them."""
-    network_kwargs = dict(_BASE, adapter="depth_after")
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S6(SelfPromptSAMTrainer):
-    """Table 4, S6: S2 + DFusedAdapters."""
-    network_kwargs = dict(_BASE, adapter="dfused")
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S7(SelfPromptSAMTrainer):
-    """Table 4, S7: S6 + depth positional embeddings."""
-    network_kwargs = dict(_BASE, adapter="dfused", depth_pos_embed=True)
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_S8(SelfPromptSAMTrainer):
-    """Table 4, S8: S7 + MAdapter (S9, with the MC-Adapter, is SelfPromptSAMTrainer)."""
-    network_kwargs = dict(_BASE, adapter="dfused", depth_pos_embed=True, madapter=True)
-
-
-# Fig. 1: the prompt kinds on or off (box + point + mask is SelfPromptSAMTrainer).
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_box(SelfPromptSAMTrainer):
-    """The full model prompted with box only (Fig. 1)."""
-    network_kwargs = {**FULL_MODEL, "prompts": ["box"]}
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_point(SelfPromptSAMTrainer):
-    """The full model prompted with point only (Fig. 1)."""
-    network_kwargs = {**FULL_MODEL, "prompts": ["point"]}
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_mask(SelfPromptSAMTrainer):
-    """The full model prompted with mask only (Fig. 1)."""
-    network_kwargs = {**FULL_MODEL, "prompts": ["mask"]}
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_box_point(SelfPromptSAMTrainer):
-    """The full model prompted with box + point only (Fig. 1)."""
-    network_kwargs = {**FULL_MODEL, "prompts": ["box", "point"]}
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_box_mask(SelfPromptSAMTrainer):
-    """The full model prompted with box + mask only (Fig. 1)."""
-    network_kwargs = {**FULL_MODEL, "prompts": ["box", "mask"]}
-
-
-@TRAINERS.register()
-class SelfPromptSAMTrainer_point_mask(SelfPromptSAMTrainer):
-    """The full model prompted with point + mask only (Fig. 1)."""
-    network_kwargs = {**FULL_MODEL, "prompts": ["point", "mask"]}
+# Table 4: each row adds one block to the previous (S9 is SelfPromptSAMTrainer), and Fig. 1: the prompt
+# kinds on or off (box + point + mask is SelfPromptSAMTrainer).
+_S2 = {"adapter": None, "depth_pos_embed": False, "madapter": False, "mc_adapter": False}
+_S7 = {**_S2, "adapter": "dfused", "depth_pos_embed": True}
+register_variants(SelfPromptSAMTrainer, {
+    "SelfPromptSAMTrainer_S1": ("Table 4, S1: stacked-CNN prompt generator, no adapters, no depth embeddings, "
+                                "no MAdapter, plain softmax", {**_S2, "prompt_generator": "stacked_cnn"}),
+    "SelfPromptSAMTrainer_S2": ("Table 4, S2: S1 with the MSPGenerator", _S2),
+    "SelfPromptSAMTrainer_S3": ("Table 4, S3: S2 + vanilla adapters", {**_S2, "adapter": "vanilla"}),
+    "SelfPromptSAMTrainer_S4": ("Table 4, S4: S2 + adapters after a depth MLP", {**_S2, "adapter": "depth_before"}),
+    "SelfPromptSAMTrainer_S5": ("Table 4, S5: S2 + adapters before a depth MLP", {**_S2, "adapter": "depth_after"}),
+    "SelfPromptSAMTrainer_S6": ("Table 4, S6: S2 + DFusedAdapters", {**_S2, "adapter": "dfused"}),
+    "SelfPromptSAMTrainer_S7": ("Table 4, S7: S6 + depth positional embeddings", _S7),
+    "SelfPromptSAMTrainer_S8": ("Table 4, S8: S7 + MAdapter", {**_S7, "madapter": True}),
+    "SelfPromptSAMTrainer_box": ("Fig. 1: box prompts only", {"prompts": ["box"]}),
+    "SelfPromptSAMTrainer_point": ("Fig. 1: point prompts only", {"prompts": ["point"]}),
+    "SelfPromptSAMTrainer_mask": ("Fig. 1: mask prompts only", {"prompts": ["mask"]}),
+    "SelfPromptSAMTrainer_box_point": ("Fig. 1: box + point prompts", {"prompts": ["box", "point"]}),
+    "SelfPromptSAMTrainer_box_mask": ("Fig. 1: box + mask prompts", {"prompts": ["box", "mask"]}),
+    "SelfPromptSAMTrainer_point_mask": ("Fig. 1: point + mask prompts", {"prompts": ["point", "mask"]}),
+}, globals())
