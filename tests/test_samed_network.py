@@ -1,82 +1,95 @@
-"""SAMedNetwork and LoRA: the baseline's trainable/frozen split and LoRA's identity start."""
+"""SAMed (Zhang & Liu, 2023), samunet's baseline: what is specific to it.
+
+A frozen SAM encoder with rank-4 LoRA on q and v of every attention layer (LoRA itself: test_lora.py),
+prompt-free decoding with the learned 'no mask' embedding, and SAM's mask decoder with one mask token per
+output class, each starting from released token ``i mod 4``. Shapes, finiteness, frozen weights and
+gradient ownership are checked for every trainer in test_trainer_contract.py.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.backbones.sam import build_sam_parts, load_released_checkpoint
-from samunet.modules.lora import add_qv_lora
+from samunet.modules.lora import QVLoRA
+from samunet.networks.base import SAMNetworkConfig
 from samunet.networks.samed import SAMedNetwork
 from samunet.weights import WeightsError, load_state_dict
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
 
 
-def tiny_network(backbone: str, num_classes: int = 4, channels: int = 1) -> SAMedNetwork:
+def config(backbone: str = "vit_test", *, num_classes: int = 4, channels: int = 1,
+           img_size: int = 64) -> SAMNetworkConfig:
+    return SAMNetworkConfig(input_channels=channels, num_classes=num_classes, backbone=backbone, img_size=img_size,
+                            intensity_ranges=[[-2.0, 2.0]] * channels)
+
+
+def tiny_network(backbone: str = "vit_test", **kwargs) -> SAMedNetwork:
     torch.manual_seed(0)
-    return SAMedNetwork(input_channels=channels, num_classes=num_classes, backbone=backbone, img_size=64,
-                        intensity_ranges=[[-2.0, 2.0]] * channels)
+    return SAMedNetwork(config(backbone, **kwargs), lora_rank=4).eval()
 
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)
-def test_forward_gives_one_full_resolution_logit_map_per_class(backbone):
+def test_lora_of_the_given_rank_fills_the_qkv_slot_of_every_attention_layer(backbone):
+    network = tiny_network(backbone)
+    projections = network.image_encoder.qkv_projections()
+    assert len(network.lora) == len(projections) > 0
+    assert all(p.owner.adapters.qkv is layer for p, layer in zip(projections, network.lora))
+    assert all(isinstance(layer, QVLoRA) and layer.rank == 4 for layer in network.lora)
+    assert all(layer.rank == 8 for layer in SAMedNetwork(config(backbone), lora_rank=8).lora)
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_only_lora_the_mask_decoder_and_the_no_mask_embedding_train(backbone):
+    """SAMed trains LoRA, the whole mask decoder (but SAM's IoU head, which no loss supervises) and the
+    default dense prompt; the encoder and the rest of the prompt encoder stay frozen."""
+    network = tiny_network(backbone)
+    names = [name for name, _ in network.named_parameters()]
+    expected = {name for name in names
+                if name.startswith("lora.")
+                or (name.startswith("mask_decoder.") and not name.startswith("mask_decoder.iou_prediction_head."))
+                or name == "prompt_encoder.no_mask_embed.weight"}
+    assert {name for name, p in network.named_parameters() if p.requires_grad} == expected
+    assert any(name.startswith("lora.") for name in expected)
+    assert any(name.startswith("mask_decoder.output_hypernetworks_mlps.") for name in expected)
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_each_class_has_its_own_mask_token_whose_mask_is_that_class_logit_map(backbone):
+    """K classes (background included) -> K mask tokens; class k's logits come from mask token k's
+    hypernetwork MLP, and no other class's."""
     network = tiny_network(backbone, num_classes=5)
-    logits = network(torch.randn(2, 1, 64, 64))
-    assert logits.shape == (2, 5, 64, 64)
-    assert torch.isfinite(logits).all()
-
-
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
-def test_lora_at_initialisation_leaves_the_encoder_output_unchanged(backbone):
-    torch.manual_seed(0)
-    encoder = get_backbone_spec(backbone).build_encoder(64).eval()
-    image = torch.randn(2, 3, 64, 64)
-    before = encoder(image).embedding
-    lora = add_qv_lora(encoder.qkv_projections(), rank=4)
-    assert torch.equal(encoder(image).embedding, before)
+    assert network.mask_decoder.num_mask_tokens == 5 == len(network.mask_decoder.output_hypernetworks_mlps)
+    x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
-        lora[0].v_up.weight.fill_(0.05)
-    assert not torch.allclose(encoder(image).embedding, before)
+        before = network(x)
+        for param in network.mask_decoder.output_hypernetworks_mlps[3].parameters():
+            param.add_(0.5)
+        after = network(x)
+    changed = [k for k in range(5) if not torch.equal(before[:, k], after[:, k])]
+    assert changed == [3]
 
 
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
-def test_lora_sits_on_q_and_v_of_every_attention_layer_with_rank_4(backbone):
-    network = tiny_network(backbone)
-    assert len(network.lora) == len(network.image_encoder.qkv_projections())
-    assert all(layer.q_down.out_features == 4 and layer.v_down.out_features == 4 for layer in network.lora)
-
-
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
-def test_only_lora_decoder_and_prompt_embedding_train_and_frozen_weights_stay_bitwise(backbone):
-    network = tiny_network(backbone)
-    network.train()
-    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
-    assert trainable, "nothing trains"
-    assert all(name.startswith(("lora.", "mask_decoder.", "prompt_encoder.no_mask_embed")) for name in trainable)
-    assert not any(name.startswith("image_encoder.") for name in trainable)
-    frozen_before = {k: v.clone() for k, v in network.state_dict().items()
-                     if not k.startswith(("lora.", "mask_decoder.", "prompt_encoder.no_mask_embed"))}
-    optimizer = torch.optim.AdamW(list(network.trainable_parameters()), lr=1e-2, weight_decay=0.1)
-    for _ in range(2):  # the second step moves LoRA's down-projections too (its up-projections start at 0)
-        optimizer.zero_grad()
-        network(torch.randn(2, 1, 64, 64)).logsumexp(1).mean().backward()
-        frozen_grads = [n for n, p in network.named_parameters() if not p.requires_grad and p.grad is not None]
-        assert frozen_grads == []
-        optimizer.step()
-    after = network.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in frozen_before.items())
-    moved = [n for n, p in network.named_parameters() if p.requires_grad and p.grad is not None and p.grad.any()]
-    assert any(n.startswith("lora.") and "up" in n for n in moved)
-    assert any(n.startswith("lora.") and "down" in n for n in moved)
-    assert any(n.startswith("mask_decoder.") for n in moved)
-    assert "prompt_encoder.no_mask_embed.weight" in moved
-
-
-def test_more_than_three_channels_go_through_a_trainable_mixer():
-    network = tiny_network("vit_test", channels=2)
-    assert network.input_stage.channel_mixer is not None
-    assert network(torch.randn(1, 2, 64, 64)).shape == (1, 4, 64, 64)
+@pytest.mark.parametrize("channels", [2, 4])
+def test_a_channel_count_other_than_one_or_three_goes_through_a_trainable_mixer(channels):
+    """The mixer (a 1x1 conv to 3 channels) trains and is what the encoder sees: a mixer that copies
+    channel 0 into all three reproduces the same network run on channel 0 alone."""
+    network = tiny_network(channels=channels)
+    mixer = network.input_stage.channel_mixer
+    assert isinstance(mixer, nn.Conv2d) and mixer.in_channels == channels and mixer.out_channels == 3
+    assert all(p.requires_grad for p in mixer.parameters())
+    single = tiny_network(channels=1)
+    single.load_state_dict({k: v for k, v in network.state_dict().items()
+                            if not k.startswith("input_stage.channel_mixer.")}, strict=True)
+    with torch.no_grad():
+        mixer.weight.zero_()
+        mixer.weight[:, 0] = 1.0
+        mixer.bias.zero_()
+        x = torch.randn(2, channels, 64, 64)
+        assert torch.allclose(network(x), single(x[:, :1]), atol=1e-5)
 
 
 def test_litemedsam_checkpoint_loads_strictly_into_the_sam_parts(litemedsam_checkpoint):
@@ -87,18 +100,43 @@ def test_litemedsam_checkpoint_loads_strictly_into_the_sam_parts(litemedsam_chec
     assert torch.equal(parts.mask_decoder.mask_tokens.weight, state["mask_decoder.mask_tokens.weight"])
 
 
-def test_class_tokens_start_from_the_released_mask_tokens(litemedsam_checkpoint):
+def test_class_token_i_and_its_mask_head_start_from_released_token_i_mod_4(litemedsam_checkpoint):
     state = load_state_dict(litemedsam_checkpoint)
-    network = SAMedNetwork(input_channels=1, num_classes=6, backbone="litemedsam", img_size=64,
-                           intensity_ranges=[[-2.0, 2.0]])
+    network = SAMedNetwork(config("litemedsam", num_classes=6))
     network.load_pretrained(state)
-    tokens = network.mask_decoder.mask_tokens.weight
+    decoder = network.mask_decoder
     released = state["mask_decoder.mask_tokens.weight"]
-    assert tokens.shape[0] == 6
-    assert torch.equal(tokens[4], released[0]) and torch.equal(tokens[5], released[1])
+    assert decoder.mask_tokens.weight.shape[0] == 6 and released.shape[0] == 4
+    for i in range(6):
+        assert torch.equal(decoder.mask_tokens.weight[i], released[i % 4]), i
+        for name, param in decoder.output_hypernetworks_mlps[i].named_parameters():
+            assert torch.equal(param, state[f"mask_decoder.output_hypernetworks_mlps.{i % 4}.{name}"]), (i, name)
+    # LoRA stays outside the released names and starts as the identity
+    assert all(torch.equal(layer.q_up.weight, torch.zeros_like(layer.q_up.weight)) for layer in network.lora)
 
 
 def test_a_checkpoint_of_another_backbone_is_refused_with_a_clear_error(litemedsam_checkpoint):
     network = tiny_network("vit_test")
     with pytest.raises(WeightsError, match="does not fit backbone 'vit_test'"):
         network.load_pretrained(load_state_dict(litemedsam_checkpoint), "lite_medsam.pth")
+
+
+def test_samed_trainer_uses_adamw_with_weight_decay_0_1_and_dice_plus_ce(tmp_path):
+    """SAMed's recipe: AdamW (weight decay 0.1, lr 1e-3 without warm-up) over exactly the trainable
+    parameters, poly schedule, nnU-Net's Dice + CE with equal weights, one output (no deep supervision)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from trainer_harness import build_trainer, nnunet_environment
+
+    with nnunet_environment(tmp_path):
+        trainer = build_trainer("SAMedTrainer", backbone="vit_test", num_classes=3, img_size=64)
+    network = trainer.network_module
+    assert isinstance(network, SAMedNetwork) and all(layer.rank == 4 for layer in network.lora)
+    optimizer = trainer.optimizer
+    assert type(optimizer) is torch.optim.AdamW
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.1)]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in network.parameters() if p.requires_grad}
+    assert isinstance(trainer.lr_scheduler, PolyLRScheduler)
+    assert type(trainer.loss) is DC_and_CE_loss and (trainer.loss.weight_ce, trainer.loss.weight_dice) == (1, 1)
+    assert not trainer.enable_deep_supervision

@@ -46,7 +46,9 @@ class BlockAdapters(NamedTuple):
     They belong to the network, not to the encoder (a block holds them in a plain tuple), so the
     encoder's state_dict keeps the released checkpoint's names. ``after_attention`` maps the
     block's attention output (B, H, W, C), un-windowed, before it is added to the residual
-    stream; ``parallel_mlp`` maps the MLP's input to a term added to the MLP's output.
+    stream; ``parallel_mlp`` maps the MLP's input to a term added to the MLP's output. Both act on
+    the image tokens only: prompt tokens (``forward(x, prompt_tokens=...)``) pass the block without
+    them.
     """
 
     after_attention: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -72,6 +74,13 @@ class EncoderAdapters(NamedTuple):
     """
 
     after_patch_embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def check_block_indices(indices: Sequence[int], num_blocks: int) -> None:
+    """Raise ValueError unless every entry of ``indices`` (feature taps) names one of ``num_blocks`` blocks."""
+    invalid = [i for i in indices if not 0 <= i < num_blocks]
+    if invalid:
+        raise ValueError(f"intermediates {invalid} are not transformer block indices in [0, {num_blocks})")
 
 
 def fill_slots(owner: nn.Module, **slots) -> None:

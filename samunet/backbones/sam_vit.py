@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
-                                    SAMImageEncoder, batch_prompt_tokens)
+                                    SAMImageEncoder, batch_prompt_tokens, check_block_indices)
 from samunet.backbones.neck import sam_neck
 
 logger = logging.getLogger(__name__)
@@ -297,6 +297,7 @@ class SAMViTEncoder(SAMImageEncoder):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected input (B, C, {self.img_size}, {self.img_size}), "
                              f"got {tuple(x.shape)}")
+        check_block_indices(intermediates, len(self.blocks))
         tokens = self.patch_embed(x)
         if self.adapters.after_patch_embed is not None:
             tokens = self.adapters.after_patch_embed(tokens)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
-                                    SAMImageEncoder, batch_prompt_tokens)
+                                    SAMImageEncoder, batch_prompt_tokens, check_block_indices)
 from samunet.backbones.neck import sam_neck
 
 
@@ -384,6 +384,7 @@ class TinyViTEncoder(SAMImageEncoder):
         if self.adapters.after_patch_embed is not None:
             x = self.adapters.after_patch_embed(x)
         blocks = [block for block, _ in self.transformer_blocks()]
+        check_block_indices(intermediates, len(blocks))
         taps = {blocks[i]: None for i in intermediates} if intermediates else None
         levels = (None if prompt_tokens is None else
                   dict(zip(self.prompt_level_features,

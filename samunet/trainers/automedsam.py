@@ -82,7 +82,7 @@ class AutoMedSAMTrainer(SAMTrainerBase):
                                      "are not supported")
         super().initialize()
         self.joint_loss = AutoMedSAMJointLoss(weighting=self.network_module.uncertainty)
-        self.logger.local_logger.my_fantastic_logging.setdefault(UNCERTAINTY_LOG_KEY, [])
+        self.add_log_key(UNCERTAINTY_LOG_KEY)
 
     def parameter_groups(self) -> list[dict]:
         """Trainable parameters with weight decay, then the loss's log-variances without it (decay would

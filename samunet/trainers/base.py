@@ -165,7 +165,7 @@ class SAMTrainerBase(nnUNetTrainer):
         trainable = sum(p.numel() for p in self.network_module.trainable_parameters())
         total = sum(p.numel() for p in self.network_module.parameters())
         self.print_to_log_file(f"{self.__class__.__name__}: backbone {self.network_module.backbone}, "
-                               f"{trainable / 1e6:.2f} M of {total / 1e6:.2f} M parameters train")
+                               f"{trainable:,} of {total:,} parameters train ({trainable / 1e6:.2f} M)")
 
     def load_pretrained_backbone(self) -> None:
         """Load the released SAM weights named by ``weights`` (default: the backbone's default)."""
@@ -262,6 +262,11 @@ class SAMTrainerBase(nnUNetTrainer):
             self._epoch_progress.close()
             self._epoch_progress = None
         super().on_train_epoch_end(train_outputs)
+
+    def add_log_key(self, key: str) -> None:
+        """Let ``self.logger.log(key, value, epoch)`` record a per-epoch value nnU-Net does not log itself
+        (its local logger accepts only keys it already holds; they travel with every checkpoint)."""
+        self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
     # ---- deep supervision -------------------------------------------------------------------
     def _get_deep_supervision_scales(self):
