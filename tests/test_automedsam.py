@@ -1,57 +1,117 @@
-"""AutoMedSAM (AutoMedSAMNetwork, its modules and AutoMedSAMTrainer): the paper's behaviour on tiny random backbones."""
+"""AutoMedSAM (AutoMedSAMNetwork, its modules and AutoMedSAMTrainer): the paper's behaviour on tiny
+random backbones.
+
+What every trainer must satisfy (output shapes, finite values, gradients reaching every trainable
+parameter, frozen weights unchanged, DDP, deepcopy / state_dict / pickle) is checked once in
+tests/test_trainer_contract.py; this file holds what is specific to AutoMedSAM. Trainer-level checks
+run the real trainer built by tests/trainer_harness.py.
+"""
 from __future__ import annotations
 
-import copy
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from torch import nn
 
 from samunet.errors import ConfigurationError
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder, noise_scale
+from samunet.modules.mask_geometry import mask_boxes
 from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWeighting, shape_distance_loss,
                                               signed_distance_map, signed_distance_maps)
-from samunet.networks.automedsam import AutoMedSAMNetwork, class_log_probabilities, parse_class_selection
-from samunet.trainers.automedsam import (AutoMedSAMTrainer, ValidationPlateauScheduler, mask_boxes,
-                                         sample_prompt_classes)
+from samunet.networks.automedsam import (AutoMedSAMNetwork, ClassPrediction, class_log_probabilities,
+                                         parse_class_selection)
+from samunet.networks.base import SAMNetworkConfig
+from samunet.trainers.automedsam import AutoMedSAMTrainer, ValidationPlateauScheduler, sample_prompt_classes
+from trainer_harness import build_trainer, make_batch, nnunet_environment
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
+IMG_SIZE = 64
+TRAINER_IMG_SIZE = 32  # trainer-level checks: the smallest input the tiny backbones take
+WIRING_HEAD_STD = 0.5  # branch heads large enough that every part of a branch visibly moves the mask
+
+
+def network_config(backbone: str = "tinyvit_test", num_classes: int = 3, img_size: int = IMG_SIZE) -> SAMNetworkConfig:
+    return SAMNetworkConfig(input_channels=1, num_classes=num_classes, backbone=backbone, img_size=img_size,
+                            intensity_ranges=[[-2.0, 2.0]])
 
 
 def tiny_network(backbone: str = "tinyvit_test", num_classes: int = 3, trained_heads: bool = True,
-                 **kwargs) -> AutoMedSAMNetwork:
+                 head_std: float = 0.05, **kwargs) -> AutoMedSAMNetwork:
     """A tiny network; ``trained_heads`` gives the branches' zero-initialised output layers random
-    values, as after training, so that the class index and the noise reach the prompts."""
+    values (std ``head_std``), as after training, so that the class index, the noise and every branch
+    part reach the prompts."""
     torch.manual_seed(0)
-    network = AutoMedSAMNetwork(input_channels=1, num_classes=num_classes, backbone=backbone, img_size=64,
-                                intensity_ranges=[[-2.0, 2.0]], **kwargs)
+    network = AutoMedSAMNetwork(network_config(backbone, num_classes), **kwargs)
     if trained_heads:
         encoder = network.class_prompt_encoder
         with torch.no_grad():
             for head in (encoder.dense_branch.decoder.head, encoder.sparse_branch.decoder.head):
-                head.weight.normal_(0, 0.05)
-                head.bias.normal_(0, 0.05)
+                head.weight.normal_(0, head_std)
+                head.bias.normal_(0, head_std)
     return network
 
 
-def square_label(size: int = 64) -> torch.Tensor:
+def square_label(size: int = IMG_SIZE) -> torch.Tensor:
     """(1, 1, S, S) label map: class 1 is a square, class 2 is absent."""
     label = torch.zeros(1, 1, size, size)
     label[..., 16:40, 20:44] = 1
     return label
 
 
+@torch.no_grad()
+def predict(network: AutoMedSAMNetwork, x: torch.Tensor, labels: torch.Tensor) -> ClassPrediction:
+    """The training path ``network(x, class_labels=k)`` in eval mode (no diffusion noise)."""
+    network.eval()
+    return network(x, class_labels=labels)
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max()) > 1e-4
+
+
+def changed_outputs(before: ClassPrediction, after: ClassPrediction) -> dict[str, bool]:
+    """Which of mask_logits / sparse / dense changed by more than 1e-6 of their size (a cut connection
+    leaves them bitwise equal; the tiny random decoder moves its mask logits only slightly)."""
+    return {name: float((getattr(after, name) - getattr(before, name)).abs().max())
+            > 1e-6 * float(getattr(before, name).abs().max()) for name in ClassPrediction._fields}
+
+
+# ---- starting point: residuals on the frozen encoder's whole-image box prompts --------------------
+def whole_image_box_prompts(network: AutoMedSAMNetwork) -> tuple[torch.Tensor, torch.Tensor]:
+    box = torch.tensor([[[0.0, 0.0, IMG_SIZE - 1.0, IMG_SIZE - 1.0]]])
+    with torch.no_grad():
+        return network.prompt_encoder(points=None, boxes=box, masks=None)
+
+
 def test_class_prompts_start_as_the_frozen_encoders_whole_image_box_prompts():
+    """Both branch heads start at zero, so an untrained network prompts SAM with a box around the whole image."""
     network = tiny_network(trained_heads=False)
-    prediction = network.forward_class(torch.randn(2, 1, 64, 64), torch.tensor([1, 2]))
-    box = torch.tensor([[0.0, 0.0, 63.0, 63.0]])
-    sparse, dense = network.prompt_encoder(points=None, boxes=box[:, None], masks=None)
+    prediction = predict(network, torch.randn(2, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1, 2]))
+    sparse, dense = whole_image_box_prompts(network)
     assert torch.allclose(prediction.sparse, sparse.expand(2, -1, -1))
     assert torch.allclose(prediction.dense, dense.expand(2, -1, -1, -1))
 
 
-# ---- diffusion schedule -------------------------------------------------------------------------
+def test_sparse_and_dense_prompts_are_the_class_prompt_encoders_residuals_on_the_whole_image_box_prompts():
+    network = tiny_network()
+    x, labels = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1, 2])
+    prediction = predict(network, x, labels)
+    with torch.no_grad():
+        sparse_residual, dense_residual = network.class_prompt_encoder(network.encode(x), labels - 1)
+    box_sparse, box_dense = whole_image_box_prompts(network)
+    assert differs(sparse_residual, 0 * sparse_residual) and differs(dense_residual, 0 * dense_residual)
+    assert differs(box_sparse, 0 * box_sparse) and differs(box_dense, 0 * box_dense)
+    assert torch.allclose(prediction.sparse, box_sparse + sparse_residual, atol=1e-6)
+    assert torch.allclose(prediction.dense, box_dense + dense_residual, atol=1e-6)
+
+
+# ---- diffusion: x_t = E + P(k) + eps_t, noise schedule --------------------------------------------
 def test_noise_scale_decreases_with_t_and_is_zero_at_inference():
     steps = torch.arange(0, 1001)
     scales = noise_scale(steps, num_timesteps=1000, max_noise_scale=1.0)
@@ -64,7 +124,7 @@ def test_noise_scale_decreases_with_t_and_is_zero_at_inference():
     assert bool((encoder.inference_timesteps(3, torch.device("cpu")) == 10).all())
 
 
-def test_diffusion_noise_is_random_in_training_and_absent_at_inference():
+def test_x_t_is_the_embedding_plus_the_projected_class_prompt_plus_noise_that_shrinks_with_t():
     encoder = DiffusionClassPromptEncoder(num_classes=2, embed_dim=8, embedding_size=(8, 8))
     embedding, labels = torch.randn(2, 8, 8, 8), torch.tensor([0, 1])
     projected = embedding + encoder.class_to_embedding(torch.eye(2)).view_as(embedding)
@@ -74,32 +134,95 @@ def test_diffusion_noise_is_random_in_training_and_absent_at_inference():
         late = encoder.diffuse(embedding, labels, torch.full((2,), 900)) - projected
     assert torch.allclose(clean, projected)  # x_T = E + P(k), no noise
     assert float(early.std()) > 5 * float(late.std()) > 0
+
+
+def test_training_forward_is_noised_at_random_and_inference_is_noise_free():
     network = tiny_network()
-    x = torch.randn(1, 1, 64, 64)
-    network.eval()
-    with torch.no_grad():
-        assert torch.equal(network.forward_class(x, torch.tensor([1])).dense,
-                           network.forward_class(x, torch.tensor([1])).dense)
+    x, labels = torch.randn(1, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1])
+    assert torch.equal(predict(network, x, labels).dense, predict(network, x, labels).dense)
     network.train()
     with torch.no_grad():
-        assert not torch.equal(network.forward_class(x, torch.tensor([1])).dense,
-                               network.forward_class(x, torch.tensor([1])).dense)
+        assert differs(network(x, class_labels=labels).dense, network(x, class_labels=labels).dense)
 
 
-# ---- network -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
-def test_branch_outputs_have_the_shapes_the_mask_decoder_takes(backbone):
-    network = tiny_network(backbone)
-    network.eval()
+# ---- the class-prompt encoder's parts each reach the prompts ---------------------------------------
+def test_class_index_changes_the_prompt_embeddings_and_the_mask():
+    network = tiny_network(num_classes=4, head_std=WIRING_HEAD_STD)
+    x = torch.randn(1, 1, IMG_SIZE, IMG_SIZE)
+    predictions = [predict(network, x, torch.tensor([k])) for k in (1, 2, 3)]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert all(changed_outputs(predictions[a], predictions[b]).values()), (a, b)
+
+
+@pytest.mark.parametrize("path", ["x_t", "bottleneck"])
+def test_the_class_reaches_both_prompts_through_x_t_alone_and_through_the_bottleneck_alone(path):
+    """The class prompt enters twice (Eqs. 2 and 6): in x_t = E + P(k) and concatenated at the
+    bottleneck. With the other entry made class-independent (its projection's weight zeroed), each
+    alone still makes class 1's prompts differ from class 2's."""
+    network = tiny_network(head_std=WIRING_HEAD_STD)
+    encoder = network.class_prompt_encoder
+    other = encoder.class_to_bottleneck if path == "x_t" else encoder.class_to_embedding
     with torch.no_grad():
-        prediction = network.forward_class(torch.randn(2, 1, 64, 64), torch.tensor([1, 2]))
-        teacher_sparse, teacher_dense = network.teacher_prompts(torch.tensor([[0.0, 0.0, 9.0, 9.0]] * 2))
-        output = network(torch.randn(2, 1, 64, 64))
-    assert prediction.sparse.shape == teacher_sparse.shape == (2, 2, 32)
-    assert prediction.dense.shape == teacher_dense.shape == (2, 32, *network.prompt_encoder.image_embedding_size)
-    assert prediction.mask_logits.shape == (2, 1, 64, 64)
-    assert output.shape == (2, 3, 64, 64)
-    assert torch.allclose(output.exp().sum(dim=1), torch.ones(2, 64, 64), atol=1e-5)
+        other.weight.zero_()
+    x = torch.randn(1, 1, IMG_SIZE, IMG_SIZE)
+    changed = changed_outputs(predict(network, x, torch.tensor([1])), predict(network, x, torch.tensor([2])))
+    assert changed == {"mask_logits": True, "sparse": True, "dense": True}
+
+
+def test_dense_branch_element_wise_attention_gates_only_the_dense_prompt():
+    """Dense branch: sigmoid(conv(F)) * F element-wise (Eq. 8) before its decoder; changing the
+    attention's weights changes the dense prompt (and the mask), never the sparse one."""
+    network = tiny_network(head_std=WIRING_HEAD_STD)
+    branch = network.class_prompt_encoder.dense_branch
+    bottleneck = torch.randn(2, branch.attention.in_channels, 2, 2)
+    skips = [torch.randn(2, stage[0].out_channels, 2 ** (i + 2), 2 ** (i + 2)) for i, stage in
+             enumerate(branch.decoder.stages)]
+    with torch.no_grad():
+        expected = branch.decoder(torch.sigmoid(branch.attention(bottleneck)) * bottleneck, skips)
+        assert torch.allclose(branch(bottleneck, skips), expected, atol=1e-6)
+    x, labels = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1, 2])
+    before = predict(network, x, labels)
+    with torch.no_grad():
+        branch.attention.weight.normal_(0, 1.0)
+    assert changed_outputs(before, predict(network, x, labels)) == {"mask_logits": True, "sparse": False,
+                                                                   "dense": True}
+
+
+def test_sparse_branch_channel_attention_gates_only_the_sparse_prompt():
+    """Sparse branch: sigmoid(MLP(GAP(F))) per channel (Eq. 10) before its decoder; changing the
+    attention MLP changes the sparse prompt (and the mask), never the dense one."""
+    network = tiny_network(head_std=WIRING_HEAD_STD)
+    branch = network.class_prompt_encoder.sparse_branch
+    bottleneck = torch.randn(2, branch.channel_attention[0].in_features, 2, 2)
+    skips = [torch.randn(2, stage[0].out_channels, 2 ** (i + 2), 2 ** (i + 2)) for i, stage in
+             enumerate(branch.decoder.stages)]
+    with torch.no_grad():
+        weights = torch.sigmoid(branch.channel_attention(bottleneck.mean(dim=(2, 3))))
+        features = branch.decoder(bottleneck * weights[:, :, None, None], skips)
+        maps = branch.token_maps(features).flatten(2).softmax(dim=-1)
+        assert torch.allclose(branch(bottleneck, skips), maps @ features.flatten(2).transpose(1, 2), atol=1e-6)
+    x, labels = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1, 2])
+    before = predict(network, x, labels)
+    with torch.no_grad():
+        branch.channel_attention[2].weight.normal_(0, 1.0)
+    assert changed_outputs(before, predict(network, x, labels)) == {"mask_logits": True, "sparse": True,
+                                                                   "dense": False}
+
+
+@pytest.mark.parametrize("branch_name,prompt", [("dense_branch", "dense"), ("sparse_branch", "sparse")])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_each_decoder_stage_reads_its_encoder_skip_connection(branch_name, prompt, stage):
+    """Both branches decode with skip connections from the encoder (Eqs. 9, 11): zeroing the weights
+    that read the skip features in one decoder stage changes that branch's prompt only."""
+    network = tiny_network(head_std=WIRING_HEAD_STD)
+    x, labels = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1, 2])
+    before = predict(network, x, labels)
+    conv = getattr(network.class_prompt_encoder, branch_name).decoder.stages[stage][0]
+    skip_channels = conv.out_channels  # the stage's input is cat([upsampled, skip]), skip last
+    with torch.no_grad():
+        conv.weight[:, -skip_channels:] = 0
+    changed = changed_outputs(before, predict(network, x, labels))
+    assert changed == {"mask_logits": True, "sparse": prompt == "sparse", "dense": prompt == "dense"}
 
 
 def test_litemedsam_sized_prompt_encoder_gives_a_256_x_64_x_64_dense_prompt():
@@ -110,55 +233,70 @@ def test_litemedsam_sized_prompt_encoder_gives_a_256_x_64_x_64_dense_prompt():
     assert dense.shape == (1, 256, 64, 64) and sparse.shape == (1, 2, 256)
 
 
+# ---- network -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_class_prompts_have_the_shapes_of_the_teachers_box_prompts(backbone):
+    """Two sparse tokens (a box's two corners) and a dense map of the image embedding's size, so the
+    knowledge-transfer MSE compares like with like."""
+    network = tiny_network(backbone)
+    prediction = predict(network, torch.randn(2, 1, IMG_SIZE, IMG_SIZE), torch.tensor([1, 2]))
+    teacher_sparse, teacher_dense = network.teacher_prompts(torch.tensor([[0.0, 0.0, 9.0, 9.0]] * 2))
+    assert prediction.sparse.shape == teacher_sparse.shape == (2, 2, 32)
+    assert prediction.dense.shape == teacher_dense.shape == (2, 32, *network.prompt_encoder.image_embedding_size)
+    assert prediction.mask_logits.shape == (2, 1, IMG_SIZE, IMG_SIZE)
+
+
 def test_litemedsam_network_at_256_loads_the_released_teacher_and_gives_256_x_64_x_64_prompts(
         litemedsam_checkpoint):
     from samunet.weights import load_state_dict
 
     state = load_state_dict(litemedsam_checkpoint)
-    network = AutoMedSAMNetwork(input_channels=1, num_classes=3, backbone="litemedsam", img_size=256,
-                                intensity_ranges=[[-2.0, 2.0]])
+    network = AutoMedSAMNetwork(SAMNetworkConfig(input_channels=1, num_classes=3, backbone="litemedsam",
+                                                 img_size=256, intensity_ranges=[[-2.0, 2.0]]))
     network.load_pretrained(state)
     assert torch.equal(network.prompt_encoder.point_embeddings[2].weight,
                        state["prompt_encoder.point_embeddings.2.weight"])
-    network.eval()
-    with torch.no_grad():
-        prediction = network.forward_class(torch.randn(1, 1, 256, 256), torch.tensor([2]))
-        teacher_sparse, teacher_dense = network.teacher_prompts(torch.tensor([[40.0, 50.0, 120.0, 200.0]]))
+    prediction = predict(network, torch.randn(1, 1, 256, 256), torch.tensor([2]))
+    teacher_sparse, teacher_dense = network.teacher_prompts(torch.tensor([[40.0, 50.0, 120.0, 200.0]]))
     assert prediction.dense.shape == teacher_dense.shape == (1, 256, 64, 64)
     assert prediction.sparse.shape == teacher_sparse.shape == (1, 2, 256)
     assert prediction.mask_logits.shape == (1, 1, 256, 256)
 
 
-def test_class_index_changes_the_prompt_embeddings_and_the_mask():
-    network = tiny_network(num_classes=4)
-    network.eval()
-    x = torch.randn(1, 1, 64, 64)
-    with torch.no_grad():
-        predictions = [network.forward_class(x, torch.tensor([k])) for k in (1, 2, 3)]
-    for a, b in [(0, 1), (0, 2), (1, 2)]:
-        assert not torch.allclose(predictions[a].sparse, predictions[b].sparse)
-        assert not torch.allclose(predictions[a].dense, predictions[b].dense)
-        assert not torch.allclose(predictions[a].mask_logits, predictions[b].mask_logits)
-
-
-def test_only_the_class_prompt_encoder_mask_decoder_and_uncertainties_train():
+def test_only_the_class_prompt_encoder_mask_decoder_and_uncertainties_train_and_sams_iou_head_is_frozen():
     network = tiny_network()
-    trainable = {name.split(".")[0] for name, p in network.named_parameters() if p.requires_grad}
-    assert trainable == {"class_prompt_encoder", "mask_decoder", "uncertainty"}
+    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
+    assert {name.split(".")[0] for name in trainable} == {"class_prompt_encoder", "mask_decoder", "uncertainty"}
     assert not any(p.requires_grad for p in network.prompt_encoder.parameters())
+    assert not any(p.requires_grad for p in network.image_encoder.parameters())
+    assert not any(p.requires_grad for p in network.mask_decoder.iou_prediction_head.parameters())
+    assert all(p.requires_grad for p in network.class_prompt_encoder.parameters())
+    assert network.uncertainty.log_variances.requires_grad
 
 
-def test_merged_output_follows_the_per_class_probabilities_and_class_selection():
+def test_all_class_output_merges_the_per_class_probabilities_and_follows_the_class_selection():
     probabilities = torch.zeros(1, 3, 1, 3)
     probabilities[0, 1] = torch.tensor([0.9, 0.2, 0.7])
     probabilities[0, 2] = torch.tensor([0.1, 0.3, 0.8])
-    assert class_log_probabilities(probabilities).argmax(dim=1).flatten().tolist() == [1, 0, 2]
+    merged = class_log_probabilities(probabilities)
+    assert merged.argmax(dim=1).flatten().tolist() == [1, 0, 2]
+    # p_0 = 1 - max_k p_k, then every channel divided by the sum
+    expected = torch.tensor([[0.1, 0.9, 0.1], [0.7, 0.2, 0.3], [0.2, 0.7, 0.8]])
+    expected = expected / expected.sum(dim=1, keepdim=True)
+    assert torch.allclose(merged.exp()[0, :, 0].T, expected, atol=1e-6)
     network = tiny_network(num_classes=4)
+    x = torch.randn(1, 1, IMG_SIZE, IMG_SIZE)
     network.eval()
+    with torch.no_grad():
+        per_class = torch.cat([torch.sigmoid(network(x, class_labels=torch.tensor([k])).mask_logits)
+                               for k in (1, 2, 3)], dim=1)
+        output = network(x)
+    assert torch.allclose(output, class_log_probabilities(torch.cat([torch.zeros_like(per_class[:, :1]),
+                                                                      per_class], dim=1)), atol=1e-5)
     network.set_predict_classes([2])
     with torch.no_grad():
-        output = network(torch.randn(1, 1, 64, 64)).exp()
-    assert float(output[:, [1, 3]].max()) < 1e-6 and float(output[:, 2].min()) > 0
+        selected = network(x).exp()
+    assert float(selected[:, [1, 3]].max()) < 1e-6 and float(selected[:, 2].min()) > 0
     with pytest.raises(ConfigurationError):
         network.set_predict_classes([0])
 
@@ -221,64 +359,56 @@ def test_teacher_targets_come_from_the_frozen_prompt_encoder_fed_with_the_ground
     sparse, dense = network.teacher_prompts(box)
     reference_sparse, reference_dense = network.prompt_encoder(points=None, boxes=box[:, None], masks=None)
     assert torch.equal(sparse, reference_sparse) and torch.equal(dense, reference_dense)
-    prediction = network.forward_class(torch.randn(1, 1, 64, 64), torch.tensor([1]))
+    prediction = network(torch.randn(1, 1, IMG_SIZE, IMG_SIZE), class_labels=torch.tensor([1]))
     joint = AutoMedSAMJointLoss(weighting=network.uncertainty)(
         mask_logits=prediction.mask_logits, target=target, distance_maps=signed_distance_maps(target),
         sparse=prediction.sparse, dense=prediction.dense, teacher_sparse=sparse, teacher_dense=dense,
         present=torch.tensor([True]))
-    expected = (torch.nn.functional.mse_loss(prediction.sparse, sparse)
-                + torch.nn.functional.mse_loss(prediction.dense, dense)).detach()
+    expected = (F.mse_loss(prediction.sparse, sparse) + F.mse_loss(prediction.dense, dense)).detach()
     assert float(joint.terms[0]) == pytest.approx(float(expected), rel=1e-5)
 
 
-def train_tiny(network: AutoMedSAMNetwork, steps: int) -> list[torch.Tensor]:
-    """Train on one image with class 1 present and class 2 absent; returns the s_i gradients of step 1."""
+def test_training_learns_the_present_class_and_an_empty_mask_for_the_absent_one():
+    """Class-index prompting learned: after training on two images (class 1 present, class 2 absent),
+    prompting class 2 gives an empty mask and prompting class 1 finds the square, in the per-class
+    output and in the merged all-class output. (With the class index cut off, class 2 gets the square too.)"""
+    network = tiny_network()
     torch.manual_seed(1)
-    image, target = torch.randn(2, 1, 64, 64), square_label().repeat(2, 1, 1, 1)
+    image, target = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), square_label().repeat(2, 1, 1, 1)
     image[target > 0] += 2.0
     loss = AutoMedSAMJointLoss(weighting=network.uncertainty)
-    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=2e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=5e-3, weight_decay=0.0)
     labels, present = torch.tensor([1, 2]), torch.tensor([True, False])
     masks = (target == labels.view(-1, 1, 1, 1)).float()
     distance_maps = signed_distance_maps(masks)
     teacher = network.teacher_prompts(mask_boxes(masks[:, 0] > 0))
-    gradients = []
     network.train()
-    for _ in range(steps):
+    for _ in range(60):
         optimizer.zero_grad()
-        prediction = network.forward_class(image, labels)
-        joint = loss(mask_logits=prediction.mask_logits, target=masks, distance_maps=distance_maps,
-                     sparse=prediction.sparse, dense=prediction.dense, teacher_sparse=teacher[0],
-                     teacher_dense=teacher[1], present=present)
-        joint.total.backward()
-        gradients.append(network.uncertainty.log_variances.grad.clone())
+        prediction = network(image, class_labels=labels)
+        loss(mask_logits=prediction.mask_logits, target=masks, distance_maps=distance_maps,
+             sparse=prediction.sparse, dense=prediction.dense, teacher_sparse=teacher[0],
+             teacher_dense=teacher[1], present=present).total.backward()
         optimizer.step()
-    network.eval()
-    return gradients
+    torch.manual_seed(2)
+    test_image = torch.randn(1, 1, IMG_SIZE, IMG_SIZE)
+    square = square_label() > 0
+    test_image[square] += 2.0
 
+    def dice(found: torch.Tensor) -> float:
+        return float(2 * (found & square).sum() / (found.sum() + square.sum()))
 
-def test_training_moves_the_uncertainties_keeps_the_teacher_and_an_absent_class_gives_an_empty_mask():
-    network = tiny_network()
-    teacher_before = copy.deepcopy(network.prompt_encoder.state_dict())
-    s_before = network.uncertainty.scales().detach().clone()
-    gradients = train_tiny(network, steps=40)
-    assert bool((gradients[0] != 0).all())
-    assert bool((network.uncertainty.scales().detach() != s_before).all())
-    for name, value in network.prompt_encoder.state_dict().items():
-        assert torch.equal(value, teacher_before[name]), name
-    image = torch.randn(1, 1, 64, 64)
-    image[square_label() > 0] += 2.0
+    absent = torch.sigmoid(predict(network, test_image, torch.tensor([2])).mask_logits) > 0.5
+    found = torch.sigmoid(predict(network, test_image, torch.tensor([1])).mask_logits) > 0.5
     with torch.no_grad():
-        absent = torch.sigmoid(network.forward_class(image, torch.tensor([2])).mask_logits)
-        present = torch.sigmoid(network.forward_class(image, torch.tensor([1])).mask_logits)
-        merged = network(image).argmax(dim=1)
-    assert not bool((absent > 0.5).any())
-    assert float(present[square_label() > 0].mean()) > float(present[square_label() == 0].mean())
-    assert not bool((merged == 2).any())
+        merged = network(test_image).argmax(dim=1, keepdim=True)
+    assert not bool(absent.any())
+    assert dice(found) > 0.5
+    assert not bool((merged == 2).any()) and dice(merged == 1) > 0.5
 
 
 # ---- schedule -----------------------------------------------------------------------------------------
-def test_plateau_variant_cuts_the_lr_by_0_9_after_5_epochs_without_improvement():
+def test_plateau_scheduler_cuts_the_lr_by_0_9_after_5_epochs_without_improvement():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = ValidationPlateauScheduler(optimizer)
     scheduler.step(3)
@@ -288,6 +418,168 @@ def test_plateau_variant_cuts_the_lr_by_0_9_after_5_epochs_without_improvement()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
     scheduler.report(1.0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.9)
+
+
+# ---- the real trainer (tests/trainer_harness.py) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def nnunet_root(tmp_path_factory):
+    with nnunet_environment(tmp_path_factory.mktemp("automedsam_trainers")) as folders:
+        yield folders
+
+
+def real_trainer(name: str, num_classes: int = 3) -> AutoMedSAMTrainer:
+    """``name`` built and initialised by nnunetv2's own code (tiny ViT, 32 px, no data on disk)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return build_trainer(name, backbone="vit_test", num_classes=num_classes, img_size=TRAINER_IMG_SIZE)
+
+
+def assert_adamw_with_undecayed_uncertainties(trainer: AutoMedSAMTrainer) -> None:
+    optimizer = trainer.optimizer
+    assert type(optimizer) is torch.optim.AdamW
+    decayed, undecayed = optimizer.param_groups
+    for group in (decayed, undecayed):
+        assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["lr"] == 1e-4
+    module = trainer.network_module
+    log_variances = module.uncertainty.log_variances
+    assert decayed["weight_decay"] == 0.01 and undecayed["weight_decay"] == 0.0
+    assert len(undecayed["params"]) == 1 and undecayed["params"][0] is log_variances
+    expected = {id(p) for p in module.trainable_parameters() if p is not log_variances}
+    assert {id(p) for p in decayed["params"]} == expected and len(decayed["params"]) == len(expected)
+
+
+def test_trainer_recipe_is_adamw_lr_1e4_with_poly_lr_and_no_weight_decay_on_the_uncertainties(nnunet_root):
+    trainer = real_trainer("AutoMedSAMTrainer")
+    assert trainer.initial_lr == 1e-4 and trainer.weight_decay == 0.01 and trainer.num_epochs == 100
+    assert_adamw_with_undecayed_uncertainties(trainer)
+    assert isinstance(trainer.lr_scheduler, PolyLRScheduler)
+    for epoch in (0, 10, 50, 99):
+        trainer.lr_scheduler.step(epoch)
+        expected = 1e-4 * (1 - epoch / 100) ** 0.9
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([expected, expected])
+
+
+def test_plateau_trainer_cuts_the_lr_by_0_9_after_5_validation_epochs_without_improvement(nnunet_root):
+    """``AutoMedSAMTrainer_plateau``: AdamW as above with ReduceLROnPlateau(min, factor 0.9, patience 5,
+    no cooldown) stepped by each epoch's validation loss; nnU-Net's per-epoch ``step(epoch)`` leaves
+    the lr alone. The same batch every epoch gives the same validation loss: no improvement."""
+    trainer = real_trainer("AutoMedSAMTrainer_plateau")
+    assert_adamw_with_undecayed_uncertainties(trainer)
+    plateau = trainer.lr_scheduler.plateau
+    assert (plateau.mode, plateau.factor, plateau.patience, plateau.cooldown) == ("min", 0.9, 5, 0)
+    batch = make_batch(trainer, batch_size=2, seed=0)
+    lrs = []
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for epoch in range(7):
+            trainer.current_epoch = epoch
+            trainer.on_train_epoch_start()
+            trainer.on_validation_epoch_start()
+            trainer.on_validation_epoch_end([trainer.validation_step(batch)])
+            lrs.append([g["lr"] for g in trainer.optimizer.param_groups])
+    validation_losses = trainer.logger.get_value("val_losses", step=None)
+    assert len(set(float(v) for v in validation_losses)) == 1
+    assert plateau.best == pytest.approx(float(validation_losses[0]))
+    assert lrs[:6] == [[1e-4, 1e-4]] * 6
+    assert lrs[6] == pytest.approx([0.9e-4, 0.9e-4])
+
+
+def test_trainer_loss_is_the_uncertainty_weighted_sum_of_mse_ce_dice_and_shape_distance(nnunet_root):
+    """forward_and_loss = sum_i L_i / (2 s_i^2) + log s_i over (MSE to the teacher's box prompts, CE,
+    Dice, shape distance) of the sampled class's mask, recomputed here from the same draws."""
+    trainer = real_trainer("AutoMedSAMTrainer")
+    network = trainer.network_module
+    with torch.no_grad():
+        network.uncertainty.log_variances.copy_(torch.tensor([0.4, -0.3, 0.8, -0.6]))
+    batch = make_batch(trainer, batch_size=2, seed=3)
+    data, target = batch["data"], batch["target"]
+    network.train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        loss = trainer.forward_and_loss(data, target)
+        torch.manual_seed(7)  # the same class draws and the same diffusion noise
+        labels, present = sample_prompt_classes(target[:, 0], num_classes=3)
+        prediction = network(data, class_labels=labels)
+    assert bool(present.all())  # the harness's batches hold every class
+    mask = (target == labels.view(-1, 1, 1, 1)).float()
+    boxes = []
+    for m in mask[:, 0]:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        boxes.append([float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())])
+    teacher_sparse, teacher_dense = network.prompt_encoder(points=None, boxes=torch.tensor(boxes)[:, None],
+                                                           masks=None)
+    probabilities = torch.sigmoid(prediction.mask_logits)
+    overlap, total = (probabilities * mask).sum((1, 2, 3)), probabilities.sum((1, 2, 3)) + mask.sum((1, 2, 3))
+    dice = 1 - (2 * overlap + 1) / (total + 1)  # per-sample soft Dice, smooth 1
+    terms = torch.stack([
+        F.mse_loss(prediction.sparse, teacher_sparse) + F.mse_loss(prediction.dense, teacher_dense),
+        F.binary_cross_entropy_with_logits(prediction.mask_logits, mask),
+        dice.mean(),
+        ((probabilities - mask) * signed_distance_maps(mask)).mean(),
+    ])
+    s = torch.exp(0.5 * torch.tensor([0.4, -0.3, 0.8, -0.6]))
+    expected = (terms / (2 * s ** 2) + torch.log(s)).sum()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_trainer_prompts_a_present_class_80_percent_of_the_time_and_an_absent_one_with_an_empty_target(nnunet_root):
+    """The trainer's per-sample targets: a class present in the patch with probability 0.8 (its mask,
+    ground-truth box, signed distance map), else an absent class (empty mask, no box, distance +1)."""
+    trainer = real_trainer("AutoMedSAMTrainer")
+    target = torch.zeros(1000, 1, TRAINER_IMG_SIZE, TRAINER_IMG_SIZE)
+    target[..., 8:20, 10:24] = 1  # class 1 present, class 2 absent
+    torch.manual_seed(0)
+    targets = trainer.class_targets(target)
+    present, labels = targets["present"], targets["labels"]
+    assert float(present.float().mean()) == pytest.approx(0.8, abs=0.04)
+    assert bool((labels[present] == 1).all()) and bool((labels[~present] == 2).all())
+    assert torch.equal(targets["mask"][present], target[present])
+    assert not bool(targets["mask"][~present].any())
+    assert targets["boxes"][present].unique(dim=0).tolist() == [[10.0, 8.0, 23.0, 19.0]]
+    assert not bool(targets["boxes"][~present].any())
+    assert bool((targets["distance_maps"][~present] == 1).all())
+    assert torch.equal(targets["distance_maps"][present][:1], signed_distance_maps(target[:1]))
+
+
+class CountingWrapper(nn.Module):
+    """Stands where DDP or torch.compile put their wrapper: ``module`` is the network (what
+    ``trainer.network_module`` unwraps). Records every forward's arguments and output, and every
+    gradient that flows back into that output's mask logits."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.calls: list[tuple[tuple, dict, object]] = []
+        self.mask_gradients: list[torch.Tensor] = []
+
+    def forward(self, *args, **kwargs):
+        output = self.module(*args, **kwargs)
+        self.calls.append((args, kwargs, output))
+        if isinstance(output, ClassPrediction) and output.mask_logits.requires_grad:
+            output.mask_logits.register_hook(self.mask_gradients.append)
+        return output
+
+
+def test_train_step_runs_the_training_forward_through_the_wrapped_network(nnunet_root):
+    """Regression: train_step used to call ``forward_class`` on the unwrapped network, bypassing the
+    DDP / compiled wrapper (no gradient all-reduce). The class-prompted forward must go through
+    ``trainer.network``, and the loss that is back-propagated must come from that call's output."""
+    trainer = real_trainer("AutoMedSAMTrainer")
+    module = trainer.network
+    wrapper = CountingWrapper(module)
+    trainer.network = wrapper
+    try:
+        assert trainer.network_module is module
+        batch = make_batch(trainer, batch_size=2, seed=0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = trainer.train_step(batch)
+    finally:
+        trainer.network = module
+    assert len(wrapper.calls) == 1, "train_step did not call trainer.network (the wrapped module) once"
+    args, kwargs, output = wrapper.calls[0]
+    assert args[0].shape == batch["data"].shape and isinstance(output, ClassPrediction)
+    labels = kwargs["class_labels"]
+    assert labels.shape == (2,) and bool(((labels >= 1) & (labels <= 2)).all())
+    assert len(wrapper.mask_gradients) == 1 and bool((wrapper.mask_gradients[0] != 0).any())
+    assert np.isfinite(result["loss"])
 
 
 # ---- trainer through nnU-Net's loop -------------------------------------------------------------------
@@ -300,9 +592,6 @@ def test_trainer_trains_through_nnunet_logs_uncertainties_and_predicts_all_or_se
                     hyperparameters={"num_epochs": 2, "num_iterations_per_epoch": 2,
                                      "num_val_iterations_per_epoch": 1, "batch_size": 2})
     assert isinstance(trainer, AutoMedSAMTrainer)
-    decayed, undecayed = trainer.optimizer.param_groups
-    assert undecayed["weight_decay"] == 0.0 and decayed["weight_decay"] == trainer.weight_decay > 0
-    assert undecayed["params"] == [trainer.network_module.uncertainty.log_variances]
     logged = trainer.logger.get_value("uncertainty_s", step=None)
     assert len(logged) == 2 and len(logged[0]) == 4 and logged[0] != [1.0] * 4
     output = Path(trainer.output_folder)
@@ -316,14 +605,3 @@ def test_trainer_trains_through_nnunet_logs_uncertainties_and_predicts_all_or_se
     import SimpleITK as sitk
     for path in predict_folder(predictor, raw / "imagesTs", tmp_path / "kidney"):
         assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).tolist()) <= {0, 2}
-
-
-@pytest.mark.slow
-def test_plateau_variant_trains_through_nnunet_with_adamw_and_the_validation_plateau(planned_tiny_dataset):
-    from samunet.cli.train import train
-    trainer = train(991, "2d", 0, "AutoMedSAMTrainer_plateau", device="cpu",
-                    hyperparameters={"num_epochs": 1, "num_iterations_per_epoch": 1,
-                                     "num_val_iterations_per_epoch": 1, "batch_size": 2})
-    assert isinstance(trainer.optimizer, torch.optim.AdamW)
-    assert isinstance(trainer.lr_scheduler, ValidationPlateauScheduler)
-    assert trainer.lr_scheduler.plateau.best == pytest.approx(trainer.logger.get_value("val_losses", step=0))

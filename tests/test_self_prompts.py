@@ -1,4 +1,5 @@
-"""Self-Prompt-SAM's automatic prompts: boxes, distance-transform points and mask prompts per class."""
+"""Self-Prompt-SAM's automatic prompts (Sec. 2.4, App. A): a box, a distance-transform point and a mask
+prompt for every class of the auxiliary masks, the background (class 0) included."""
 from __future__ import annotations
 
 import itertools
@@ -45,10 +46,10 @@ def test_point_is_the_distance_transform_argmax_inside_an_irregular_mask():
     mask = labels[0] == 1
     distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(np.argmax(distance), mask.shape)
-    x, y = prompts.points[0, 0].tolist()
+    x, y = prompts.points[0, 1].tolist()
     assert (x, y) == (col, row)
     assert mask[int(y), int(x)]
-    x_min, y_min, x_max, y_max = prompts.boxes[0, 0].tolist()
+    x_min, y_min, x_max, y_max = prompts.boxes[0, 1].tolist()
     assert not mask[int((y_min + y_max) / 2), int((x_min + x_max) / 2)]
     assert distance[int(y), int(x)] == distance.max()
 
@@ -60,7 +61,7 @@ def test_image_border_counts_as_boundary_for_the_farthest_point():
     prompts = prompts_from_auxiliary_logits(logits_from_labels(labels, 2), image_size=9, mask_size=(4, 4))
     unpadded = distance_transform_edt(labels[0] == 1)
     assert np.unravel_index(np.argmax(unpadded), (9, 9)) == (4, 0)  # scipy alone picks a border pixel
-    assert prompts.points[0, 0].tolist() == [2.0, 4.0]  # the square's centre
+    assert prompts.points[0, 1].tolist() == [2.0, 4.0]  # the square's centre
 
 
 def test_box_is_tight_around_all_pixels_of_the_class():
@@ -68,10 +69,10 @@ def test_box_is_tight_around_all_pixels_of_the_class():
     labels = np.zeros((1, 20, 20), dtype=np.int64)
     labels[0, 3:8, 4:10] = 1  # rectangle rows 3..7, columns 4..9
     assert prompts_from_auxiliary_logits(logits_from_labels(labels, 2), image_size=20,
-                                         mask_size=(8, 8)).boxes[0, 0].tolist() == [4.0, 3.0, 9.0, 7.0]
+                                         mask_size=(8, 8)).boxes[0, 1].tolist() == [4.0, 3.0, 9.0, 7.0]
     labels[0, 15:17, 12:18] = 1  # a second blob of the same class
     prompts = prompts_from_auxiliary_logits(logits_from_labels(labels, 2), image_size=20, mask_size=(8, 8))
-    assert prompts.boxes[0, 0].tolist() == [4.0, 3.0, 17.0, 16.0]
+    assert prompts.boxes[0, 1].tolist() == [4.0, 3.0, 17.0, 16.0]
 
 
 def test_absent_class_gets_zero_box_and_zero_point():
@@ -81,11 +82,30 @@ def test_absent_class_gets_zero_box_and_zero_point():
     labels[1, 4:9, 3:10] = 2
     prompts = prompts_from_auxiliary_logits(logits_from_labels(labels, 3), image_size=12, mask_size=(8, 8))
     assert prompts.present.dtype == torch.bool
-    assert prompts.present.tolist() == [[True, False], [False, True]]
-    for n, k in ((0, 1), (1, 0)):
+    assert prompts.present.tolist() == [[True, True, False], [True, False, True]]
+    for n, k in ((0, 2), (1, 1)):
         assert torch.equal(prompts.boxes[n, k], torch.zeros(4))
         assert torch.equal(prompts.points[n, k], torch.zeros(2))
-    assert prompts.boxes[0, 0].tolist() == [2.0, 2.0, 5.0, 5.0]
+    assert prompts.boxes[0, 1].tolist() == [2.0, 2.0, 5.0, 5.0]
+
+
+def test_the_background_is_prompted_like_every_other_class():
+    """Class 0 has its own binary mask (argmax == 0, one channel of the one-hot auxiliary mask): its box
+    is the tight box of the background pixels, its point the background's distance-transform argmax,
+    its mask prompt channel 0 of the auxiliary logits; a slice without background gets zero prompts."""
+    torch.manual_seed(0)
+    labels = np.ones((2, 16, 16), dtype=np.int64)
+    labels[0, 3:9, 5:14] = 0  # the background is a 6 x 9 block: rows 3..8, columns 5..13
+    logits = logits_from_labels(labels, 2)
+    prompts = prompts_from_auxiliary_logits(logits, image_size=16, mask_size=(16, 16))
+    assert prompts.boxes.shape == (2, 2, 4) and prompts.points.shape == (2, 2, 2)
+    assert prompts.boxes[0, 0].tolist() == [5.0, 3.0, 13.0, 8.0]
+    distance = distance_transform_edt(np.pad(labels[0] == 0, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(np.argmax(distance), distance.shape)
+    assert prompts.points[0, 0].tolist() == [col, row]
+    assert prompts.present.tolist() == [[True, True], [False, True]]  # slice 1 is all foreground
+    assert not prompts.boxes[1, 0].any() and not prompts.points[1, 0].any()
+    assert torch.equal(prompts.mask_logits[:, 0], logits[:, 0])
 
 
 def test_low_resolution_generator_prompts_are_scaled_to_the_encoder_input():
@@ -95,35 +115,35 @@ def test_low_resolution_generator_prompts_are_scaled_to_the_encoder_input():
     logits = logits_from_labels(labels, 2)
     native = prompts_from_auxiliary_logits(logits, image_size=8, mask_size=(8, 8))
     scaled = prompts_from_auxiliary_logits(logits, image_size=32, mask_size=(8, 8))
-    assert native.boxes[0, 0].tolist() == [2.0, 1.0, 4.0, 3.0]
-    assert native.points[0, 0].tolist() == [3.0, 2.0]
+    assert native.boxes[0, 1].tolist() == [2.0, 1.0, 4.0, 3.0]
+    assert native.points[0, 1].tolist() == [3.0, 2.0]
     assert torch.equal(scaled.boxes, 4 * native.boxes)
     assert torch.equal(scaled.points, 4 * native.points)
     wide = torch.cat([logits, logits], dim=-1)  # H=8, W=16 (blob repeated at columns 10..12): x by 2, y by 4
     wide_prompts = prompts_from_auxiliary_logits(wide, image_size=32, mask_size=(8, 8))
-    assert wide_prompts.boxes[0, 0].tolist() == [4.0, 4.0, 24.0, 12.0]
-    assert wide_prompts.points[0, 0].tolist() == [6.0, 8.0]
+    assert wide_prompts.boxes[0, 1].tolist() == [4.0, 4.0, 24.0, 12.0]
+    assert wide_prompts.points[0, 1].tolist() == [6.0, 8.0]
 
 
-def test_mask_prompt_keeps_gradients_to_the_generator_and_has_mask_size():
+def test_mask_prompt_is_each_classs_logits_resized_and_passes_gradients_to_the_generator():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     prompts = prompts_from_auxiliary_logits(logits, image_size=32, mask_size=(16, 12))
-    assert prompts.mask_logits.shape == (2, 2, 16, 12)
-    expected = F.interpolate(logits[:, 1:], size=(16, 12), mode="bilinear", align_corners=False)
+    assert prompts.mask_logits.shape == (2, 3, 16, 12)
+    expected = F.interpolate(logits, size=(16, 12), mode="bilinear", align_corners=False)
     assert torch.allclose(prompts.mask_logits, expected)
-    prompts.mask_logits.sum().backward()
-    assert logits.grad is not None
-    assert logits.grad[:, 1:].abs().sum() > 0
-    assert torch.equal(logits.grad[:, 0], torch.zeros_like(logits.grad[:, 0]))
+    for k in range(3):  # class k's mask prompt reaches class k's logits only
+        grad, = torch.autograd.grad(prompts.mask_logits[:, k].sum(), logits, retain_graph=True)
+        assert grad[:, k].abs().sum() > 0
+        assert not torch.cat([grad[:, :k], grad[:, k + 1:]], dim=1).any()
 
 
 def test_encoding_is_class_major_and_matches_each_class_encoded_alone():
     encoder, prompts = tiny_prompt_encoder(), random_prompts(batch=2, num_classes=4)
     with torch.no_grad():
         sparse, dense = encode_class_prompts(encoder, prompts)
-        assert sparse.shape == (6, 3, 32) and dense.shape == (6, 32, 8, 8)
-        for k, n in itertools.product(range(3), range(2)):
+        assert sparse.shape == (8, 3, 32) and dense.shape == (8, 32, 8, 8)  # K = 4 classes x 2 images
+        for k, n in itertools.product(range(4), range(2)):
             alone = ClassPrompts(*(field[n:n + 1, k:k + 1] for field in prompts))
             sparse_alone, dense_alone = encode_class_prompts(encoder, alone)
             assert torch.allclose(sparse[k * 2 + n], sparse_alone[0], atol=1e-6)
@@ -139,10 +159,10 @@ def test_each_prompt_combination_of_the_ablation_encodes_with_sam_token_counts(u
                                              use_mask=use_mask)
     # box: 2 corner tokens; point: 1 token, plus SAM's "not a point" padding token when there is no box
     tokens = 2 * use_box + use_point + (use_point and not use_box)
-    assert sparse.shape == (6, tokens, 32)
-    assert dense.shape == (6, 32, 8, 8)
+    assert sparse.shape == (8, tokens, 32)
+    assert dense.shape == (8, 32, 8, 8)
     if use_point and not use_box:
-        assert torch.equal(sparse[:, 1], encoder.not_a_point_embed.weight.expand(6, -1))
+        assert torch.equal(sparse[:, 1], encoder.not_a_point_embed.weight.expand(8, -1))
     no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
     assert torch.equal(dense, no_mask) != use_mask
 

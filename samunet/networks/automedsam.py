@@ -110,7 +110,6 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
             logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
         return ClassPrediction(mask_logits=logits, sparse=sparse, dense=dense)
 
-
     @torch.no_grad()
     def whole_image_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen prompt encoder's prompts for a box around the whole image: sparse (1, 2, C), dense

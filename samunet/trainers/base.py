@@ -38,6 +38,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import samunet
@@ -111,6 +112,7 @@ class SAMTrainerBase(nnUNetTrainer):
         self.hyperparameters: dict = {}
         self.set_hyperparameters({})
         self._epoch_progress: tqdm | None = None
+        self.current_phase: int | None = None  # the training phase the network is set up for
 
     def set_hyperparameters(self, overrides: dict) -> None:
         """Apply the class defaults plus ``overrides`` (names in ``HYPERPARAMETERS``); call before
@@ -213,12 +215,26 @@ class SAMTrainerBase(nnUNetTrainer):
         return sum(start <= epoch for start in self.training_phase_starts()) - 1
 
     def enter_training_phase(self, phase: int) -> None:
-        """Make the network train what phase ``phase`` trains (``on_train_epoch_start`` calls it every
-        epoch). One phase: nothing changes."""
+        """Make the network train what phase ``phase`` trains. ``on_train_epoch_start`` calls it when the
+        phase of the epoch differs from the one the network is set up for (so at the first epoch, and
+        after a resume). One phase: nothing changes."""
+
+    def start_phase_of_current_epoch(self) -> None:
+        """Enter the current epoch's phase if the network is not set up for it yet. DistributedDataParallel
+        registers the parameters that need gradients when it wraps the network, so a DDP network is wrapped
+        anew after the phase changed what trains."""
+        phase = self.training_phase(self.current_epoch)
+        if phase == self.current_phase:
+            return
+        self.enter_training_phase(phase)
+        self.current_phase = phase
+        if isinstance(self.network, DDP):
+            self.network = DDP(self.network.module, device_ids=self.network.device_ids,
+                               find_unused_parameters=self.network.find_unused_parameters)
 
     # ---- one training step ------------------------------------------------------------------
     def on_train_epoch_start(self):
-        self.enter_training_phase(self.training_phase(self.current_epoch))
+        self.start_phase_of_current_epoch()
         super().on_train_epoch_start()
         self._epoch_progress = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}",
                                     unit="it", leave=False, disable=self.local_rank != 0)

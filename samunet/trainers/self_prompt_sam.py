@@ -137,9 +137,8 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
 
     def enter_training_phase(self, phase: int) -> None:
         phase_two = phase == 1
-        if phase_two != self.loss.include_output or self.current_epoch == 0:
-            self.print_to_log_file("phase 2: generator + MC-Adapter output loss" if phase_two
-                                   else f"phase 1 (until epoch {self.phase_two_start}): generator loss only")
+        self.print_to_log_file("phase 2: generator + MC-Adapter output loss" if phase_two
+                               else f"phase 1 (until epoch {self.phase_two_start}): generator loss only")
         self.loss.include_output = phase_two
         self.network_module.set_trainable(train_decoder=phase_two)
 
