@@ -309,7 +309,8 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor, taps: dict[nn.Module, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                taps: dict[nn.Module, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``taps``: blocks whose outputs are wanted, mapped to None; they are filled in place."""
         feature = x
         for block in self.blocks:

@@ -76,8 +76,8 @@ def encode_class_prompts(prompt_encoder: nn.Module, prompts: ClassPrompts, *, us
     """Encode the selected prompt kinds with segment-anything's PromptEncoder.
 
     Returns sparse (M, n, C) and dense (M, C, h, w), M = K * N in CLASS-MAJOR order: row
-    m = k * N + n (k the class, n the image), so the images of one class are consecutive. Sparse tokens, in the encoder's order: point then box corners; box + point -> 3,
-    box -> 2, point alone -> 2 (the encoder appends a "not a point" padding token when no box is
+    m = k * N + n (k the class, n the image), so the images of one class are consecutive. Sparse
+    tokens, in the encoder's order: point then box corners; box + point -> 3, box -> 2, point alone -> 2 (the encoder appends a "not a point" padding token when no box is
     given), mask alone -> 0. Each class has one positive point (label 1); an absent class's zero
     point and zero box are encoded as they are (the paper's rule). Without the mask prompt the dense
     output is the encoder's learned no-mask embedding. Raises ValueError when all three are off.
