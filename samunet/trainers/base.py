@@ -34,9 +34,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
+from torch.amp import GradScaler
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -46,6 +49,7 @@ from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError, SamunetError
 from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.registry import TRAINERS
+from samunet.trainers.distributed import process_device
 from samunet.trainers.validation import run_final_validation
 from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
 
@@ -107,6 +111,9 @@ class SAMTrainerBase(nnUNetTrainer):
         # nnunetv2 records the constructor's arguments from its own locals(), so a subclass
         # cannot add any: hyper-parameter overrides come through set_hyperparameters().
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:  # nnunetv2 assumes CUDA and the global rank as device index; CPUs and nodes differ
+            self.device = process_device(device.type)
+            self.grad_scaler = GradScaler("cuda") if self.device.type == "cuda" else None
         self.enable_deep_supervision = self.uses_deep_supervision
         self.pretrained_weights: str | None = None
         self.hyperparameters: dict = {}
@@ -162,7 +169,35 @@ class SAMTrainerBase(nnUNetTrainer):
         return unwrap(self.network)
 
     def initialize(self):
-        super().initialize()
+        """nnU-Net's ``initialize`` (batch size per rank, network from the plans, torch.compile, optimiser,
+        loss), wrapping the network in DistributedDataParallel for CUDA and CPU processes alike (nnunetv2
+        passes a CUDA device index, which a CPU module refuses), then the released SAM weights."""
+        if self.was_initialized:
+            raise RuntimeError("the trainer is already initialised")
+        self._set_batch_size_and_oversample()
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
+        if self._do_i_compile():
+            self.print_to_log_file("Using torch.compile...")
+            self.network = torch.compile(self.network)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp:
+            # samunet's trainable parts have no BatchNorm (TinyViT's frozen ones stay in eval mode), so no SyncBatchNorm
+            self.network = DDP(self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loss = self._build_loss()
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+        self.logger.update_config({"hparas": {
+            "initial_lr": self.initial_lr, "weight_decay": self.weight_decay,
+            "oversample_foreground_percent": self.oversample_foreground_percent,
+            "probabilistic_oversampling": self.probabilistic_oversampling,
+            "num_iterations_per_epoch": self.num_iterations_per_epoch,
+            "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch, "num_epochs": self.num_epochs,
+            "enable_deep_supervision": self.enable_deep_supervision,
+            "batch_size": self.configuration_manager.batch_size}})
         self.load_pretrained_backbone()
         trainable = sum(p.numel() for p in self.network_module.trainable_parameters())
         total = sum(p.numel() for p in self.network_module.parameters())
@@ -182,9 +217,11 @@ class SAMTrainerBase(nnUNetTrainer):
         self.print_to_log_file(f"loaded pretrained weights {path}")
 
     def _set_batch_size_and_oversample(self):
+        """nnU-Net's rule, with ``--batch-size`` as the global batch size: a distributed run splits it over
+        the ranks (and the foreground oversampling with it)."""
+        if "batch_size" in self.hyperparameters:
+            self.configuration_manager.configuration["batch_size"] = int(self.hyperparameters["batch_size"])
         super()._set_batch_size_and_oversample()
-        if "batch_size" in self.hyperparameters and not self.is_ddp:
-            self.batch_size = int(self.hyperparameters["batch_size"])
 
     def dice_and_ce_loss(self, *, weight_ce: float, weight_dice: float) -> nn.Module:
         """nnU-Net's Dice + CE (Dice + BCE for region labels) with the given weights."""
