@@ -8,6 +8,8 @@ error, and an unknown name lists the known ones.
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 from typing import Callable, Generic, Iterator, TypeVar
 
 from samunet.errors import UnknownNameError
@@ -25,12 +27,19 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator adding ``entry`` under ``name`` (default: its ``__name__``).
+
+        Registering another object under a taken name raises ValueError, except for the same definition
+        imported a second time under another module name (nnunetv2's ``nnUNet_extTrainer`` search imports
+        trainer files by path): the first registration stays.
+        """
         def add(entry: T) -> T:
             key = name or entry.__name__
-            if key in self._entries and self._entries[key] is not entry:
+            known = self._entries.get(key)
+            if known is not None and known is not entry and not _same_definition(known, entry):
                 raise ValueError(f"{self.kind} {key!r} is registered twice "
                                  f"({self._entries[key]!r} and {entry!r})")
-            self._entries[key] = entry
+            self._entries.setdefault(key, entry)
             return entry
         return add
 
@@ -57,6 +66,15 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _same_definition(first: object, second: object) -> bool:
+    """True when two classes are one definition (same qualified name, same source file) imported twice."""
+    try:
+        files = [os.path.realpath(inspect.getfile(entry)) for entry in (first, second)]
+    except TypeError:  # not a class or function defined in a file
+        return False
+    return getattr(first, "__qualname__", None) == getattr(second, "__qualname__", None) and files[0] == files[1]
 
 
 TRAINERS: Registry = Registry("trainer", ("samunet.trainers",))
