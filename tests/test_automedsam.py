@@ -270,6 +270,11 @@ def test_only_the_class_prompt_encoder_mask_decoder_and_uncertainties_train_and_
     assert not any(p.requires_grad for p in network.prompt_encoder.parameters())
     assert not any(p.requires_grad for p in network.image_encoder.parameters())
     assert not any(p.requires_grad for p in network.mask_decoder.iou_prediction_head.parameters())
+    # only mask token 0 (SAM's single-mask output) is read: the other tokens' hypernetwork MLPs cannot learn
+    mlps = network.mask_decoder.output_hypernetworks_mlps
+    assert all(p.requires_grad for p in mlps[0].parameters())
+    assert not any(p.requires_grad for mlp in mlps[1:] for p in mlp.parameters())
+    assert network.mask_decoder.mask_tokens.weight.requires_grad
     assert all(p.requires_grad for p in network.class_prompt_encoder.parameters())
     assert network.uncertainty.log_variances.requires_grad
 

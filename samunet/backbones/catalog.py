@@ -33,13 +33,15 @@ _SPECS = (
                  size_multiple=16, pixel_normalization="imagenet", default_weights="sam_vit_l"),
     BackboneSpec("vit_h", partial(_vit, "vit_h"), default_img_size=256, allowed_img_sizes=(224, 256, 512, 1024),
                  size_multiple=16, pixel_normalization="imagenet", default_weights="sam_vit_h"),
-    # tiny random configurations for tests: no pretrained weights exist for them
+    # tiny random configurations for tests: no pretrained weights exist for them. mask_in_chans stays SAM's 16:
+    # the mask prompt's first layer has mask_in_chans // 4 channels and a LayerNorm over them, so with 4 (one
+    # channel) every mask prompt would encode to the same embedding.
     BackboneSpec("vit_test", partial(_vit, "vit_test"), default_img_size=64, allowed_img_sizes=(),
                  size_multiple=16, pixel_normalization="imagenet", default_weights=None,
-                 prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=4),
+                 prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=16),
     BackboneSpec("tinyvit_test", partial(_tinyvit, "tinyvit_test"), default_img_size=64, allowed_img_sizes=(),
                  size_multiple=16, pixel_normalization="unit", default_weights=None, family="tinyvit",
-                 prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=4),
+                 prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=16),
 )
 for _spec in _SPECS:
     BACKBONES.register(_spec.name)(_spec)

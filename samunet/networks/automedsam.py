@@ -82,8 +82,14 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
         self.set_trainable()
 
     def set_trainable(self) -> None:
+        """The class-prompt encoder, the mask decoder and the loss's s_i train; of the decoder's released mask
+        tokens only the first (SAM's single-mask output) is read, so the other tokens' hypernetwork MLPs,
+        like the IoU head, would never receive a gradient and stay frozen (the tokens themselves still
+        shape the first through the decoder's attention and train)."""
         self.train_only(self.class_prompt_encoder, self.mask_decoder, self.uncertainty)
         freeze_iou_head(self.mask_decoder)
+        for mlp in self.mask_decoder.output_hypernetworks_mlps[1:]:
+            mlp.requires_grad_(False)
 
     def set_predict_classes(self, classes: Sequence[int] | None) -> None:
         """Label values that ``forward`` predicts (None: all); the others get probability 0."""
