@@ -33,25 +33,27 @@ def nnunet_folders(tmp_path, monkeypatch) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def planned_tiny_dataset(tmp_path_factory) -> dict[str, Path]:
-    """The tiny phantom (5 training cases, 8x48x48) planned for ``vit_test`` at 64 px, once per session.
-
-    Yields the three folders; the environment variables point at them while the fixture lives.
-    """
+def tiny_dataset_root(tmp_path_factory) -> Path:
+    """The tiny phantom (5 training cases, 8x48x48) planned for ``vit_test`` at 64 px, once per session:
+    the folder holding its nnUNet_raw / _preprocessed / _results. The environment is set only while it
+    is built; fixtures that use it set it themselves (:func:`planned_tiny_dataset`, or
+    ``trainer_harness.nnunet_environment(tiny_dataset_root)`` for a module-scoped fixture), so no other
+    fixture's folders, set or restored around it, can hide it."""
     from samunet.cli.plan_and_preprocess import plan_and_preprocess
     from samunet.preprocessing.phantom import write_phantom_dataset
+    from trainer_harness import nnunet_environment
     root = tmp_path_factory.mktemp("tiny")
-    folders = {name: root / name for name in NNUNET_VARIABLES}
-    previous = {name: os.environ.get(name) for name in NNUNET_VARIABLES}
-    os.environ.update({name: str(folder) for name, folder in folders.items()})
-    try:
+    with nnunet_environment(root) as folders:
         write_phantom_dataset(folders["nnUNet_raw"], dataset_id=TINY_DATASET_ID, dataset_name="PhantomTiny",
                               num_train=5, num_test=2, shape=(8, 48, 48))
         plan_and_preprocess(TINY_DATASET_ID, backbone="vit_test", image_size=64, num_processes=1)
-        yield folders
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return root
+
+
+@pytest.fixture
+def planned_tiny_dataset(tiny_dataset_root, monkeypatch) -> dict[str, Path]:
+    """The tiny planned phantom's three folders, with the nnU-Net variables pointing at them for one test."""
+    folders = {name: tiny_dataset_root / name for name in NNUNET_VARIABLES}
+    for name, folder in folders.items():
+        monkeypatch.setenv(name, str(folder))
+    return folders

@@ -382,13 +382,15 @@ def test_training_learns_the_present_class_and_an_empty_mask_for_the_absent_one(
     image, target = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), square_label().repeat(2, 1, 1, 1)
     image[target > 0] += 2.0
     loss = AutoMedSAMJointLoss(weighting=network.uncertainty)
-    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=5e-3, weight_decay=0.0)
+    # 150 steps at 2e-3: learned (absent class empty, Dice > 0.9) for each of 5 network seeds tried; 60 steps at
+    # 5e-3 depended on the seed
+    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=2e-3, weight_decay=0.0)
     labels, present = torch.tensor([1, 2]), torch.tensor([True, False])
     masks = (target == labels.view(-1, 1, 1, 1)).float()
     distance_maps = signed_distance_maps(masks)
     teacher = network.teacher_prompts(mask_boxes(masks[:, 0] > 0))
     network.train()
-    for _ in range(60):
+    for _ in range(150):
         optimizer.zero_grad()
         prediction = network(image, class_labels=labels)
         loss(mask_logits=prediction.mask_logits, target=masks, distance_maps=distance_maps,

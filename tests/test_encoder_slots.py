@@ -21,20 +21,11 @@ from samunet.backbones.catalog import get_backbone_spec
 from samunet.backbones.sam_vit import window_partition, window_unpartition
 from samunet.backbones.tiny_vit import TinyViTBlock
 from samunet.modules.lora import add_qv_lora
+from random_weights import randomize_
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
 # ViT: 6x6 tokens in windows of 4; TinyViT: 32x32 and 16x16 grids in windows of 7: both pad their windows
 IMG = {"vit_test": 96, "tinyvit_test": 64}
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter at random (norm scales near 1): SAM zero-initialises pos_embed and rel-pos tables."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.1 * noise if param.ndim == 1 and name.endswith("weight") else 0.2 * noise)
-    return module
 
 
 def tiny_encoder(backbone: str) -> nn.Module:

@@ -12,6 +12,7 @@ from samunet.cli.evaluate import main as evaluate_main
 from samunet.cli.predict import build_predictor, main as predict_main, predict_folder
 from samunet.cli.train import train
 from samunet.trainers.base import CheckpointMismatchError
+from trainer_harness import nnunet_environment
 
 DATASET = "Dataset991_PhantomTiny"
 TINY_RUN = {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "batch_size": 2}
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained_fold0(planned_tiny_dataset):
-    trainer = train(991, "2d", 0, "SAMedTrainer", device="cpu", hyperparameters=dict(TINY_RUN))
+def trained_fold0(tiny_dataset_root):
+    with nnunet_environment(tiny_dataset_root):
+        trainer = train(991, "2d", 0, "SAMedTrainer", device="cpu", hyperparameters=dict(TINY_RUN))
     return Path(trainer.output_folder)
 
 
@@ -61,7 +63,7 @@ def test_predict_and_evaluate_commands_run_end_to_end(trained_fold0, planned_tin
     assert {"Dice", "NSD", "HD95"} <= set(summary["foreground_mean"])
 
 
-def test_continue_restores_hyperparameters_and_trains_on(trained_fold0):
+def test_continue_restores_hyperparameters_and_trains_on(trained_fold0, planned_tiny_dataset):
     trainer = train(991, "2d", 0, "SAMedTrainer", device="cpu", continue_training=True,
                     hyperparameters={"num_epochs": 2})
     assert trainer.current_epoch == 2
@@ -70,7 +72,7 @@ def test_continue_restores_hyperparameters_and_trains_on(trained_fold0):
     assert checkpoint["current_epoch"] == 2
 
 
-def test_a_checkpoint_of_another_backbone_is_refused(trained_fold0):
+def test_a_checkpoint_of_another_backbone_is_refused(trained_fold0, planned_tiny_dataset):
     with pytest.raises(CheckpointMismatchError, match="backbone vit_test at 64 px.*tinyvit_test"):
         train(991, "2d", 0, "SAMedTrainer", device="cpu", continue_training=True, backbone="tinyvit_test",
               hyperparameters={"weights": "none"})

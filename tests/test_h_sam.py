@@ -351,16 +351,26 @@ def test_stage_two_loss_reaches_stage_one_through_the_mask_only_when_mask_attent
 
 
 def test_learnable_binary_and_no_mask_attention_give_different_stage_two_outputs():
-    reference = tiny_network(num_classes=2, hierarchical_pixel_decoder=False, cmattn=False)
-    image, outputs = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), {}
-    for mode in ("learnable", "binary", "none"):
-        network = tiny_network(num_classes=2, mask_attention=mode, hierarchical_pixel_decoder=False, cmattn=False,
-                               deep_supervision=True).eval()
-        network.load_state_dict(reference.state_dict())
-        with torch.no_grad():
-            _, outputs[mode], stage_one = network(image)
-    probabilities = F.interpolate(stage_one.softmax(1), size=(4, 4), mode="area")
-    assert ((probabilities > 0.5).any() and (probabilities < 0.5).any())  # the binary masks are not trivial
+    """Stage 2 guided by the same stage-1 output gives three different results with learnable, binary
+    (Mask2Former) and plain attention. The stage-1 logits are set so that each class is likely on one half
+    of the key grid: a binary mask that keeps all keys of a token, or none, would be plain attention."""
+    network = tiny_network(num_classes=2, hierarchical_pixel_decoder=False, cmattn=False, deep_supervision=True)
+    network.eval()
+    embedding = network.image_encoder(network.input_stage(torch.randn(2, 1, IMG_SIZE, IMG_SIZE))).embedding
+    image_pe = network.prompt_encoder.get_dense_pe()
+    sparse = empty_sparse_prompts(network.prompt_encoder, 2)
+    dense = default_dense_prompt(network.prompt_encoder)
+    stage_one = h_sam_network.decode_stage_one(network.mask_decoder, embedding, image_pe, sparse, dense)
+    halves = torch.zeros_like(stage_one.logits)
+    width = halves.shape[-1]
+    halves[:, 0, :, : width // 2] = 4.0  # background on the left half, class 1 on the right half
+    halves[:, 1, :, width // 2:] = 4.0
+    stage_one = stage_one._replace(logits=halves)
+    outputs = {}
+    with torch.no_grad():
+        for mode in ("learnable", "binary", "none"):
+            network.stage2_decoder.mask_attention = mode
+            outputs[mode] = network.stage2_decoder(embedding, image_pe, sparse, dense, stage_one)
     for a, b in (("learnable", "binary"), ("learnable", "none"), ("binary", "none")):
         assert (outputs[a] - outputs[b]).abs().max() > 1e-4, (a, b)
 

@@ -24,7 +24,7 @@ from samunet.modules.qa_prompts import QAPrompts
 from samunet.modules.two_way_transformer import run_two_way_transformer
 from samunet.networks.base import SAMNetworkConfig
 from samunet.networks.hsp_sam import HSPSAMNetwork
-from trainer_harness import build_trainer, make_batch, nnunet_environment
+from trainer_harness import build_trainer, make_batch, trainer_workdir
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")  # 2 and 3 hierarchy levels; SAM's two-block decoder
 TRAINER_IMG_SIZE = 32  # the smallest input the tiny backbones take
@@ -104,13 +104,8 @@ class DecoderTaps:
 def workdir(tmp_path_factory):
     """nnU-Net folders for the trainers this module builds; one intra-op thread while it lasts."""
     root = tmp_path_factory.mktemp("hsp_sam_trainers")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with nnunet_environment(root):
-            yield root
-    finally:
-        torch.set_num_threads(threads)
+    with trainer_workdir(root):
+        yield root
 
 
 def hsp_trainer(name: str = "HSPSAMTrainer", *, backbone: str = "vit_test", num_classes: int = 3):

@@ -16,19 +16,10 @@ from torch import nn
 from samunet.backbones.base import AttentionAdapters
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.modules.lora import QVLoRA, add_qv_lora
+from random_weights import randomize_
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
 RANK, ALPHA = 2, 3.0  # scale alpha / rank = 1.5, so a forgotten scale shows
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter at random (norm scales near 1), so no zero-initialised tensor hides a path."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.1 * noise if param.ndim == 1 and name.endswith("weight") else 0.2 * noise)
-    return module
 
 
 def tiny_encoder(backbone: str, img_size: int = 64) -> nn.Module:

@@ -38,7 +38,7 @@ from samunet.networks.base import SAMNetworkConfig
 from samunet.networks.self_prompt_sam import SelfPromptSAMNetwork
 from samunet.registry import TRAINERS
 from samunet.trainers.self_prompt_sam import SelfPromptLoss, SelfPromptSAMTrainer, stacked_configuration
-from trainer_harness import build_trainer, make_batch, nnunet_environment
+from trainer_harness import build_trainer, make_batch, trainer_workdir
 
 RANGES = [[-2.0, 2.0]]
 HARNESS_SIZE = 32  # the smallest input of the tiny backbones
@@ -162,7 +162,7 @@ def test_changing_one_slice_changes_the_other_slices_only_at_the_same_positions_
         net.image_encoder(net.encoder_input(changed[0].transpose(0, 1)))
     handle.remove()
     before, after = seen[0], seen[1]  # (3, H, W, C/4) for slices 0, 1, 2
-    moved = (after - before).abs().sum(-1) > 1e-6
+    moved = (after - before).abs().sum(-1) > 0  # a token the change does not reach is bitwise the same
     source = moved[0]
     assert source.any() and not source.all()  # the change stays inside slice 0's window(s)
     for other in (1, 2):
@@ -461,14 +461,9 @@ def test_litemedsam_weights_load_into_the_self_prompt_network(litemedsam_checkpo
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     """Build trainers from ``TRAINERS`` with nnU-Net's folders set and one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with nnunet_environment(tmp_path_factory.mktemp("self_prompt_trainers")):
-            yield lambda name, **kwargs: build_trainer(name, **{"backbone": "vit_test", "num_classes": 3,
-                                                                "img_size": HARNESS_SIZE, "depth": 2, **kwargs})
-    finally:
-        torch.set_num_threads(threads)
+    with trainer_workdir(tmp_path_factory.mktemp("self_prompt_trainers")):
+        yield lambda name, **kwargs: build_trainer(name, **{"backbone": "vit_test", "num_classes": 3,
+                                                            "img_size": HARNESS_SIZE, "depth": 2, **kwargs})
 
 
 def enter_epoch(trainer, epoch: int) -> None:

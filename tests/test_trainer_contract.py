@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from samunet.registry import TRAINERS
-from trainer_harness import build_fresh_network, build_trainer, make_batch, nnunet_environment
+from trainer_harness import build_fresh_network, build_trainer, make_batch, trainer_workdir
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
 CLASS_COUNTS = (2, 5)
@@ -350,16 +350,10 @@ class ContractRun:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """nnU-Net folders for the module's trainers; one intra-op thread while it lasts (the tensors are
-    tiny, and on a shared 2-core machine a second OpenMP thread makes every op wait for a busy core)."""
+    """nnU-Net folders for the module's trainers, one intra-op thread while it lasts."""
     root = tmp_path_factory.mktemp("trainer_contract")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with nnunet_environment(root):
-            yield root
-    finally:
-        torch.set_num_threads(threads)
+    with trainer_workdir(root):
+        yield root
 
 
 @pytest.fixture(scope="module", params=CASES, ids=str)

@@ -17,23 +17,14 @@ from samunet.modules.decoders import decode_masks
 from samunet.modules.mask_attention import token_to_image_message
 from samunet.modules.two_way_transformer import TwoWayLayerAdapters, run_two_way_transformer, two_way_block
 from samunet.sam_import import sam_modeling
+from random_weights import randomize_
 
 DIM, HEADS, MLP_DIM, H, W = 32, 2, 64, 4, 6  # a non-square grid, so h and w cannot be swapped silently
 
 
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter at random (LayerNorm scales near 1), so no default initialisation hides a path."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.1 * noise if param.ndim == 1 and name.endswith("weight") else 0.3 * noise)
-    return module
-
-
 def sam_transformer() -> nn.Module:
     return randomize_(sam_modeling().TwoWayTransformer(depth=2, embedding_dim=DIM, mlp_dim=MLP_DIM,
-                                                       num_heads=HEADS)).eval()
+                                                       num_heads=HEADS), scale=0.3).eval()
 
 
 def sam_decoder(num_mask_tokens: int = 4) -> nn.Module:
@@ -41,7 +32,7 @@ def sam_decoder(num_mask_tokens: int = 4) -> nn.Module:
     transformer = modeling.TwoWayTransformer(depth=2, embedding_dim=DIM, mlp_dim=MLP_DIM, num_heads=HEADS)
     return randomize_(modeling.MaskDecoder(transformer_dim=DIM, transformer=transformer,
                                            num_multimask_outputs=num_mask_tokens - 1, iou_head_depth=3,
-                                           iou_head_hidden_dim=DIM)).eval()
+                                           iou_head_hidden_dim=DIM), scale=0.3).eval()
 
 
 def inputs(batch: int = 2, tokens: int = 5, seed: int = 1):

@@ -51,6 +51,20 @@ def nnunet_environment(root: Path) -> Iterator[dict[str, Path]]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def trainer_workdir(root: Path) -> Iterator[dict[str, Path]]:
+    """:func:`nnunet_environment` under ``root`` with one intra-op thread while it lasts: the tensors of the
+    tiny backbones are small, and on a shared 2-core machine a second OpenMP thread makes every op wait
+    for a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with nnunet_environment(root) as folders:
+            yield folders
+    finally:
+        torch.set_num_threads(threads)
+
+
 def synthetic_plans(*, backbone: str, img_size: int, depth: int = 1, batch_size: int = 2) -> dict:
     """A ``samunetPlans`` dict with one ``2d`` configuration for ``backbone`` at ``img_size`` px, with
     every field nnunetv2's PlansManager / ConfigurationManager read, as ``SAMPlanner`` writes it."""
