@@ -109,3 +109,59 @@ def test_class_selection_is_refused_for_trainers_that_predict_all_classes(tmp_pa
     assert predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "-d", "991", "-tr", "SAMedTrainer",
                          "--classes", "liver"]) == 2
     assert "--classes needs a class-prompted trainer" in capsys.readouterr().err
+
+
+def test_plan_options_reach_nnunetv2_with_nnunet_meanings(monkeypatch, nnunet_folders):
+    """-npfp: fingerprint processes; -np: preprocessing processes; --clean: re-extract the fingerprint (else
+    kept, as nnU-Net does); --no_pp: plan only; -overwrite_plans_name: the plans written and preprocessed;
+    -gpu_memory_target / -preprocessor_name / -fpe: what the planner and the fingerprint get; --no_pbar."""
+    import nnunetv2.experiment_planning.plan_and_preprocess_api as api
+
+    import samunet.planners.sam_planner as sam_planner
+    calls = {}
+
+    class Planner:
+        def __init__(self, dataset_id, **kwargs):
+            calls["planner"] = (dataset_id, kwargs)
+
+        def plan_experiment(self):
+            calls["planned"] = True
+
+    monkeypatch.setattr(api, "extract_fingerprint_dataset", lambda *a, **k: calls.setdefault("fingerprint", (a, k)))
+    monkeypatch.setattr(api, "preprocess_dataset", lambda *a, **k: calls.setdefault("preprocess", (a, k)))
+    monkeypatch.setattr(sam_planner, "SAMPlanner", Planner)
+    monkeypatch.setattr("samunet.preprocessing.dataset_checks.resolve_dataset_name", lambda d: "Dataset218_X")
+    monkeypatch.setattr("samunet.preprocessing.dataset_checks.validate_raw_dataset", lambda folder: None)
+    monkeypatch.setattr("samunet.cli.plan_and_preprocess.prepare_environment", lambda n: None)
+    argv = ["-d", "218", "-npfp", "3", "-np", "2", "-gpu_memory_target", "24", "-overwrite_plans_name", "P24",
+            "-preprocessor_name", "DefaultPreprocessor", "-fpe", "DatasetFingerprintExtractor", "--no_pbar"]
+    assert plan_main(argv) == 0
+    (dataset_id, extractor), fingerprint = calls["fingerprint"]
+    assert dataset_id == 218 and extractor.__name__ == "DatasetFingerprintExtractor"
+    assert fingerprint["num_processes"] == 3 and fingerprint["clean"] is False
+    assert fingerprint["show_progress_bar"] is False
+    assert calls["planner"] == (218, {"gpu_memory_target_in_gb": 24.0, "preprocessor_name": "DefaultPreprocessor",
+                                      "plans_name": "P24", "backbone": "litemedsam", "image_size": None,
+                                      "depth": None})
+    (preprocessed_id, plans_name), preprocess = calls["preprocess"]
+    assert (preprocessed_id, plans_name, preprocess["num_processes"]) == (218, "P24", (2,))
+    calls.clear()
+    assert plan_main(["-d", "218", "--clean", "--no_pp"]) == 0
+    assert calls["fingerprint"][1]["clean"] is True and "preprocess" not in calls and calls["planned"]
+
+
+def test_unknown_nnunet_classes_are_refused_by_name(capsys, nnunet_folders):
+    assert plan_main(["-d", "218", "-preprocessor_name", "NoSuchPreprocessor"]) == 2
+    assert "no preprocessor class named 'NoSuchPreprocessor'" in capsys.readouterr().err
+
+
+def test_train_options_reach_the_trainer(monkeypatch):
+    """--disable_checkpointing and --val_best as nnU-Net means them; their conflict is refused."""
+    from samunet.cli import train as train_module
+    seen = {}
+    monkeypatch.setattr(train_module, "prepare_environment", lambda: None)
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: seen.update(k))
+    assert train_main(["218", "2d", "0", "--disable_checkpointing", "--val_best", "--val"]) == 0
+    assert seen["disable_checkpointing"] and seen["val_best"] and seen["only_validate"]
+    monkeypatch.undo()
+    assert train_main(["218", "2d", "0", "--disable_checkpointing", "--val_best"]) == 2

@@ -81,3 +81,24 @@ def test_two_gloo_processes_step_like_one_process_on_the_union_of_their_batches(
                 assert torch.allclose(first, value, atol=1e-5, rtol=0), (
                     f"step {step}: {name} differs from one process on the whole batch by "
                     f"{(first - value).abs().max():.2e}")
+
+
+def test_samunet_train_with_num_gpus_2_on_the_cpu_trains_validates_and_continues(planned_tiny_dataset):
+    """``samunet_train ... -device cpu -num_gpus 2``: two gloo processes train one fold; only rank 0 writes
+    the log, checkpoints and progress.png; the final validation (split over the ranks) is summarised;
+    ``--c`` continues the distributed run from the stored epoch."""
+    from samunet.cli.train import main as train_main
+
+    model = planned_tiny_dataset["nnUNet_results"] / "Dataset991_PhantomTiny" / "SAMedTrainer__samunetPlans__2d"
+    fold = model / "fold_3"  # a fold no other test trains
+    common = ["991", "2d", "3", "-tr", "SAMedTrainer", "-device", "cpu", "-num_gpus", "2", "--iters-per-epoch", "2",
+              "--val-iters", "1", "--batch-size", "2"]
+    assert train_main([*common, "--num-epochs", "1"]) == 0
+    for name in ("checkpoint_final.pth", "progress.png", "validation/summary.json"):
+        assert (fold / name).is_file(), name
+    assert len(list(fold.glob("training_log_*.txt"))) == 1  # rank 0 only
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["current_epoch"] == 1
+    assert train_main([*common, "--num-epochs", "2", "--c"]) == 0
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["current_epoch"] == 2

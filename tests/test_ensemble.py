@@ -81,3 +81,12 @@ def test_other_input_errors(two_folders, tmp_path):
         ensemble_prediction_folders(two_folders[:1], tmp_path / "out")
     with pytest.raises(DatasetError, match="is one of the inputs"):
         ensemble_prediction_folders(two_folders, two_folders[0])
+
+
+def test_save_npz_writes_the_averaged_probabilities(two_folders, tmp_path):
+    """nnUNetv2_ensemble's --save_npz: the averaged probabilities and the geometry beside each label map."""
+    assert main(["-i", *map(str, two_folders), "-o", str(tmp_path / "out"), "--save_npz"]) == 0
+    averaged = np.load(tmp_path / "out" / "case_1.npz")["probabilities"]
+    first, second = (np.load(folder / "case_1.npz")["probabilities"] for folder in two_folders)
+    assert np.allclose(averaged, (first + second) / 2)
+    assert (tmp_path / "out" / "case_1.pkl").is_file()

@@ -132,3 +132,38 @@ def test_parallel_evaluation_matches_serial_and_empty_classes_are_null(folders):
     written = json.loads((pred / "s.json").read_text())
     assert written["mean_per_class"]["spleen"]["Dice"] is None
     assert "| spleen | n/a | n/a | n/a |" in format_table(serial)
+
+
+def test_nnunet_style_arguments_evaluate_the_same(folders, tmp_path):
+    """nnUNetv2_evaluate_folder's form: REF PRED -djfile dataset.json -pfile plans.json -o OUT."""
+    _, ref, pred = folders
+    (tmp_path / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (tmp_path / "plans.json").write_text(json.dumps({"image_reader_writer": "SimpleITKIO",
+                                                     "label_manager": "LabelManager", "configurations": {}}))
+    assert main([str(ref), str(pred), "-djfile", str(tmp_path / "dataset.json"), "-pfile",
+                 str(tmp_path / "plans.json"), "-o", str(tmp_path / "nnunet.json")]) == 0
+    assert main(["-ref", str(ref), "-pred", str(pred), "-d", "218", "-o", str(tmp_path / "samunet.json")]) == 0
+    nnunet_style, samunet_style = (json.loads((tmp_path / n).read_text()) for n in ("nnunet.json", "samunet.json"))
+    assert nnunet_style["per_case"] == samunet_style["per_case"]
+
+
+def test_chill_evaluates_only_predicted_cases_and_says_which_were_left_out(folders, capsys):
+    _, ref, pred = folders
+    (pred / "case_0001.nii.gz").unlink()
+    assert main([str(ref), str(pred), "-d", "218", "--chill"]) == 0
+    summary = json.loads((pred / "summary_samunet.json").read_text())
+    assert set(summary["per_case"]) == {"case_0000"} and summary["references_without_prediction"] == ["case_0001"]
+    assert summary["reference_dir"] == str(ref)
+    assert "1 reference(s) without a prediction were left out: case_0001" in capsys.readouterr().out
+
+
+def test_plans_with_regions_are_refused_with_the_reason(folders, tmp_path, capsys):
+    _, ref, pred = folders
+    regions = dict(DATASET_JSON, labels={"background": 0, "organ": [1, 2], "kidney": 2}, regions_class_order=[1, 2])
+    (tmp_path / "dataset.json").write_text(json.dumps(regions))
+    (tmp_path / "plans.json").write_text(json.dumps({"image_reader_writer": "SimpleITKIO",
+                                                     "label_manager": "LabelManager", "configurations": {}}))
+    assert main([str(ref), str(pred), "-djfile", str(tmp_path / "dataset.json"), "-pfile",
+                 str(tmp_path / "plans.json")]) == 2
+    message = capsys.readouterr().err
+    assert "regions" in message and "nnUNetv2_evaluate_folder" in message and message.count("\n") == 1

@@ -54,9 +54,47 @@ def select_device(name: str | None):
             logger.info("using device %s%s", name, "" if name == "cuda" else " (no CUDA GPU found; this is slow)")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError("-device cuda was asked for but torch sees no CUDA GPU; use -device cpu")
-    if name == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    if name == "cpu":  # the cores are shared by the processes of a distributed run on this machine
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     return torch.device(name)
+
+
+class NnunetStyleParser(argparse.ArgumentParser):
+    """argparse with nnU-Net's single-dash long options matched whole.
+
+    Plain argparse reads an unknown ``-pretrained_weights=model.pth`` as the short option ``-p`` with
+    the value ``retrained_weights=model.pth``, and an abbreviated ``-pretrained`` as a prefix. Here a
+    single-dash option is only ever the exact option (``-pretrained_weights X`` or
+    ``-pretrained_weights=X``); anything else is refused as an unrecognised argument. Double-dash
+    options keep argparse's rules (exact, ``--opt=value``, unambiguous prefixes).
+    """
+
+    def _get_option_tuples(self, option_string):
+        if len(option_string) > 2 and option_string[0] in self.prefix_chars \
+                and option_string[1] not in self.prefix_chars:
+            return []
+        return super()._get_option_tuples(option_string)
+
+
+class _Refused(argparse.Action):
+    """An nnU-Net option samunet cannot honour: using it stops the command with one line saying why."""
+
+    def __init__(self, option_strings, dest, reason: str = "", **kwargs):
+        self.reason = reason
+        kwargs.pop("default", None)
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigurationError(f"{option_string} is not supported by {parser.prog}: {self.reason}")
+
+
+def refuse_option(parser: argparse.ArgumentParser, *names: str, reason: str, takes_value: bool = True,
+                  nargs: str | int | None = None) -> None:
+    """Declare nnU-Net's option ``names`` so that it is recognised (never misread as another option) and
+    refused with ``reason`` (a ConfigurationError: one line, exit code 2)."""
+    parser.add_argument(*names, action=_Refused, reason=reason, nargs=nargs if takes_value else 0,
+                        help=f"not supported: {reason}")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True) -> None:

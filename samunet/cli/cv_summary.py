@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import add_common_arguments, process_count, run_cli, setup_logging
+from samunet.cli.common import NnunetStyleParser, add_common_arguments, process_count, run_cli, setup_logging
 from samunet.errors import ConfigurationError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = NnunetStyleParser(
         prog="samunet_cv_summary",
         description="Collect the validation predictions of folds 0-4, score them and write a summary "
                     "(JSON + markdown) with mean and standard deviation per class and overall.")

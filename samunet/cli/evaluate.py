@@ -1,13 +1,16 @@
-"""``samunet_evaluate -ref REF -pred PRED -d ID``: per-case, per-class Dice, NSD and HD95 (mm)."""
+"""``samunet_evaluate -ref REF -pred PRED -d ID`` (or nnU-Net's ``REF PRED -djfile dataset.json``):
+per-case, per-class Dice, NSD and HD95 (mm)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import process_count, run_cli
+from samunet.cli.common import NnunetStyleParser, process_count, run_cli
 from samunet.errors import ConfigurationError, DatasetError
 from samunet.paths import ensure_nnunet_paths
 
@@ -29,31 +32,106 @@ def find_dataset_json(dataset: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = NnunetStyleParser(
         prog="samunet_evaluate",
-        description="Compare predicted label maps with references: per-class Dice, NSD and HD95.")
-    parser.add_argument("-ref", required=True, help="folder with the reference segmentations")
-    parser.add_argument("-pred", required=True, help="folder with the predicted segmentations (same file names)")
-    parser.add_argument("-d", required=True, help="dataset id (218) or name (Dataset218_Name); gives dataset.json")
+        description="Compare predicted label maps with references: per-class Dice, NSD and HD95. Takes "
+                    "nnUNetv2_evaluate_folder's arguments (REF PRED -djfile dataset.json [-pfile plans.json] "
+                    "[--chill]) as well as samunet's (-ref REF -pred PRED -d DATASET).")
+    parser.add_argument("gt_folder", nargs="?", default=None, help="folder with the reference segmentations")
+    parser.add_argument("pred_folder", nargs="?", default=None, help="folder with the predicted segmentations")
+    parser.add_argument("-ref", default=None, help="folder with the reference segmentations (same as GT_FOLDER)")
+    parser.add_argument("-pred", default=None, help="folder with the predicted segmentations (same file names)")
+    parser.add_argument("-d", default=None, help="dataset id (218) or name (Dataset218_Name); gives dataset.json")
+    parser.add_argument("-djfile", default=None, help="the dataset.json file itself (instead of -d)")
+    parser.add_argument("-pfile", default=None,
+                        help="plans.json: its label handling is checked (samunet evaluates plain label maps: no "
+                             "regions, no ignore label)")
+    parser.add_argument("--chill", action="store_true",
+                        help="evaluate only the references that have a prediction instead of refusing")
     parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     parser.add_argument("-o", default=None, help=f"output JSON (default PRED/{DEFAULT_OUTPUT_NAME}); .md beside it")
     parser.add_argument("-np", type=process_count, default=1, help="number of worker processes (default 1)")
     return parser
 
 
+def _folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    if (args.gt_folder is None) != (args.pred_folder is None) or \
+            (args.gt_folder is not None and (args.ref or args.pred)):
+        raise ConfigurationError("give the folders either as REF PRED or as -ref REF -pred PRED")
+    ref, pred = (args.gt_folder, args.pred_folder) if args.gt_folder is not None else (args.ref, args.pred)
+    if ref is None or pred is None:
+        raise ConfigurationError("the reference and prediction folders are required (REF PRED, or -ref/-pred)")
+    return Path(ref), Path(pred)
+
+
+def _dataset_json(args: argparse.Namespace) -> dict:
+    from samunet.evaluation.evaluate_folder import EvaluationError
+    if (args.d is None) == (args.djfile is None):
+        raise ConfigurationError("give the labels either with -d DATASET or with -djfile dataset.json")
+    path = Path(args.djfile) if args.djfile else find_dataset_json(args.d)
+    if not path.is_file():
+        raise DatasetError(f"-djfile {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from exc
+
+
+def check_label_handling(plans_file: str, dataset_json: dict) -> None:
+    """What nnU-Net reads -pfile for: the label manager. samunet's metrics take plain label maps."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    path = Path(plans_file)
+    if not path.is_file():
+        raise DatasetError(f"-pfile {path} does not exist")
+    label_manager = PlansManager(str(path)).get_label_manager(dataset_json)
+    if label_manager.has_regions or label_manager.ignore_label is not None:
+        what = "regions" if label_manager.has_regions else "an ignore label"
+        raise ConfigurationError(f"{path} and its dataset.json define {what}; samunet's metrics evaluate plain "
+                                 f"label maps, use nnUNetv2_evaluate_folder for these")
+
+
+def _chill_references(reference: Path, prediction: Path, file_ending: str, scratch: Path) -> list[str]:
+    """Links in ``scratch`` to the references that have a prediction; returns the references left out."""
+    from samunet.evaluation.evaluate_folder import EvaluationError
+    if not reference.is_dir():
+        raise EvaluationError(f"folder {reference} does not exist; check the path")
+    predicted = {p.name for p in prediction.iterdir() if p.is_file() and p.name.endswith(file_ending)} \
+        if prediction.is_dir() else set()
+    left_out = []
+    for path in sorted(reference.iterdir()):
+        if not (path.is_file() and path.name.endswith(file_ending)):
+            continue
+        if path.name in predicted:
+            os.symlink(path.resolve(), scratch / path.name)
+        else:
+            left_out.append(path.name[:-len(file_ending)])
+    return left_out
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
-    from samunet.evaluation.evaluate_folder import EvaluationError, evaluate_folders, format_table
+    from samunet.evaluation.evaluate_folder import (atomic_write_text, evaluate_folders, format_table, json_safe)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.tolerance_mm <= 0:
         raise ConfigurationError(f"--tolerance-mm must be positive, got {args.tolerance_mm}")
-    output_json = Path(args.o) if args.o else Path(args.pred) / DEFAULT_OUTPUT_NAME
-    dataset_json_path = find_dataset_json(args.d)
-    try:
-        dataset_json = json.loads(dataset_json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"{dataset_json_path} is not valid JSON ({exc}); fix or regenerate it") from exc
-    summary = evaluate_folders(args.ref, args.pred, dataset_json, args.tolerance_mm, output_json, args.np)
+    ref, pred = _folders(args)
+    output_json = Path(args.o) if args.o else pred / DEFAULT_OUTPUT_NAME
+    dataset_json = _dataset_json(args)
+    if args.pfile:
+        check_label_handling(args.pfile, dataset_json)
+    if not args.chill:
+        summary = evaluate_folders(ref, pred, dataset_json, args.tolerance_mm, output_json, args.np)
+    else:
+        with tempfile.TemporaryDirectory(prefix="samunet_chill_") as scratch:
+            left_out = _chill_references(ref, pred, dataset_json.get("file_ending", ""), Path(scratch))
+            summary = evaluate_folders(scratch, pred, dataset_json, args.tolerance_mm, None, args.np)
+        summary["reference_dir"] = str(ref)
+        summary["references_without_prediction"] = left_out
+        atomic_write_text(output_json, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(output_json.with_suffix(".md"), format_table(summary))
+        if left_out:
+            print(f"--chill: {len(left_out)} reference(s) without a prediction were left out: "
+                  f"{', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}")
     print(format_table(summary))
     print(f"Summary written to {output_json} and {output_json.with_suffix('.md')}")
     return 0

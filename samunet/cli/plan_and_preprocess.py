@@ -1,4 +1,11 @@
-"""``samunet_plan_and_preprocess``: nnunetv2 fingerprint -> samunet's SAM planner -> nnunetv2 preprocessing."""
+"""``samunet_plan_and_preprocess -d ID [ID ...]``: nnunetv2 fingerprint -> SAM planner -> nnunetv2 preprocessing.
+
+nnunetv2's ``nnUNetv2_plan_and_preprocess`` for samunet, with nnU-Net's options and spellings
+(``-npfp``, ``-np``, ``--clean``, ``--no_pp``, ``-gpu_memory_target``, ``-overwrite_plans_name``,
+``-preprocessor_name``, ``-fpe``, ``--no_pbar``). The planner is always samunet's ``SAMPlanner``
+(one ``2d`` configuration for a SAM encoder); options that only make sense for nnU-Net's U-Net
+planners (``-pl`` another planner, ``-overwrite_target_spacing`` for 3d_fullres) are refused.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,17 +13,42 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from samunet.cli.common import (add_common_arguments, prepare_environment, process_count, run_cli,
-                                 setup_logging)
+from samunet.cli.common import (NnunetStyleParser, add_common_arguments, prepare_environment, process_count,
+                                 refuse_option, run_cli, setup_logging)
 from samunet.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
+PLANNER_NAME = "SAMPlanner"
+DEFAULT_FINGERPRINT_EXTRACTOR = "DatasetFingerprintExtractor"
+DEFAULT_PREPROCESSOR = "DefaultPreprocessor"
+
+
+def find_nnunet_class(kind: str, name: str):
+    """nnunetv2's lookup of a fingerprint extractor (``experiment_planning``) or preprocessor
+    (``preprocessing``) class by name, as nnUNetv2_plan_and_preprocess does; unknown names are refused."""
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    package = {"fingerprint extractor": "experiment_planning", "preprocessor": "preprocessing"}[kind]
+    found = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / package), name,
+                                        current_module=f"nnunetv2.{package}")
+    if found is None:
+        raise ConfigurationError(f"no {kind} class named {name!r} in nnunetv2.{package} (nnU-Net looks only there)")
+    return found
+
 
 def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", image_size: int | None = None,
                         depth: int | None = None, num_processes: int = 2, verify_dataset_integrity: bool = False,
-                        gpu_memory_gb: float = 8.0) -> Path:
-    """Plan and preprocess ``dataset`` for samunet's ``2d`` configuration; returns the plans file."""
+                        gpu_memory_gb: float = 8.0, fingerprint_processes: int | None = None,
+                        clean: bool = True, preprocess: bool = True, plans_name: str | None = None,
+                        preprocessor_name: str = DEFAULT_PREPROCESSOR,
+                        fingerprint_extractor: str = DEFAULT_FINGERPRINT_EXTRACTOR, verbose: bool = False,
+                        progress_bar: bool = True) -> Path:
+    """Plan (and unless ``preprocess`` is False, preprocess) ``dataset`` for samunet's ``2d`` configuration.
+
+    ``clean=False`` keeps an existing dataset fingerprint (nnU-Net's default without ``--clean``);
+    ``fingerprint_processes`` defaults to ``num_processes``. Returns the plans file.
+    """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 
@@ -27,32 +59,63 @@ def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", ima
     spec = get_backbone_spec(backbone)
     if image_size is not None:
         check_img_size(spec, image_size)
+    extractor = find_nnunet_class("fingerprint extractor", fingerprint_extractor)
+    find_nnunet_class("preprocessor", preprocessor_name)
+    plans_name = plans_name or PLANS_NAME
     dataset_name = resolve_dataset_name(dataset)
     dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
     validate_raw_dataset(Path(nnUNet_raw) / dataset_name)
     logger.info("fingerprinting %s", dataset_name)
-    extract_fingerprint_dataset(dataset_id, num_processes=num_processes,
-                                check_dataset_integrity=verify_dataset_integrity, clean=True, verbose=False)
-    planner = SAMPlanner(dataset_id, gpu_memory_target_in_gb=gpu_memory_gb, backbone=backbone,
-                         image_size=image_size, depth=depth)
+    extract_fingerprint_dataset(dataset_id, extractor, num_processes=fingerprint_processes or num_processes,
+                                check_dataset_integrity=verify_dataset_integrity, clean=clean, verbose=verbose,
+                                show_progress_bar=progress_bar)
+    planner = SAMPlanner(dataset_id, gpu_memory_target_in_gb=gpu_memory_gb, preprocessor_name=preprocessor_name,
+                         plans_name=plans_name, backbone=backbone, image_size=image_size, depth=depth)
     planner.plan_experiment()
-    logger.info("preprocessing %s (configuration 2d)", dataset_name)
-    preprocess_dataset(dataset_id, PLANS_NAME, configurations=("2d",), num_processes=(num_processes,))
-    return Path(nnUNet_preprocessed) / dataset_name / f"{PLANS_NAME}.json"
+    plans_file = Path(nnUNet_preprocessed) / dataset_name / f"{plans_name}.json"
+    if preprocess:
+        logger.info("preprocessing %s (configuration 2d)", dataset_name)
+        preprocess_dataset(dataset_id, plans_name, configurations=("2d",), num_processes=(num_processes,),
+                           verbose=verbose, show_progress_bar=progress_bar)
+    return plans_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samunet_plan_and_preprocess", description=__doc__)
-    parser.add_argument("-d", "--dataset", required=True, help="dataset ID (218) or name (Dataset218_AMOS...)")
-    parser.add_argument("-c", "--configuration", default="2d", help="only 2d: SAM encoders work on slices")
+    parser = NnunetStyleParser(prog="samunet_plan_and_preprocess", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", nargs="+", required=True,
+                        help="dataset ID(s) (218) or name(s) (Dataset218_AMOS...); each is planned in turn")
+    parser.add_argument("-c", "--configuration", nargs="+", default=["2d"],
+                        help="only 2d: SAM encoders work on slices")
     parser.add_argument("--verify_dataset_integrity", action="store_true",
                         help="also run nnunetv2's full integrity check (reads every voxel)")
-    parser.add_argument("-np", "--num-processes", type=process_count, default=2,
-                        help="processes for fingerprint/preprocessing")
+    parser.add_argument("-np", "--num-processes", dest="num_processes", nargs="+", type=process_count, default=[2],
+                        help="processes for preprocessing (one number, or one per -c configuration); default 2")
+    parser.add_argument("-npfp", type=process_count, default=None,
+                        help="processes for fingerprint extraction (default: the -np value)")
+    parser.add_argument("--clean", action="store_true",
+                        help="re-extract the dataset fingerprint even if one exists (required after changing the "
+                             "raw data)")
+    parser.add_argument("--no_pp", "--no-pp", dest="no_pp", action="store_true",
+                        help="only fingerprint and plan; do not preprocess")
+    parser.add_argument("-pl", default=PLANNER_NAME,
+                        help=f"planner class; samunet has one, {PLANNER_NAME} (nnU-Net's U-Net planners belong to "
+                             f"nnUNetv2_plan_and_preprocess)")
+    parser.add_argument("-gpu_memory_target", "--gpu-memory-gb", dest="gpu_memory_gb", type=float, default=8.0,
+                        help="GPU memory (GB) the batch size is planned for (default 8)")
+    parser.add_argument("-preprocessor_name", default=DEFAULT_PREPROCESSOR,
+                        help="nnunetv2 preprocessor class written into the plans (default DefaultPreprocessor)")
+    parser.add_argument("-overwrite_plans_name", "--plans-name", dest="plans_name", default=None,
+                        help="plans identifier to write (default samunetPlans); pass it as -p to the other commands")
+    parser.add_argument("-fpe", default=DEFAULT_FINGERPRINT_EXTRACTOR,
+                        help="nnunetv2 fingerprint extractor class (default DatasetFingerprintExtractor)")
+    parser.add_argument("--no_pbar", "--no-pbar", dest="no_pbar", action="store_true", help="no progress bars")
+    refuse_option(parser, "-overwrite_target_spacing", nargs="+",
+                  reason="nnU-Net applies it to 3d_fullres/3d_cascade_fullres only, and samunet plans only 2d "
+                         "(its in-plane spacing follows the encoder input size)")
     parser.add_argument("--backbone", default="litemedsam", help="litemedsam (default), vit_b, vit_l or vit_h")
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size (default: planned)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack for stacked-slice methods")
-    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory the batch size is planned for")
     add_common_arguments(parser, device=False)
     return parser
 
@@ -60,14 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.configuration != "2d":
-        raise ConfigurationError(f"configuration {args.configuration!r} is not planned by samunet; use -c 2d")
-    prepare_environment(args.num_processes)
-    plans = plan_and_preprocess(args.dataset, backbone=args.backbone, image_size=args.image_size, depth=args.depth,
-                                num_processes=args.num_processes,
-                                verify_dataset_integrity=args.verify_dataset_integrity,
-                                gpu_memory_gb=args.gpu_memory_gb)
-    logger.info("plans written to %s", plans)
+    if args.configuration != ["2d"]:
+        raise ConfigurationError(f"configuration(s) {' '.join(args.configuration)} are not planned by samunet; "
+                                 f"use -c 2d")
+    if args.pl != PLANNER_NAME:
+        raise ConfigurationError(f"-pl {args.pl}: samunet plans SAM encoders with its one planner, {PLANNER_NAME}; "
+                                 f"nnU-Net's U-Net planners are run by nnUNetv2_plan_and_preprocess")
+    if len(args.num_processes) != 1:
+        raise ConfigurationError(f"-np takes one number per configuration, and samunet plans one (2d); got "
+                                 f"{len(args.num_processes)}")
+    num_processes = args.num_processes[0]
+    prepare_environment(num_processes)
+    for dataset in args.dataset:
+        plans = plan_and_preprocess(dataset, backbone=args.backbone, image_size=args.image_size, depth=args.depth,
+                                    num_processes=num_processes, fingerprint_processes=args.npfp,
+                                    verify_dataset_integrity=args.verify_dataset_integrity,
+                                    gpu_memory_gb=args.gpu_memory_gb, clean=args.clean, preprocess=not args.no_pp,
+                                    plans_name=args.plans_name, preprocessor_name=args.preprocessor_name,
+                                    fingerprint_extractor=args.fpe, verbose=args.verbose,
+                                    progress_bar=not args.no_pbar)
+        logger.info("plans written to %s", plans)
     return 0
 
 

@@ -1,11 +1,17 @@
 """``samunet_predict -i IN -o OUT -d ID -c 2d -tr NAME -f 0 1 2 3 4``: ensemble folds on new images.
 
-The network is rebuilt from the trained model's plans by the trainer class (samunet registry),
-each fold's checkpoint is loaded with ``weights_only=True`` and checked against it, and
-nnunetv2's predictor does preprocessing, sliding-window inference (Gaussian weighting,
-mirroring unless ``--disable-tta``), fold averaging and export in each input's original
-geometry. Results are written to a temporary folder next to OUT and moved into OUT only when
-every case is done, so an interrupted run leaves no half-written outputs.
+nnunetv2's ``nnUNetv2_predict`` (and, with ``-m MODEL_FOLDER``, ``nnUNetv2_predict_from_modelfolder``)
+for samunet models, with nnU-Net's options and spellings. The network is rebuilt from the trained
+model's plans by the trainer class (samunet registry), each fold's checkpoint is loaded with
+``weights_only=True`` and checked against it, and nnunetv2's predictor (the trainer's
+``predictor_class()``) does preprocessing, sliding-window inference (Gaussian weighting, mirroring
+unless ``--disable_tta``), fold averaging and export in each input's original geometry.
+
+Each case is written as soon as it is done, atomically (see :mod:`samunet.inference.predict_cases`),
+so an interrupted run leaves only complete outputs and ``--continue_prediction`` picks up where it
+stopped; ``-num_parts N -part_id I`` predict every N-th case (nnU-Net's split) so that several
+processes or machines share one input folder; ``-npp`` / ``-nps`` set the preprocessing and export
+worker processes (0: in this process).
 """
 from __future__ import annotations
 
@@ -13,15 +19,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
-from samunet.cli.common import (add_common_arguments, parse_fold, prepare_environment,
-                                 run_cli, select_device, setup_logging)
+from samunet.cli.common import (SMALL_MACHINE_CORES, NnunetStyleParser, add_common_arguments, parse_fold,
+                                 prepare_environment, refuse_option, run_cli, select_device, setup_logging)
 from samunet.errors import ConfigurationError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +52,15 @@ def load_fold_checkpoints(folder: Path, folds: Sequence[int | str], checkpoint_n
 
 def build_predictor(dataset_name: str, configuration: str, trainer_name: str, folds: Sequence[int | str], *,
                     plans_identifier: str = "samunetPlans", checkpoint_name: str = "checkpoint_final.pth",
-                    device: str | None = None, use_mirroring: bool = True, tile_step_size: float = 0.5):
-    """An initialised ``nnUNetPredictor`` holding the folds' weights."""
+                    device: str | None = None, use_mirroring: bool = True, tile_step_size: float = 0.5,
+                    folder: Path | None = None, progress: bool = False, verbose: bool = False,
+                    on_device: bool = True):
+    """An initialised predictor (the trainer's ``predictor_class()``) holding the folds' weights.
+
+    ``folder``: the model folder (default ``$nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION``);
+    ``progress``: nnunetv2's progress bar over each case's sliding-window steps; ``on_device``:
+    keep the sliding window's result arrays on the GPU (nnU-Net's ``perform_everything_on_device``).
+    """
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -59,7 +68,8 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     from samunet.trainers.base import check_network_fits
 
     trainer_class = TRAINERS.get(trainer_name)
-    folder = model_folder(dataset_name, trainer_name, plans_identifier, configuration)
+    folder = Path(folder) if folder is not None else model_folder(dataset_name, trainer_name, plans_identifier,
+                                                                  configuration)
     if not (folder / "plans.json").is_file():
         raise DatasetError(f"no trained model in {folder}; train it with samunet_train first")
     plans = json.loads((folder / "plans.json").read_text())
@@ -76,8 +86,8 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     device = select_device(device)
     predictor = trainer_class.predictor_class()(
         tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-        perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-        verbose_preprocessing=False, allow_tqdm=False)
+        perform_everything_on_device=device.type == "cuda" and on_device, device=device, verbose=verbose,
+        verbose_preprocessing=verbose, allow_tqdm=progress)
     mirroring = checkpoints[0].get("inference_allowed_mirroring_axes")
     predictor.manual_initialization(network.to(device), plans_manager, configuration_manager,
                                     [c["network_weights"] for c in checkpoints], dataset_json, trainer_name,
@@ -102,81 +112,145 @@ def input_cases(input_folder: Path, dataset_json: dict) -> list[list[str]]:
     return cases
 
 
-def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: str | os.PathLike,
-                   save_probabilities: bool = False) -> list[Path]:
-    """Predict every case in ``input_folder`` into ``output_folder``; returns the written label maps.
+def default_worker_count(variable: str) -> int:
+    """nnU-Net's default for -npp / -nps: ``$nnUNet_npp`` / ``$nnUNet_nps``, else 3; on small machines
+    (<= 4 cores) 0, i.e. in this process, because a spawned worker costs seconds and ~0.5 GB there."""
+    value = os.environ.get(variable)
+    if value:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            raise ConfigurationError(f"{variable}={value!r} must be a whole number of processes") from None
+    return 3 if (os.cpu_count() or 1) > SMALL_MACHINE_CORES else 0
 
-    With ``save_probabilities`` each case's softmax probabilities (``CASE.npz``) and geometry
-    (``CASE.pkl``) are written too, with the model's ``dataset.json`` and ``plans.json``, so that
-    ``samunet_ensemble`` can average several such folders.
+
+def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: str | os.PathLike,
+                   save_probabilities: bool = False, *, continue_prediction: bool = False, num_parts: int = 1,
+                   part_id: int = 0, num_processes_preprocessing: int = 0, num_processes_export: int = 0,
+                   progress: bool = True) -> list[Path]:
+    """Predict the cases of ``input_folder`` into ``output_folder``; returns the label maps written.
+
+    Each case is written as soon as it is done, atomically. With ``save_probabilities`` each case's
+    softmax probabilities (``CASE.npz``) and geometry (``CASE.pkl``) are written too (input of
+    ``samunet_ensemble``). The model's ``dataset.json`` and ``plans.json`` are always written next to
+    the predictions, as nnunetv2 does (``samunet_apply_postprocessing`` and ensembling read them).
+    ``continue_prediction`` skips cases whose outputs exist; ``num_parts`` / ``part_id`` predict
+    ``cases[part_id::num_parts]``.
     """
-    import torch
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from samunet.inference.predict_cases import predict_cases, select_cases, write_model_files
     input_folder, output_folder = Path(input_folder), Path(output_folder)
-    dataset_json = predictor.dataset_json
-    ending = dataset_json["file_ending"]
-    cases = input_cases(input_folder, dataset_json)
-    output_folder.mkdir(parents=True, exist_ok=True)
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    written = []
-    with tempfile.TemporaryDirectory(prefix=".partial_", dir=output_folder) as scratch:
-        for files in tqdm(cases, desc="predicting", unit="case"):
-            name = os.path.basename(files[0])[:-len(ending) - len("_0000")]
-            data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
-                                                        predictor.configuration_manager, dataset_json)
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
-            export_prediction_from_logits(logits, properties, predictor.configuration_manager,
-                                          predictor.plans_manager, dataset_json, os.path.join(scratch, name),
-                                          save_probabilities=save_probabilities)
-        if save_probabilities:
-            for produced in sorted([*Path(scratch).glob("*.npz"), *Path(scratch).glob("*.pkl")]):
-                shutil.move(str(produced), output_folder / produced.name)
-            (output_folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-            (output_folder / "plans.json").write_text(json.dumps(predictor.plans_manager.plans, indent=2))
-        for produced in sorted(Path(scratch).glob(f"*{ending}")):
-            target = output_folder / produced.name
-            shutil.move(str(produced), target)
-            written.append(target)
-    return written
+    cases = input_cases(input_folder, predictor.dataset_json)
+    write_model_files(predictor, output_folder)
+    files, outputs = select_cases(predictor, cases, output_folder, continue_prediction=continue_prediction,
+                                  num_parts=num_parts, part_id=part_id, save_probabilities=save_probabilities)
+    return predict_cases(predictor, files, outputs, save_probabilities=save_probabilities,
+                         num_processes_preprocessing=num_processes_preprocessing,
+                         num_processes_export=num_processes_export, progress=progress)
+
+
+def worker_count(text: str) -> int:
+    """argparse type of -npp / -nps: a whole number >= 0 (0: in this process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samunet_predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = NnunetStyleParser(prog="samunet_predict", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", required=True, help="folder with images named CASE_XXXX.nii.gz")
     parser.add_argument("-o", "--output", required=True, help="folder for the label maps")
-    parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    parser.add_argument("-c", "--configuration", default="2d")
-    parser.add_argument("-tr", "--trainer", default="SAMedTrainer")
-    parser.add_argument("-p", "--plans", default="samunetPlans")
+    parser.add_argument("-d", "--dataset", default=None, help="dataset ID or name the model was trained on")
+    parser.add_argument("-m", "--model-folder", dest="model_folder", default=None,
+                        help="the trained model folder TRAINER__PLANS__CONFIGURATION itself, instead of -d/-tr/-p/-c "
+                             "(nnUNetv2_predict_from_modelfolder)")
+    parser.add_argument("-c", "--configuration", default=None, help="configuration (default 2d)")
+    parser.add_argument("-tr", "--trainer", default=None, help="trainer (default SAMedTrainer)")
+    parser.add_argument("-p", "--plans", default=None, help="plans identifier (default samunetPlans)")
     parser.add_argument("-f", "--folds", nargs="+", type=parse_fold, default=[0, 1, 2, 3, 4])
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("-step_size", "--step-size", dest="step_size", type=float, default=0.5,
+                        help="sliding-window step as a fraction of the patch (default 0.5, at most 1)")
+    parser.add_argument("--disable_tta", "--disable-tta", dest="disable_tta", action="store_true",
+                        help="no mirroring test-time augmentation")
+    parser.add_argument("--save_probabilities", "--save-probabilities", dest="save_probabilities",
+                        action="store_true",
+                        help="also write CASE.npz/.pkl softmax probabilities (input for samunet_ensemble)")
+    parser.add_argument("--continue_prediction", "--continue-prediction", "--c", dest="continue_prediction",
+                        action="store_true", help="skip cases whose outputs already exist (resume a stopped run)")
+    parser.add_argument("-npp", type=worker_count, default=None,
+                        help="preprocessing worker processes (default $nnUNet_npp, else 3; 0 on machines with "
+                             "<= 4 cores: in this process)")
+    parser.add_argument("-nps", type=worker_count, default=None,
+                        help="export worker processes (default $nnUNet_nps, else 3; 0 on machines with "
+                             "<= 4 cores: in this process)")
+    parser.add_argument("-num_parts", "--num-parts", dest="num_parts", type=int, default=1,
+                        help="number of processes sharing this input folder (default 1)")
+    parser.add_argument("-part_id", "--part-id", dest="part_id", type=int, default=0,
+                        help="which of -num_parts this is (0..num_parts-1): predicts cases[part_id::num_parts]")
+    parser.add_argument("--disable_progress_bar", "--disable-progress-bar", dest="disable_progress_bar",
+                        action="store_true", help="no progress bars (over cases and inside each case)")
+    parser.add_argument("--not_on_device", "--not-on-device", dest="not_on_device", action="store_true",
+                        help="keep the sliding window's result arrays in CPU memory (large cases on a small GPU)")
+    refuse_option(parser, "-prev_stage_predictions",
+                  reason="samunet plans one 2d configuration and no cascade, so there is no previous stage")
     parser.add_argument("--classes", help="comma-separated class names or label values to predict "
                                           "(class-prompted trainers such as AutoMedSAMTrainer); default: all")
-    parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a patch fraction")
-    parser.add_argument("--save-probabilities", action="store_true",
-                        help="also write CASE.npz/.pkl softmax probabilities (input for samunet_ensemble)")
     add_common_arguments(parser)
     return parser
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, str, Path | None]:
+    """(dataset name, trainer, plans, configuration, model folder or None) from -d/-tr/-p/-c or -m."""
+    from samunet.preprocessing.dataset_checks import resolve_dataset_name
+    if args.model_folder is None:
+        if args.dataset is None:
+            raise ConfigurationError("give the model with -d DATASET (and -tr/-p/-c) or with -m MODEL_FOLDER")
+        return (resolve_dataset_name(args.dataset), args.trainer or "SAMedTrainer", args.plans or "samunetPlans",
+                args.configuration or "2d", None)
+    given = [flag for flag, value in (("-d", args.dataset), ("-tr", args.trainer), ("-p", args.plans),
+                                      ("-c", args.configuration)) if value is not None]
+    if given:
+        raise ConfigurationError(f"-m names the model folder itself; drop {' '.join(given)}")
+    folder = Path(args.model_folder)
+    parts = folder.resolve().name.split("__")
+    if len(parts) != 3 or not (folder / "plans.json").is_file():
+        raise DatasetError(f"-m {folder} is not a trained model folder TRAINER__PLANS__CONFIGURATION with plans.json")
+    trainer, plans, configuration = parts
+    return folder.resolve().parent.name, trainer, plans, configuration, folder
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     prepare_environment()
-    from samunet.preprocessing.dataset_checks import resolve_dataset_name
-    dataset_name = resolve_dataset_name(args.dataset)
-    predictor = build_predictor(dataset_name, args.configuration, args.trainer, args.folds,
-                                plans_identifier=args.plans, checkpoint_name=args.checkpoint, device=args.device,
-                                use_mirroring=not args.disable_tta, tile_step_size=args.step_size)
+    if not 0 < args.step_size <= 1:
+        raise ConfigurationError(f"-step_size must be in (0, 1], got {args.step_size}")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise ConfigurationError(f"-part_id must be in 0..{args.num_parts - 1} for -num_parts {args.num_parts}, "
+                                 f"got {args.part_id}")
+    dataset_name, trainer, plans, configuration, folder = resolve_model(args)
+    predictor = build_predictor(dataset_name, configuration, trainer, args.folds,
+                                plans_identifier=plans, checkpoint_name=args.checkpoint, device=args.device,
+                                use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
+                                folder=folder, progress=not args.disable_progress_bar, verbose=args.verbose,
+                                on_device=not args.not_on_device)
     if args.classes:
         if not hasattr(predictor.network, "set_predict_classes"):
-            raise ConfigurationError(f"{args.trainer} predicts all classes at once; --classes needs a "
+            raise ConfigurationError(f"{trainer} predicts all classes at once; --classes needs a "
                                      f"class-prompted trainer such as AutoMedSAMTrainer")
         from samunet.networks.automedsam import parse_class_selection
         predictor.network.set_predict_classes(parse_class_selection(args.classes, predictor.dataset_json["labels"]))
-    written = predict_folder(predictor, args.input, args.output, save_probabilities=args.save_probabilities)
+    npp = default_worker_count("nnUNet_npp") if args.npp is None else args.npp
+    nps = default_worker_count("nnUNet_nps") if args.nps is None else args.nps
+    written = predict_folder(predictor, args.input, args.output, save_probabilities=args.save_probabilities,
+                             continue_prediction=args.continue_prediction, num_parts=args.num_parts,
+                             part_id=args.part_id, num_processes_preprocessing=npp, num_processes_export=nps,
+                             progress=not args.disable_progress_bar)
     logger.info("wrote %d label maps to %s", len(written), args.output)
     return 0
 

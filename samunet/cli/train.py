@@ -1,18 +1,22 @@
 """``samunet_train DATASET CONFIG FOLD -tr NAME``: train a samunet trainer the nnU-Net way.
 
-Mirrors nnunetv2's ``nnUNetv2_train`` (output layout, ``--c``, ``--val``, checkpoints,
-progress.png, validation/summary.json) but resolves trainers through samunet's registry,
-because nnunetv2's ``-tr`` lookup only searches inside nnunetv2.
+Mirrors nnunetv2's ``nnUNetv2_train`` (output layout, checkpoints, progress.png,
+validation/summary.json) with its options and spellings (``--c``, ``--val``, ``--val_best``,
+``--npz``, ``--disable_checkpointing``, ``-pretrained_weights`` to fine-tune from a trained samunet
+model), but resolves trainers through samunet's registry, because nnunetv2's ``-tr`` lookup only
+searches inside nnunetv2.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from samunet.cli.common import (add_common_arguments, parse_fold, prepare_environment,
+from samunet.cli.common import (NnunetStyleParser, add_common_arguments, parse_fold, prepare_environment,
                                  run_cli, select_device, setup_logging)
 from samunet.errors import ConfigurationError, DatasetError
 
@@ -85,8 +89,14 @@ def stored_hyperparameters(output_folder: str) -> dict:
 def train(dataset: str | int, configuration: str, fold: int | str, trainer_name: str, *,
           plans_identifier: str = "samunetPlans", continue_training: bool = False, only_validate: bool = False,
           device: str | None = None, hyperparameters: dict | None = None, backbone: str | None = None,
-          save_probabilities: bool = False, depth: int | None = None):
-    """Train (and validate) one fold; returns the trainer."""
+          save_probabilities: bool = False, depth: int | None = None, pretrained_weights: str | None = None,
+          val_best: bool = False, disable_checkpointing: bool = False):
+    """Train (and validate) one fold; returns the trainer.
+
+    nnU-Net's options: ``pretrained_weights`` (a samunet checkpoint whose network weights the new
+    network starts from, :mod:`samunet.trainers.finetune`), ``val_best`` (validate with
+    checkpoint_best.pth), ``disable_checkpointing`` (write no checkpoints).
+    """
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     from samunet.preprocessing.dataset_checks import resolve_dataset_name
@@ -94,6 +104,12 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
 
     if continue_training and only_validate:
         raise ConfigurationError("--c and --val cannot be used together")
+    if pretrained_weights is not None and (continue_training or only_validate):
+        raise ConfigurationError(f"-pretrained_weights starts a new training; it cannot be combined with "
+                                 f"{'--c' if continue_training else '--val'} (as in nnU-Net)")
+    if val_best and disable_checkpointing and not only_validate:
+        raise ConfigurationError("--val_best validates with checkpoint_best.pth, which --disable_checkpointing "
+                                 "never writes; drop one of them")
     trainer_class = TRAINERS.get(trainer_name)
     dataset_name = resolve_dataset_name(dataset)
     plans, dataset_json = load_plans(dataset_name, plans_identifier)
@@ -107,19 +123,50 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     if continue_training or only_validate:
         overrides = {**stored_hyperparameters(trainer.output_folder), **overrides}
     trainer.set_hyperparameters(overrides)
+    if disable_checkpointing:
+        trainer.disable_checkpointing = True
     maybe_load_checkpoint(trainer, continue_training, only_validate)
+    if pretrained_weights is not None:
+        from samunet.trainers.finetune import load_pretrained_weights
+        trainer.initialize()
+        for line in load_pretrained_weights(trainer.network, pretrained_weights).lines():
+            trainer.print_to_log_file(line)
     if not only_validate:
         trainer.run_training()
+    if val_best:
+        best = Path(trainer.output_folder) / "checkpoint_best.pth"
+        if not best.is_file():
+            raise DatasetError(f"--val_best: {best} does not exist (it is written during training, unless "
+                               f"--disable_checkpointing was set)")
+        trainer.load_checkpoint(str(best))
     trainer.perform_actual_validation(save_probabilities)
     return trainer
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """The options samunet_train and samunet_train_cv share (everything after the positionals)."""
+    """The options samunet_train and samunet_train_cv share (everything after the positionals).
+
+    Every option of nnunetv2's ``nnUNetv2_train`` has its nnU-Net spelling (``-pretrained_weights``,
+    ``--val_best``, ...); samunet's kebab-case names are aliases of the same option.
+    """
     parser.add_argument("-tr", "--trainer", default="SAMedTrainer", help="trainer name (samunet registry)")
     parser.add_argument("-p", "--plans", default="samunetPlans", help="plans identifier")
+    parser.add_argument("-pretrained_weights", "--pretrained-weights", dest="pretrained_weights", default=None,
+                        metavar="CHECKPOINT",
+                        help="fine-tune: start from the network weights of this samunet checkpoint (tensors of "
+                             "another shape, e.g. class heads, are skipped with a warning); not the SAM backbone "
+                             "checkpoint, which is --weights")
+    parser.add_argument("-num_gpus", "--num-gpus", dest="num_gpus", type=int, default=None, metavar="N",
+                        help="train the fold on N devices with DistributedDataParallel, one process each (NCCL on "
+                             "CUDA, gloo with -device cpu); under torchrun the processes come from outside "
+                             "(docs/distributed_training.md)")
     parser.add_argument("--c", dest="continue_training", action="store_true", help="continue an interrupted run")
     parser.add_argument("--val", dest="only_validate", action="store_true", help="only run the final validation")
+    parser.add_argument("--val_best", "--val-best", dest="val_best", action="store_true",
+                        help="run the final validation with checkpoint_best.pth instead of the final weights "
+                             "(writes the same validation/ folder)")
+    parser.add_argument("--disable_checkpointing", "--disable-checkpointing", dest="disable_checkpointing",
+                        action="store_true", help="write no checkpoints (for trying things out)")
     parser.add_argument("--npz", action="store_true", help="also save validation softmax probabilities")
     parser.add_argument("--num-epochs", type=int, help="override the trainer's epoch count")
     parser.add_argument("--iters-per-epoch", type=int, help="override training iterations per epoch")
@@ -127,14 +174,15 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="override the initial learning rate")
     parser.add_argument("--batch-size", type=int, help="override the planned batch size")
     parser.add_argument("--backbone", help="train with another backbone than planned")
-    parser.add_argument("--weights", help="pretrained checkpoint: known name, path, or 'none' for random init")
+    parser.add_argument("--weights", help="released SAM backbone checkpoint: known name, path, or 'none' for "
+                                          "random init (see -pretrained_weights for a trained samunet model)")
     parser.add_argument("--depth", type=int, help="slices per stack for slice-stack trainers "
                                                   "(SelfPromptSAMTrainer); default: the plans' depth")
     add_common_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samunet_train", description=__doc__,
+    parser = NnunetStyleParser(prog="samunet_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset ID (218) or name (Dataset218_AMOS...)")
     parser.add_argument("configuration", help="2d")
@@ -151,14 +199,41 @@ def hyperparameters_from_args(args: argparse.Namespace) -> dict:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    from samunet.trainers.distributed import launched_by_torchrun
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     prepare_environment()
-    train(args.dataset, args.configuration, args.fold, args.trainer, plans_identifier=args.plans,
-          continue_training=args.continue_training, only_validate=args.only_validate, device=args.device,
-          hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
-          depth=args.depth)
+    run = functools.partial(
+        train, args.dataset, args.configuration, args.fold, args.trainer, plans_identifier=args.plans,
+        continue_training=args.continue_training, only_validate=args.only_validate, device=args.device,
+        hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
+        depth=args.depth, pretrained_weights=args.pretrained_weights, val_best=args.val_best,
+        disable_checkpointing=args.disable_checkpointing)
+    train_on_processes(run, num_gpus=args.num_gpus, device=args.device, under_torchrun=launched_by_torchrun())
     return 0
+
+
+def train_on_processes(run: Callable[[], object], *, num_gpus: int | None, device: str | None,
+                       under_torchrun: bool) -> None:
+    """``run()`` in this process, in ``num_gpus`` processes spawned here (DistributedDataParallel), or as
+    one process of a group started by torchrun / srun (:mod:`samunet.trainers.distributed`)."""
+    from samunet.trainers import distributed
+    if num_gpus is not None and num_gpus < 1:
+        raise ConfigurationError(f"-num_gpus must be at least 1, got {num_gpus}")
+    device_type = select_device(device).type
+    if under_torchrun:
+        if num_gpus not in (None, 1, int(os.environ["WORLD_SIZE"])):
+            raise ConfigurationError(f"-num_gpus {num_gpus} contradicts torchrun's WORLD_SIZE "
+                                     f"{os.environ['WORLD_SIZE']}; leave -num_gpus out under torchrun")
+        distributed.init_process_group(device_type)
+        try:
+            run()
+        finally:
+            distributed.destroy_process_group()
+    elif num_gpus is not None and num_gpus > 1:
+        distributed.run_distributed(run, (), world_size=num_gpus, device_type=device_type)
+    else:
+        run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

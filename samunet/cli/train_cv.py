@@ -10,6 +10,7 @@ The training overrides are those of ``samunet_train``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import subprocess
@@ -17,8 +18,8 @@ import sys
 import threading
 from typing import Sequence
 
-from samunet.cli.common import parse_fold, prepare_environment, run_cli, setup_logging
-from samunet.cli.train import add_training_options, hyperparameters_from_args, train
+from samunet.cli.common import NnunetStyleParser, parse_fold, prepare_environment, run_cli, setup_logging
+from samunet.cli.train import add_training_options, hyperparameters_from_args, train, train_on_processes
 from samunet.errors import ConfigurationError, SamunetError
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 # samunet_train's options that are passed through unchanged to the per-device workers.
 PASSED_OPTIONS = {"plans": "-p", "num_epochs": "--num-epochs", "iters_per_epoch": "--iters-per-epoch",
                   "val_iters": "--val-iters", "lr": "--lr", "batch_size": "--batch-size", "backbone": "--backbone",
-                  "weights": "--weights", "depth": "--depth"}
-PASSED_FLAGS = {"continue_training": "--c", "only_validate": "--val", "npz": "--npz", "verbose": "-v"}
+                  "weights": "--weights", "depth": "--depth", "pretrained_weights": "-pretrained_weights",
+                  "num_gpus": "-num_gpus"}
+PASSED_FLAGS = {"continue_training": "--c", "only_validate": "--val", "npz": "--npz", "verbose": "-v",
+                "val_best": "--val_best", "disable_checkpointing": "--disable_checkpointing"}
 
 
 class TrainingFailedError(SamunetError, RuntimeError):
@@ -101,7 +104,7 @@ def train_on_devices(args: argparse.Namespace, folds: Sequence[int | str], devic
 
 def build_parser() -> argparse.ArgumentParser:
     """samunet_train's arguments with a list of folds instead of one."""
-    parser = argparse.ArgumentParser(prog="samunet_train_cv", description=__doc__,
+    parser = NnunetStyleParser(prog="samunet_train_cv", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset ID (218) or name (Dataset218_AMOS...)")
     parser.add_argument("configuration", help="2d")
@@ -129,10 +132,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
     for fold in args.folds:
         logger.info("training fold %s of %s", fold, ", ".join(str(f) for f in args.folds))
-        train(args.dataset, args.configuration, fold, args.trainer, plans_identifier=args.plans,
-              continue_training=args.continue_training, only_validate=args.only_validate, device=device,
-              hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
-              depth=args.depth)
+        run = functools.partial(
+            train, args.dataset, args.configuration, fold, args.trainer, plans_identifier=args.plans,
+            continue_training=args.continue_training, only_validate=args.only_validate, device=device,
+            hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
+            depth=args.depth, pretrained_weights=args.pretrained_weights, val_best=args.val_best,
+            disable_checkpointing=args.disable_checkpointing)
+        train_on_processes(run, num_gpus=args.num_gpus, device=device, under_torchrun=False)
     return 0
 
 

@@ -2,17 +2,14 @@
 
 Built on nnunetv2's own pieces: :func:`nnunetv2.ensembling.ensemble.merge_files` (average the
 ``.npz`` probabilities of a case, argmax, write the label map with the ``.pkl`` geometry),
-:func:`~nnunetv2.ensembling.ensemble.ensemble_folders` and
-:func:`~nnunetv2.ensembling.ensemble.ensemble_crossvalidations`. samunet adds the checks that
+:func:`~nnunetv2.ensembling.ensemble.ensemble_folders`. samunet adds the checks that
 nnunetv2 leaves to asserts (missing probabilities, folders that disagree on cases) and scores
 with its own metrics, as ``samunet_cv_summary`` does, so single models and ensembles compare
 on the same foreground Dice (mean of the class means over all cross-validation cases).
-Like ``nnUNetv2_find_best_configuration``, a tie goes to the simpler candidate (single models
-come before ensembles).
+The ranking itself is :mod:`samunet.evaluation.best_configuration`.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -174,83 +171,20 @@ def score_predictions(prediction_folder: Path, references: Path, cases: Sequence
 
 def ensemble_cross_validation(model_folders: Sequence[Path], output_folder: Path, probability_files: list[dict],
                               num_processes: int = 1) -> list[str]:
-    """Average the folds' validation probabilities of several models (nnunetv2's ensemble_crossvalidations)."""
+    """Average the given validation probability files (one dict case -> file per model) of several models
+    with nnunetv2's ``merge_files``, in ``num_processes`` processes."""
     cases = [set(files) for files in probability_files]
     union = set().union(*cases)
     problems = [f"{folder.name} lacks {_listed(union - have)}" for folder, have in zip(model_folders, cases)
                 if union - have]
     if problems:
         raise DatasetError("the models' validation probabilities cover different cases: " + "; ".join(problems))
-    if num_processes > 1:
-        from nnunetv2.ensembling.ensemble import ensemble_crossvalidations
-        ensemble_crossvalidations([str(f) for f in model_folders], str(output_folder), num_processes=num_processes)
-    else:
-        folder = model_folders[0]
-        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
-        dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-        output_folder.mkdir(parents=True, exist_ok=True)
-        ordered = sorted(union)
-        _merge([[str(files[c]) for files in probability_files] for c in ordered],
-               [str(output_folder / c) for c in ordered], plans, dataset_json, 1)
+    folder = model_folders[0]
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    output_folder.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(union)
+    # the given files, not nnunetv2's ensemble_crossvalidations: that one always reads folds 0-4
+    _merge([[str(files[c]) for files in probability_files] for c in ordered],
+           [str(output_folder / c) for c in ordered], plans, dataset_json, num_processes)
     return sorted(union)
-
-
-def predict_command(dataset: str, trainer: str, plans: str, configuration: str, folds: Sequence[int],
-                    output: str, save_probabilities: bool = False) -> str:
-    command = (f"samunet_predict -i INPUT_FOLDER -o {output} -d {dataset} -c {configuration} -tr {trainer} "
-               f"-p {plans} -f {' '.join(str(f) for f in folds)}")
-    return command + (" --save-probabilities" if save_probabilities else "")
-
-
-def find_best(dataset_name: str, results: Path, preprocessed: Path, trainers: Sequence[str], configuration: str = "2d",
-              plans: str = "samunetPlans", *, ensembles: bool = False, folds: Sequence[int] = (0, 1, 2, 3, 4),
-              num_processes: int = 1, recompute: bool = False) -> dict:
-    """Rank single models (and with ``ensembles`` pairs of them) by cross-validation foreground Dice."""
-    if len(set(trainers)) != len(trainers):
-        raise DatasetError(f"trainers are named more than once: {list(trainers)}")
-    folders = {t: results / dataset_name / model_identifier(t, plans, configuration) for t in trainers}
-    missing = [str(f) for f in folders.values() if not f.is_dir()]
-    if missing:
-        raise DatasetError(f"no trained model in {', '.join(missing)}; train all five folds first "
-                           f"(samunet_train_cv DATASET {configuration} -tr TRAINER --npz)")
-    dataset_json = json.loads((folders[trainers[0]] / "dataset.json").read_text(encoding="utf-8")) \
-        if (folders[trainers[0]] / "dataset.json").is_file() \
-        else json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
-    candidates = []
-    for trainer, folder in folders.items():
-        dice = cv_foreground_dice(folder, preprocessed, dataset_json, recompute=recompute,
-                                  num_processes=num_processes)
-        candidates.append({"name": folder.name, "members": [trainer], "foreground_dice": dice})
-    skipped = {}
-    if ensembles:
-        if len(trainers) < 2:
-            raise DatasetError("--ensembles needs at least two trainers")
-        probabilities = {}
-        for trainer, folder in folders.items():
-            found = validation_probability_files(folder, folds)
-            if isinstance(found, str):
-                skipped[trainer] = found
-                logger.warning("%s is left out of the ensembles: %s", trainer, found)
-            else:
-                probabilities[trainer] = found
-        for first, second in itertools.combinations([t for t in trainers if t in probabilities], 2):
-            name = f"ensemble___{folders[first].name}___{folders[second].name}"
-            output = results / dataset_name / "ensembles" / name
-            cases = ensemble_cross_validation([folders[first], folders[second]], output,
-                                              [probabilities[first], probabilities[second]], num_processes)
-            dice = score_predictions(output, preprocessed / "gt_segmentations", cases, dataset_json, num_processes)
-            candidates.append({"name": name, "members": [first, second], "foreground_dice": dice,
-                               "source": str(output)})
-    ranking = sorted(candidates, key=lambda c: -c["foreground_dice"])  # stable: singles win ties
-    best = ranking[0]
-    dataset_id = dataset_name[len("Dataset"):].split("_")[0] if dataset_name.startswith("Dataset") else dataset_name
-    if len(best["members"]) == 1:
-        commands = [predict_command(dataset_id, best["members"][0], plans, configuration, folds, "OUTPUT_FOLDER")]
-    else:
-        outputs = [f"OUTPUT_FOLDER_{t}" for t in best["members"]]
-        commands = [predict_command(dataset_id, t, plans, configuration, folds, o, save_probabilities=True)
-                    for t, o in zip(best["members"], outputs)]
-        commands.append(f"samunet_ensemble -i {' '.join(outputs)} -o OUTPUT_FOLDER")
-    return {"dataset": dataset_name, "configuration": configuration, "plans": plans, "folds": list(folds),
-            "metric": "cross-validation foreground Dice (mean of class means)", "ensembles_evaluated": ensembles,
-            "left_out_of_ensembles": skipped, "ranking": ranking, "best": best, "commands": commands}

@@ -69,6 +69,12 @@ def init_process_group(device_type: str) -> None:
     dist.init_process_group(backend=backend_for(device_type), init_method="env://")
 
 
+def destroy_process_group() -> None:
+    """Leave the process group (if this process is in one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_distributed(function: Callable[..., Any], args: tuple, *, world_size: int, device_type: str) -> None:
     """Run ``function(*args)`` in ``world_size`` processes spawned on this machine, each in the process group
     (rank = local rank = its index). ``MASTER_ADDR`` / ``MASTER_PORT`` default to localhost and a free port."""
@@ -88,4 +94,4 @@ def _spawned_process(rank: int, function: Callable[..., Any], args: tuple, world
     try:
         function(*args)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()

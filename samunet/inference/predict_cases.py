@@ -1,0 +1,171 @@
+"""Case-by-case prediction that survives interruption and splits over processes, on nnunetv2's predictor.
+
+This is nnunetv2's ``nnUNetPredictor.predict_from_files`` with one change: every case's outputs are
+written atomically as soon as that case is done. The pieces are nnunetv2's own:
+
+- which cases: ``predictor._manage_input_and_output_lists`` (``cases[part_id::num_parts]``, and with
+  ``overwrite=False`` the cases whose outputs exist are skipped: ``--continue_prediction``);
+- preprocessing: ``preprocessing_iterator_fromfiles`` with ``-npp`` worker processes (0: in this
+  process, with the configuration's preprocessor);
+- the network: ``predictor.predict_logits_from_preprocessed_data`` (sliding window over the case,
+  with nnunetv2's per-case progress bar when the predictor has ``allow_tqdm``), so slice-stack
+  predictors (``trainer.predictor_class()``) work unchanged;
+- export: ``export_prediction_from_logits`` with ``-nps`` worker processes (0: in this process).
+
+Atomic outputs: a case is exported into a hidden scratch folder inside the output folder
+(``.samunet_partial_*``, same file system) and each file is then moved into place with
+``os.replace``, the label map last. The output folder therefore only ever holds complete files
+under their final names. A failing case removes the scratch folder; a run killed by a signal may
+leave a hidden ``.samunet_partial_*`` folder (never a file named like an output), which
+``--continue_prediction`` ignores and which can be deleted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from time import sleep
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = ".samunet_partial_"
+QUEUED_EXPORTS = 2  # cases waiting for an export worker before prediction pauses (nnU-Net's value)
+
+
+def select_cases(predictor, case_files: list[list[str]], output_folder: str | os.PathLike, *,
+                 continue_prediction: bool = False, num_parts: int = 1, part_id: int = 0,
+                 save_probabilities: bool = False) -> tuple[list[list[str]], list[str]]:
+    """(input files, output path without ending) of the cases this process predicts.
+
+    nnunetv2's rule: ``cases[part_id::num_parts]``; with ``continue_prediction`` the cases whose label
+    map (and, with ``save_probabilities``, ``.npz``) exist are left out.
+    """
+    from samunet.errors import ConfigurationError
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ConfigurationError(f"-part_id must be in 0..num_parts-1 (num_parts {num_parts}), got {part_id}")
+    files, outputs, _ = predictor._manage_input_and_output_lists(
+        case_files, str(output_folder), None, overwrite=not continue_prediction, part_id=part_id,
+        num_parts=num_parts, save_probabilities=save_probabilities)
+    return files, list(outputs)
+
+
+def _preprocess_here(predictor, case_files: list[list[str]], outputs: list[str]) -> Iterator[dict]:
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose_preprocessing)
+    for files, output in zip(case_files, outputs):
+        data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                    predictor.configuration_manager, predictor.dataset_json)
+        yield {"data": torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format),
+               "data_properties": properties, "ofile": output}
+
+
+def preprocessed_cases(predictor, case_files: list[list[str]], outputs: list[str],
+                       num_processes: int) -> Iterator[dict]:
+    """nnunetv2's preprocessing iterator (``num_processes`` spawned workers), or this process when 0."""
+    if num_processes <= 0:
+        return _preprocess_here(predictor, case_files, outputs)
+    from nnunetv2.inference.data_iterators import preprocessing_iterator_fromfiles
+    return preprocessing_iterator_fromfiles(case_files, None, outputs, predictor.plans_manager,
+                                            predictor.dataset_json, predictor.configuration_manager,
+                                            num_processes, predictor.device.type == "cuda",
+                                            predictor.verbose_preprocessing)
+
+
+def export_case_atomically(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
+                           output_truncated: str, save_probabilities: bool, scratch: str) -> str:
+    """nnunetv2's ``export_prediction_from_logits`` into ``scratch``, then ``os.replace`` into place
+    (probabilities first, the label map last); returns the label map's path."""
+    ending = dataset_json["file_ending"]
+    name = os.path.basename(output_truncated)
+    staged = os.path.join(scratch, name)
+    export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, staged,
+                                  save_probabilities)
+    suffixes = (".npz", ".pkl", ending) if save_probabilities else (ending,)
+    for suffix in suffixes:
+        os.replace(staged + suffix, output_truncated + suffix)
+    return output_truncated + ending
+
+
+def write_json_atomically(path: Path, content: dict) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(content, stream, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def predict_cases(predictor, case_files: Sequence[Sequence[str]], outputs: Sequence[str], *,
+                  save_probabilities: bool = False, num_processes_preprocessing: int = 0,
+                  num_processes_export: int = 0, progress: bool = True) -> list[Path]:
+    """Predict ``case_files`` into ``outputs`` (paths without the file ending), each case written as soon
+    as it is exported; returns the label maps in the order they were written.
+
+    ``progress`` shows a bar over the cases; the bar inside each case (sliding-window steps) is
+    nnunetv2's and follows the predictor's ``allow_tqdm``.
+    """
+    case_files, outputs = [list(f) for f in case_files], list(outputs)
+    if not case_files:
+        return []
+    output_folder = Path(outputs[0]).parent
+    output_folder.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=output_folder)
+    written: list[Path] = []
+    configuration_manager, plans_manager = predictor.configuration_manager, predictor.plans_manager
+    pool_context = multiprocessing.get_context("spawn").Pool(num_processes_export) \
+        if num_processes_export > 0 else nullcontext()
+    bar = tqdm(total=len(case_files), desc="cases", unit="case", disable=not progress, position=0)
+    try:
+        with pool_context as pool:
+            workers = list(pool._pool) if pool is not None else []
+            pending: list = []
+
+            def collect(block: bool) -> None:
+                for result in [r for r in pending if block or r.ready()]:
+                    written.append(Path(result.get()))
+                    pending.remove(result)
+                    bar.update()
+
+            for item in preprocessed_cases(predictor, case_files, outputs, num_processes_preprocessing):
+                data = item["data"]
+                if isinstance(data, str):  # nnunetv2's workers may hand over large cases as .npy files
+                    path, data = data, torch.from_numpy(np.load(data))
+                    os.remove(path)
+                logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+                arguments = (logits.numpy(), item["data_properties"], configuration_manager, plans_manager,
+                             predictor.dataset_json, item["ofile"], save_probabilities, scratch)
+                if pool is None:
+                    written.append(Path(export_case_atomically(*arguments)))
+                    bar.update()
+                    continue
+                from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
+                while check_workers_alive_and_busy(pool, workers, pending, allowed_num_queued=QUEUED_EXPORTS):
+                    sleep(0.1)
+                pending.append(pool.apply_async(export_case_atomically, arguments))
+                collect(block=False)
+            collect(block=True)
+    finally:
+        bar.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return written
+
+
+def write_model_files(predictor, output_folder: str | os.PathLike) -> None:
+    """dataset.json and plans.json next to the predictions, as nnunetv2's predictor writes them
+    (needed to postprocess or ensemble the folder later)."""
+    folder = Path(output_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(folder / "dataset.json", predictor.dataset_json)
+    write_json_atomically(folder / "plans.json", predictor.plans_manager.plans)

@@ -1,0 +1,193 @@
+"""samunet_predict writes each case atomically as soon as it is done, resumes with --continue_prediction,
+splits the cases with -num_parts/-part_id (nnU-Net's rule), runs -npp/-nps workers and shows progress
+inside each case; the slice-stack predictor goes through the same path.
+
+The model is a freshly initialised tiny network (vit_test, 64 px) saved as a samunet checkpoint in a
+model folder made from the trainer harness's synthetic plans: prediction does not need trained weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from samunet.cli.predict import build_predictor, main as predict_main, predict_folder
+from samunet.inference import predict_cases
+from trainer_harness import DATASET_NAME, nnunet_environment, synthetic_dataset_json, synthetic_plans
+
+CASES = [f"case_{i:04d}" for i in range(4)]
+SHAPE = (3, 40, 40)  # (z, y, x): one 64-px window per slice
+
+
+def _write_images(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for case in CASES:
+        image = sitk.GetImageFromArray(generator.normal(size=SHAPE).astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 3.0))
+        sitk.WriteImage(image, str(folder / f"{case}_0000.nii.gz"))
+    return folder
+
+
+def make_model_folder(results: Path, trainer_name: str, depth: int = 1) -> Path:
+    """$nnUNet_results/DATASET/TRAINER__samunetPlans__2d with plans.json, dataset.json and fold_0's
+    checkpoint_final.pth holding a freshly built network."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from samunet.registry import TRAINERS
+    plans, dataset_json = synthetic_plans(backbone="vit_test", img_size=64, depth=depth), synthetic_dataset_json(3)
+    folder = results / DATASET_NAME / f"{trainer_name}__samunetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    trainer_class = TRAINERS.get(trainer_name)
+    plans_manager = PlansManager(plans)
+    configuration = trainer_class.inference_configuration(plans_manager.get_configuration("2d"))
+    torch.manual_seed(0)
+    network = trainer_class.build_network_architecture(plans_manager, configuration, 1, 3, False)
+    torch.save({"network_weights": network.state_dict(), "trainer_name": trainer_name,
+                "inference_allowed_mirroring_axes": [0, 1],
+                "samunet": {"backbone": "vit_test", "img_size": 64,
+                            "stack_depth": getattr(network, "stack_depth", None)}},
+               folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+
+@pytest.fixture
+def model(tmp_path):
+    with nnunet_environment(tmp_path) as folders:
+        (folders["nnUNet_raw"] / DATASET_NAME).mkdir()
+        make_model_folder(folders["nnUNet_results"], "SAMedTrainer")
+        yield {"images": _write_images(tmp_path / "images"), "out": tmp_path / "out"}
+
+
+def _predictor(progress: bool = False, trainer: str = "SAMedTrainer"):
+    return build_predictor(DATASET_NAME, "2d", trainer, [0], device="cpu", use_mirroring=False, progress=progress)
+
+
+def _outputs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_failed_run_leaves_only_complete_cases_and_continue_predicts_the_rest(model, monkeypatch):
+    real_export = predict_cases.export_prediction_from_logits
+    exported = []
+
+    def export_that_dies_on_the_second_case(logits, properties, cm, pm, dataset_json, output, *args):
+        exported.append(Path(output).name)
+        if len(exported) == 2:
+            Path(output + dataset_json["file_ending"]).write_bytes(b"half a NIfTI")  # a partial write, then death
+            raise RuntimeError("export died")
+        return real_export(logits, properties, cm, pm, dataset_json, output, *args)
+
+    monkeypatch.setattr(predict_cases, "export_prediction_from_logits", export_that_dies_on_the_second_case)
+    predictor = _predictor()
+    with pytest.raises(RuntimeError, match="export died"):
+        predict_folder(predictor, model["images"], model["out"])
+    # exactly the first case, complete and readable, plus the model files; no temporary file or folder
+    assert _outputs(model["out"]) == ["case_0000.nii.gz", "dataset.json", "plans.json"]
+    first = model["out"] / "case_0000.nii.gz"
+    assert sitk.ReadImage(str(first)).GetSize() == SHAPE[::-1]
+    written_at = first.stat().st_mtime_ns
+
+    exported.clear()
+    monkeypatch.setattr(predict_cases, "export_prediction_from_logits",
+                        lambda *args: exported.append(Path(args[5]).name) or real_export(*args))
+    written = predict_folder(predictor, model["images"], model["out"], continue_prediction=True)
+    assert exported == CASES[1:] and [p.name for p in written] == [f"{c}.nii.gz" for c in CASES[1:]]
+    assert _outputs(model["out"]) == [f"{c}.nii.gz" for c in CASES] + ["dataset.json", "plans.json"]
+    assert first.stat().st_mtime_ns == written_at
+    # without --continue_prediction every case is predicted again
+    exported.clear()
+    predict_folder(predictor, model["images"], model["out"])
+    assert exported == CASES
+
+
+def test_continue_with_probabilities_redoes_cases_whose_npz_is_missing(model):
+    predictor = _predictor()
+    predict_folder(predictor, model["images"], model["out"], save_probabilities=True)
+    (model["out"] / "case_0002.npz").unlink()
+    written = predict_folder(predictor, model["images"], model["out"], save_probabilities=True,
+                             continue_prediction=True)
+    assert [p.name for p in written] == ["case_0002.nii.gz"] and (model["out"] / "case_0002.npz").is_file()
+
+
+def test_parts_split_the_cases_like_nnunet_and_together_cover_all(model):
+    for part in (1, 0):
+        assert predict_main(["-i", str(model["images"]), "-o", str(model["out"]), "-d", DATASET_NAME,
+                             "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0",
+                             "-num_parts", "2", f"-part_id={part}", "--disable_progress_bar"]) == 0
+        if part == 1:  # cases[1::2]
+            assert _outputs(model["out"]) == ["case_0001.nii.gz", "case_0003.nii.gz", "dataset.json", "plans.json"]
+    assert _outputs(model["out"]) == [f"{c}.nii.gz" for c in CASES] + ["dataset.json", "plans.json"]
+
+
+def test_a_part_id_outside_the_parts_is_a_one_line_error(model, capsys):
+    assert predict_main(["-i", str(model["images"]), "-o", str(model["out"]), "-d", DATASET_NAME,
+                         "-num_parts", "2", "-part_id", "2"]) == 2
+    assert "-part_id must be in 0..1" in capsys.readouterr().err and not model["out"].exists()
+
+
+def test_worker_processes_give_the_same_predictions_as_in_process(model, monkeypatch):
+    """-npp: nnunetv2's preprocessing iterator with that many workers; -nps: a pool of that many export
+    workers; the outputs are those of the in-process run."""
+    import multiprocessing
+
+    import nnunetv2.inference.data_iterators as data_iterators
+    started = {}
+    iterator = data_iterators.preprocessing_iterator_fromfiles
+    spawn = multiprocessing.get_context("spawn")
+
+    class SpawnContext:  # the spawn context, counting the pools it starts
+        def __getattr__(self, name):
+            return getattr(spawn, name)
+
+        def Pool(self, processes):
+            started["export workers"] = processes
+            return spawn.Pool(processes)
+
+    def preprocessing_workers(*args):
+        started["preprocessing workers"] = args[6]
+        return iterator(*args)
+
+    monkeypatch.setattr(data_iterators, "preprocessing_iterator_fromfiles", preprocessing_workers)
+    monkeypatch.setattr(predict_cases.multiprocessing, "get_context", lambda method: SpawnContext())
+    predictor = _predictor()
+    predict_folder(predictor, model["images"], model["out"] / "here")
+    assert started == {}
+    predict_folder(predictor, model["images"], model["out"] / "workers", num_processes_preprocessing=2,
+                   num_processes_export=1)
+    assert started == {"preprocessing workers": 2, "export workers": 1}
+    for case in CASES:
+        here, there = (sitk.GetArrayFromImage(sitk.ReadImage(str(model["out"] / sub / f"{case}.nii.gz")))
+                       for sub in ("here", "workers"))
+        assert np.array_equal(here, there)
+    assert _outputs(model["out"] / "workers") == _outputs(model["out"] / "here")
+
+
+def test_progress_bars_over_cases_and_inside_each_case(model, capsys):
+    predict_folder(_predictor(progress=True), model["images"], model["out"] / "a")
+    err = capsys.readouterr().err
+    assert "cases: 100%" in err and "4/4" in err  # over the cases
+    assert err.count("3/3 [") >= 4  # nnunetv2's sliding-window bar: 3 windows (slices) per case
+    predict_folder(_predictor(progress=False), model["images"], model["out"] / "b", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_slice_stack_predictor_goes_through_the_same_path(tmp_path):
+    from samunet.inference.slice_stack_predictor import SliceStackPredictor
+    with nnunet_environment(tmp_path) as folders:
+        folder = make_model_folder(folders["nnUNet_results"], "SelfPromptSAMTrainer", depth=3)
+        images = _write_images(tmp_path / "images")
+        assert predict_main(["-i", str(images), "-o", str(tmp_path / "out"), "-m", str(folder), "-f", "0",
+                             "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0", "--disable_progress_bar",
+                             "-num_parts", "2", "-part_id", "0"]) == 0
+        predictor = build_predictor(DATASET_NAME, "2d", "SelfPromptSAMTrainer", [0], device="cpu",
+                                    use_mirroring=False)
+    assert isinstance(predictor, SliceStackPredictor)
+    assert _outputs(tmp_path / "out") == ["case_0000.nii.gz", "case_0002.nii.gz", "dataset.json", "plans.json"]
+    assert sitk.ReadImage(str(tmp_path / "out" / "case_0002.nii.gz")).GetSize() == SHAPE[::-1]
