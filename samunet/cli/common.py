@@ -105,15 +105,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def process_count(text: str) -> int:
-    """argparse type of ``-np``: a whole number of worker processes, at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``, else a one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+process_count = whole_number_at_least(1)  # -np: worker processes
+worker_count = whole_number_at_least(0)  # -npp / -nps: worker processes, 0 meaning this process
 
 
 def parse_fold(text: str) -> int | str:

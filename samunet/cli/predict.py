@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from samunet.cli.common import (SMALL_MACHINE_CORES, NnunetStyleParser, add_common_arguments, parse_fold,
-                                 prepare_environment, refuse_option, run_cli, select_device, setup_logging)
+                                 prepare_environment, refuse_option, run_cli, select_device, setup_logging,
+                                 worker_count)
 from samunet.errors import ConfigurationError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -146,17 +147,6 @@ def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: st
     return predict_cases(predictor, files, outputs, save_probabilities=save_probabilities,
                          num_processes_preprocessing=num_processes_preprocessing,
                          num_processes_export=num_processes_export, progress=progress)
-
-
-def worker_count(text: str) -> int:
-    """argparse type of -npp / -nps: a whole number >= 0 (0: in this process)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ leave a hidden ``.samunet_partial_*`` folder (never a file named like an output)
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from tqdm import tqdm
+
+from samunet.atomic_files import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +95,6 @@ def export_case_atomically(logits, properties: dict, configuration_manager, plan
     for suffix in suffixes:
         os.replace(staged + suffix, output_truncated + suffix)
     return output_truncated + ending
-
-
-def write_json_atomically(path: Path, content: dict) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def predict_cases(predictor, case_files: Sequence[Sequence[str]], outputs: Sequence[str], *,
@@ -167,5 +157,5 @@ def write_model_files(predictor, output_folder: str | os.PathLike) -> None:
     (needed to postprocess or ensemble the folder later)."""
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(folder / "dataset.json", predictor.dataset_json)
-    write_json_atomically(folder / "plans.json", predictor.plans_manager.plans)
+    write_json_atomically(folder / "dataset.json", predictor.dataset_json, prefix=SCRATCH_PREFIX)
+    write_json_atomically(folder / "plans.json", predictor.plans_manager.plans, prefix=SCRATCH_PREFIX)

@@ -9,9 +9,7 @@ the target (``nnUNet_raw/.DatasetXXX_Name.*.partial``), checked with
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -104,17 +102,10 @@ def staged_dataset(target: Path, overwrite: bool) -> Iterator[Path]:
 
 def write_splits(dataset_name: str, splits: list[dict[str, list[str]]]) -> Path:
     """Write ``$nnUNet_preprocessed/<dataset_name>/splits_final.json`` atomically; returns its path."""
+    from samunet.atomic_files import write_json_atomically
     from samunet.paths import ensure_nnunet_paths
     folder = ensure_nnunet_paths()["nnUNet_preprocessed"] / dataset_name
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "splits_final.json"
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".splits_final.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(splits, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    path = write_json_atomically(folder / "splits_final.json", splits, prefix=".splits_final.")
     logger.info("wrote %s (%d folds)", path, len(splits))
     return path
