@@ -2,12 +2,13 @@
 
 - ``nnUNetv2_export_model_to_zip`` / ``nnUNetv2_install_pretrained_model_from_zip`` carry a model folder
   written by ``samunet_train`` to another ``nnUNet_results``, where ``samunet_predict`` predicts the same;
-- ``nnUNet_extTrainer=<samunet/trainers>`` lets ``nnUNetv2_train`` train a samunet trainer and
-  ``nnUNetv2_predict_from_modelfolder`` predict with it, run as nnunetv2's console entry points in a fresh
-  process. nnunetv2 first looks for ``-tr`` among its own trainers, which imports all of them; in nnunetv2
-  2.8.1 the Primus trainers import timm and with it torchvision, which cannot be imported next to this
-  machine's CPU torch. That first search is therefore answered with "not found" (what it returns where
-  torchvision imports: nnunetv2 has no samunet trainer); the external search that follows is nnunetv2's own;
+- ``nnUNet_extTrainer=<samunet/trainers>`` lets nnunetv2 find every registered samunet trainer by name,
+  ``nnUNetv2_train`` train one and ``nnUNetv2_predict_from_modelfolder`` predict with it (run as nnunetv2's
+  console entry points, in a fresh process). nnunetv2 first looks for ``-tr`` among its own trainers, which
+  imports all of them; in nnunetv2 2.8.1 the Primus trainers import timm and with it torchvision, which
+  cannot be imported next to this machine's CPU torch. That first search is therefore answered with
+  "not found" (what it returns where torchvision imports: nnunetv2 has no samunet trainer); the external
+  search that follows is nnunetv2's own;
 - ``nnUNetv2_evaluate_folder`` scores samunet_predict's output folder (it holds plans.json and dataset.json);
 - ``nnUNetv2_plot_overlay_pngs`` draws samunet's preprocessed data (``-p samunetPlans -c 2d``), and its
   ``plot_overlay`` draws a samunet prediction on its image.
@@ -125,6 +126,34 @@ def test_a_samunet_model_round_trips_through_nnunetv2_model_zip_and_predicts_the
             np.testing.assert_array_equal(predicted[name], labels, err_msg=name)
 
 
+def test_nnunetv2_finds_every_samunet_trainer_through_nnUNet_extTrainer(monkeypatch):
+    """nnunetv2's recursive_find_trainer_class_by_name with nnUNet_extTrainer=<samunet/trainers> returns, for
+    every registered name, an nnUNetTrainer of that name configured as samunet's registered class (a copy
+    imported from its file); importing samunet's trainer files again raises nothing."""
+    from nnunetv2.utilities import find_objects
+
+    from samunet.registry import TRAINERS
+    nnunetv2_search = find_objects.recursive_find_python_class
+
+    def search(folder, class_name, current_module, *args, **kwargs):
+        if current_module == "nnunetv2.training.nnUNetTrainer":
+            return None  # nnunetv2's own trainers import torchvision, which this machine cannot
+        return nnunetv2_search(folder, class_name, current_module, *args, **kwargs)
+
+    monkeypatch.setattr(find_objects, "recursive_find_python_class", search)
+    monkeypatch.setenv("nnUNet_extTrainer", str(SAMUNET_TRAINERS))
+    names = TRAINERS.names()
+    for name in names:
+        registered, found = TRAINERS.get(name), find_objects.recursive_find_trainer_class_by_name(name)
+        assert found.__name__ == name and found is not registered
+        assert [c.__qualname__ for c in found.__mro__] == [c.__qualname__ for c in registered.__mro__]
+        for attribute in ("network_class", "network_kwargs", "default_hyperparameters", "optimizer_name",
+                          "uses_deep_supervision"):
+            assert getattr(found, attribute) == getattr(registered, attribute), (name, attribute)
+        assert found.predictor_class() is registered.predictor_class()
+    assert TRAINERS.names() == names
+
+
 NNUNET_COMMANDS = '''
 """nnUNetv2_train, then nnUNetv2_predict_from_modelfolder, as their console entry points run them."""
 import json, sys
@@ -185,10 +214,12 @@ def nnunet_commands_model(folders, tmp_path_factory) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = json.loads(done.stdout.rsplit("FOUND ", 1)[1])
     return {"folder": folder, "fold": folder / "fold_1", "prediction": prediction, "images": images,
-            "found": found, "log": done.stdout}
+            "found": found}
 
 
 def test_nnunetv2_train_finds_a_samunet_trainer_through_nnUNet_extTrainer_and_trains_it(nnunet_commands_model):
+    """The fold nnUNetv2_train wrote is a samunet model: final checkpoint (weights only, samunet's metadata),
+    progress plot and the final validation's summary."""
     import torch
     # nnUNetv2_train and nnUNetv2_predict_from_modelfolder each found samunet's class in samunet/trainers
     # (imported by its file name, after samunet's other trainer files: none of them was "registered twice")
@@ -206,6 +237,7 @@ def test_nnunetv2_train_finds_a_samunet_trainer_through_nnUNet_extTrainer_and_tr
 
 
 def test_nnunetv2_predict_from_modelfolder_predicts_what_samunet_predict_does(nnunet_commands_model, tmp_path):
+    """nnUNetv2_predict_from_modelfolder's label maps equal samunet_predict -m's for the same model and fold."""
     expected = samunet_predict(nnunet_commands_model["images"], tmp_path / "samunet",
                                "-m", str(nnunet_commands_model["folder"]), "-f", "1")
     predicted = label_maps(nnunet_commands_model["prediction"])
@@ -276,30 +308,3 @@ def test_nnunetv2_plot_overlay_draws_a_samunet_prediction_on_its_image(samunet_m
         assert foreground.any()
         np.testing.assert_array_equal(colored(tmp_path / "overlay.png"), foreground, err_msg=label_file.name)
 
-
-def test_nnunetv2_finds_every_samunet_trainer_through_nnUNet_extTrainer(monkeypatch):
-    """nnunetv2's recursive_find_trainer_class_by_name with nnUNet_extTrainer=<samunet/trainers> returns, for
-    every registered name, an nnUNetTrainer of that name configured as samunet's registered class (a copy
-    imported from its file); importing samunet's trainer files again raises nothing."""
-    from nnunetv2.utilities import find_objects
-
-    from samunet.registry import TRAINERS
-    nnunetv2_search = find_objects.recursive_find_python_class
-
-    def search(folder, class_name, current_module, *args, **kwargs):
-        if current_module == "nnunetv2.training.nnUNetTrainer":
-            return None  # nnunetv2's own trainers import torchvision, which this machine cannot
-        return nnunetv2_search(folder, class_name, current_module, *args, **kwargs)
-
-    monkeypatch.setattr(find_objects, "recursive_find_python_class", search)
-    monkeypatch.setenv("nnUNet_extTrainer", str(SAMUNET_TRAINERS))
-    names = TRAINERS.names()
-    for name in names:
-        registered, found = TRAINERS.get(name), find_objects.recursive_find_trainer_class_by_name(name)
-        assert found.__name__ == name and found is not registered
-        assert [c.__qualname__ for c in found.__mro__] == [c.__qualname__ for c in registered.__mro__]
-        for attribute in ("network_class", "network_kwargs", "default_hyperparameters", "optimizer_name",
-                          "uses_deep_supervision"):
-            assert getattr(found, attribute) == getattr(registered, attribute), (name, attribute)
-        assert found.predictor_class() is registered.predictor_class()
-    assert TRAINERS.names() == names
