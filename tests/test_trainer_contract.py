@@ -25,6 +25,7 @@ import itertools
 import math
 import pickle
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -630,7 +631,12 @@ def test_every_network_class_traces(workdir, network_class, trainer_name, backbo
     network = trainer.network_module.eval()
     trainer.set_deep_supervision_enabled(False)
     data = make_batch(trainer, batch_size=BATCH_SIZE)["data"]
-    with torch.no_grad(), reported("torch.jit.trace of the deployed forward"):
+    with torch.no_grad(), reported("torch.jit.trace of the deployed forward"), warnings.catch_warnings():
+        # a trace fixes Python-side shape checks as constants (the output check below is what counts here);
+        # torch 2.13 marks jit.trace deprecated in favour of torch.export, which the SciPy prompt geometry of
+        # Self-Prompt-SAM cannot pass yet (the speed issue moves it into torch)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(network, data, check_trace=False)
     with torch.no_grad():
         problem = difference(traced(data), network(data))
