@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from samunet.errors import DatasetError
+from samunet.evaluation.model_selection import model_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class TrainedModel:
 
     @property
     def identifier(self) -> str:
-        return f"{self.trainer}__{self.plans}__{self.configuration}"
+        return model_identifier(self.trainer, self.plans, self.configuration)
 
 
 def folds_name(folds: Sequence[int]) -> str:

@@ -121,6 +121,7 @@ def ensemble_prediction_folders(folders: Sequence[str | os.PathLike], output_fol
 # ---------------------------------------------------------------------------------------------- model choice
 
 def model_identifier(trainer: str, plans: str, configuration: str) -> str:
+    """nnU-Net's model folder name: ``<trainer>__<plans>__<configuration>``."""
     return f"{trainer}__{plans}__{configuration}"
 
 
