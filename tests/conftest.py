@@ -57,3 +57,14 @@ def planned_tiny_dataset(tiny_dataset_root, monkeypatch) -> dict[str, Path]:
     for name, folder in folders.items():
         monkeypatch.setenv(name, str(folder))
     return folders
+
+
+@pytest.fixture
+def model(tmp_path):
+    """A model folder ($nnUNet_results/DATASET/SAMedTrainer__samunetPlans__2d, fold 0) holding a freshly built
+    tiny network, and a folder of test images: ``{"images": folder, "out": output folder (not created)}``."""
+    from trainer_harness import DATASET_NAME, make_model_folder, nnunet_environment, write_prediction_images
+    with nnunet_environment(tmp_path) as folders:
+        (folders["nnUNet_raw"] / DATASET_NAME).mkdir()
+        make_model_folder(folders["nnUNet_results"], "SAMedTrainer")
+        yield {"images": write_prediction_images(tmp_path / "images"), "out": tmp_path / "out"}

@@ -131,8 +131,10 @@ def test_plan_options_reach_nnunetv2_with_nnunet_meanings(monkeypatch, nnunet_fo
     monkeypatch.setattr(api, "preprocess_dataset", lambda *a, **k: calls.setdefault("preprocess", (a, k)))
     monkeypatch.setattr(sam_planner, "SAMPlanner", Planner)
     monkeypatch.setattr("samunet.preprocessing.dataset_checks.resolve_dataset_name", lambda d: "Dataset218_X")
-    monkeypatch.setattr("samunet.preprocessing.dataset_checks.validate_raw_dataset", lambda folder: None)
+    monkeypatch.setattr("samunet.preprocessing.dataset_checks.validate_raw_dataset", lambda folder, **options: None)
     monkeypatch.setattr("samunet.cli.plan_and_preprocess.prepare_environment", lambda n: None)
+    monkeypatch.setattr("samunet.preprocessing.completeness.start_preprocessing", lambda *a: None)
+    monkeypatch.setattr("samunet.preprocessing.completeness.finish_preprocessing", lambda *a: None)
     argv = ["-d", "218", "-npfp", "3", "-np", "2", "-gpu_memory_target", "24", "-overwrite_plans_name", "P24",
             "-preprocessor_name", "DefaultPreprocessor", "-fpe", "DatasetFingerprintExtractor", "--no_pbar"]
     assert plan_main(argv) == 0

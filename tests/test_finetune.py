@@ -52,7 +52,8 @@ def amos_like_checkpoint(tmp_path):
 
 @contextlib.contextmanager
 def in_memory_dataset(num_classes: int):
-    """nnU-Net's preprocessed-data class replaced by the harness's in-memory one, wherever initialize() looks."""
+    """nnU-Net's preprocessed-data class replaced by the harness's in-memory one, wherever initialize() looks;
+    the check that preprocessing finished on disk is skipped, since no case is on disk."""
     import samunet.trainers.base as base
     dataset_class = in_memory_dataset_class(num_classes=num_classes, img_size=64)
     with contextlib.ExitStack() as stack:
@@ -60,6 +61,7 @@ def in_memory_dataset(num_classes: int):
                                        return_value=dataset_class))
         if hasattr(base, "infer_dataset_class"):
             stack.enter_context(mock.patch.object(base, "infer_dataset_class", return_value=dataset_class))
+        stack.enter_context(mock.patch("samunet.preprocessing.completeness.check_preprocessed_dataset"))
         yield
 
 

@@ -7,63 +7,16 @@ model folder made from the trainer harness's synthetic plans: prediction does no
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from samunet.cli.predict import build_predictor, main as predict_main, predict_folder
 from samunet.inference import predict_cases
-from trainer_harness import DATASET_NAME, nnunet_environment, synthetic_dataset_json, synthetic_plans
-
-CASES = [f"case_{i:04d}" for i in range(4)]
-SHAPE = (3, 40, 40)  # (z, y, x): one 64-px window per slice
-
-
-def _write_images(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    generator = np.random.default_rng(0)
-    for case in CASES:
-        image = sitk.GetImageFromArray(generator.normal(size=SHAPE).astype(np.float32))
-        image.SetSpacing((1.0, 1.0, 3.0))
-        sitk.WriteImage(image, str(folder / f"{case}_0000.nii.gz"))
-    return folder
-
-
-def make_model_folder(results: Path, trainer_name: str, depth: int = 1) -> Path:
-    """$nnUNet_results/DATASET/TRAINER__samunetPlans__2d with plans.json, dataset.json and fold_0's
-    checkpoint_final.pth holding a freshly built network."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from samunet.registry import TRAINERS
-    plans, dataset_json = synthetic_plans(backbone="vit_test", img_size=64, depth=depth), synthetic_dataset_json(3)
-    folder = results / DATASET_NAME / f"{trainer_name}__samunetPlans__2d"
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
-    trainer_class = TRAINERS.get(trainer_name)
-    plans_manager = PlansManager(plans)
-    configuration = trainer_class.inference_configuration(plans_manager.get_configuration("2d"))
-    torch.manual_seed(0)
-    network = trainer_class.build_network_architecture(plans_manager, configuration, 1, 3, False)
-    torch.save({"network_weights": network.state_dict(), "trainer_name": trainer_name,
-                "inference_allowed_mirroring_axes": [0, 1],
-                "samunet": {"backbone": "vit_test", "img_size": 64,
-                            "stack_depth": getattr(network, "stack_depth", None)}},
-               folder / "fold_0" / "checkpoint_final.pth")
-    return folder
-
-
-@pytest.fixture
-def model(tmp_path):
-    with nnunet_environment(tmp_path) as folders:
-        (folders["nnUNet_raw"] / DATASET_NAME).mkdir()
-        make_model_folder(folders["nnUNet_results"], "SAMedTrainer")
-        yield {"images": _write_images(tmp_path / "images"), "out": tmp_path / "out"}
-
+from trainer_harness import (DATASET_NAME, PREDICTION_CASES as CASES, PREDICTION_CASE_SHAPE as SHAPE, make_model_folder,
+                             nnunet_environment, write_prediction_images)
 
 def _predictor(progress: bool = False, trainer: str = "SAMedTrainer"):
     return build_predictor(DATASET_NAME, "2d", trainer, [0], device="cpu", use_mirroring=False, progress=progress)
@@ -182,7 +135,7 @@ def test_the_slice_stack_predictor_goes_through_the_same_path(tmp_path):
     from samunet.inference.slice_stack_predictor import SliceStackPredictor
     with nnunet_environment(tmp_path) as folders:
         folder = make_model_folder(folders["nnUNet_results"], "SelfPromptSAMTrainer", depth=3)
-        images = _write_images(tmp_path / "images")
+        images = write_prediction_images(tmp_path / "images")
         assert predict_main(["-i", str(images), "-o", str(tmp_path / "out"), "-m", str(folder), "-f", "0",
                              "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0", "--disable_progress_bar",
                              "-num_parts", "2", "-part_id", "0"]) == 0

@@ -12,6 +12,7 @@ nnU-Net's split file and log files is written. Batches look like what nnU-Net's 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Iterator
 from unittest import mock
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -236,3 +238,43 @@ def make_batch(trainer, *, batch_size: int = 2, seed: int = 0) -> dict:
     scales = trainer._get_deep_supervision_scales()
     target = deep_supervision_targets(labels, scales) if scales is not None else labels
     return {"data": data, "target": target}
+
+
+# ---- a tiny model folder for prediction tests ----
+PREDICTION_CASES = [f"case_{i:04d}" for i in range(4)]
+PREDICTION_CASE_SHAPE = (3, 40, 40)  # (z, y, x): one 64-px window per slice
+
+
+def write_prediction_images(folder: Path) -> Path:
+    """PREDICTION_CASES as 1-channel NIfTI images of PREDICTION_CASE_SHAPE (random values) in ``folder``."""
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for case in PREDICTION_CASES:
+        image = sitk.GetImageFromArray(generator.normal(size=PREDICTION_CASE_SHAPE).astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 3.0))
+        sitk.WriteImage(image, str(folder / f"{case}_0000.nii.gz"))
+    return folder
+
+
+def make_model_folder(results: Path, trainer_name: str, depth: int = 1) -> Path:
+    """$nnUNet_results/DATASET/TRAINER__samunetPlans__2d with plans.json, dataset.json and fold_0's
+    checkpoint_final.pth holding a freshly built network."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from samunet.registry import TRAINERS
+    plans, dataset_json = synthetic_plans(backbone="vit_test", img_size=64, depth=depth), synthetic_dataset_json(3)
+    folder = results / DATASET_NAME / f"{trainer_name}__samunetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    trainer_class = TRAINERS.get(trainer_name)
+    plans_manager = PlansManager(plans)
+    configuration = trainer_class.inference_configuration(plans_manager.get_configuration("2d"))
+    torch.manual_seed(0)
+    network = trainer_class.build_network_architecture(plans_manager, configuration, 1, 3, False)
+    torch.save({"network_weights": network.state_dict(), "trainer_name": trainer_name,
+                "inference_allowed_mirroring_axes": [0, 1],
+                "samunet": {"backbone": "vit_test", "img_size": 64,
+                            "stack_depth": getattr(network, "stack_depth", None)}},
+               folder / "fold_0" / "checkpoint_final.pth")
+    return folder

@@ -6,9 +6,11 @@ are imported, so commands call :func:`prepare_environment` before importing nnun
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from samunet.errors import ConfigurationError, SamunetError
@@ -131,12 +133,46 @@ def parse_fold(text: str) -> int | str:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a command; a :class:`SamunetError` becomes one line on stderr and exit code 2."""
+    """Run a command; a :class:`SamunetError`, or a write that a full, read-only or forbidden disk refused
+    (:func:`describe_storage_error`), becomes one line on stderr and exit code 2."""
     try:
         return main(argv) or 0
     except SamunetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        message = describe_storage_error(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def describe_storage_error(error: OSError) -> str | None:
+    """One line for an ``OSError`` of the storage (no space, quota, read-only file system, no permission),
+    naming the file and the mount point of its disk; None for other errors."""
+    name = os.fsdecode(error.filename) if error.filename is not None else None
+    where = f"the device holding {name}{_mounted_at(name)}" if name else "a device this command writes to"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on {where}; free space there or write to another disk, then run the command again"
+    if error.errno == errno.EDQUOT:
+        return f"disk quota exceeded on {where}; free space there or write to another disk, then run it again"
+    if error.errno == errno.EROFS:
+        return f"{where} is mounted read-only; write to a writable folder instead"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied for {name or 'a file this command uses'}; check its permissions or use another "
+                f"folder")
+    return None
+
+
+def _mounted_at(name: str) -> str:
+    """`` (mounted at /mnt/x)`` for the disk ``name`` is on, or ``""`` when it is not found."""
+    try:
+        path = Path(os.path.abspath(name))
+        mount = next((folder for folder in (path, *path.parents) if os.path.ismount(folder)), None)
+    except OSError:
+        return ""
+    return f" (mounted at {mount})" if mount is not None else ""

@@ -5,10 +5,17 @@ nnunetv2's ``nnUNetv2_plan_and_preprocess`` for samunet, with nnU-Net's options 
 ``-preprocessor_name``, ``-fpe``, ``--no_pbar``). The planner is always samunet's ``SAMPlanner``
 (one ``2d`` configuration for a SAM encoder); options that only make sense for nnU-Net's U-Net
 planners (``-pl`` another planner, ``-overwrite_target_spacing`` for 3d_fullres) are refused.
+
+A run killed at any moment is repaired by running the command again: plans and the preprocessed
+``dataset.json`` are written atomically, an existing fingerprint that is unreadable or was taken of
+other cases is extracted again (saying so), temporary files of killed runs are removed, and the
+preprocessed data are marked complete only after nnunetv2's preprocessing has returned
+(:mod:`samunet.preprocessing.completeness`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +44,36 @@ def find_nnunet_class(kind: str, name: str):
     return found
 
 
+FINGERPRINT_FIELDS = ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
+                      "median_relative_size_after_cropping")
+
+
+def fingerprint_problem(fingerprint_file: Path, num_cases: int, num_channels: int) -> str | None:
+    """Why an existing ``dataset_fingerprint.json`` cannot be reused (unreadable, fields missing, taken of
+    another number of cases or channels), or None when it can."""
+    try:
+        fingerprint = json.loads(fingerprint_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"it is unreadable (cut off by an interrupted run?): {error}"
+    if not isinstance(fingerprint, dict) or any(field not in fingerprint for field in FINGERPRINT_FIELDS):
+        return f"it lacks some of {', '.join(FINGERPRINT_FIELDS)}"
+    if len(fingerprint["spacings"]) != num_cases:
+        return f"it describes {len(fingerprint['spacings'])} training cases, the raw data set has {num_cases}"
+    if len(fingerprint["foreground_intensity_properties_per_channel"]) != num_channels:
+        return (f"it describes {len(fingerprint['foreground_intensity_properties_per_channel'])} channels, "
+                f"dataset.json names {num_channels}")
+    return None
+
+
+def remove_partial_files(folder: Path) -> None:
+    """Remove temporary files that killed planning runs left in ``folder`` (planning a data set is one
+    process at a time: nnunetv2's preprocessing deletes the data folder it writes)."""
+    from samunet.preprocessing.completeness import PARTIAL_PREFIX
+    for partial in folder.glob(f"{PARTIAL_PREFIX}*") if folder.is_dir() else ():
+        partial.unlink()
+        logger.info("removed %s, left by an interrupted planning run", partial)
+
+
 def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", image_size: int | None = None,
                         depth: int | None = None, num_processes: int = 2, verify_dataset_integrity: bool = False,
                         gpu_memory_gb: float = 8.0, fingerprint_processes: int | None = None,
@@ -46,14 +83,17 @@ def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", ima
                         progress_bar: bool = True) -> Path:
     """Plan (and unless ``preprocess`` is False, preprocess) ``dataset`` for samunet's ``2d`` configuration.
 
-    ``clean=False`` keeps an existing dataset fingerprint (nnU-Net's default without ``--clean``);
-    ``fingerprint_processes`` defaults to ``num_processes``. Returns the plans file.
+    ``clean=False`` keeps an existing dataset fingerprint (nnU-Net's default without ``--clean``) unless
+    it cannot be reused (:func:`fingerprint_problem`); ``fingerprint_processes`` defaults to
+    ``num_processes``. Returns the plans file.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     from samunet.backbones.catalog import check_img_size, get_backbone_spec
     from samunet.planners.sam_planner import PLANS_NAME, SAMPlanner
+    from samunet.preprocessing.completeness import finish_preprocessing, start_preprocessing
     from samunet.preprocessing.dataset_checks import resolve_dataset_name, validate_raw_dataset
 
     spec = get_backbone_spec(backbone)
@@ -64,7 +104,19 @@ def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", ima
     plans_name = plans_name or PLANS_NAME
     dataset_name = resolve_dataset_name(dataset)
     dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
-    validate_raw_dataset(Path(nnUNet_raw) / dataset_name)
+    raw_folder, preprocessed_folder = Path(nnUNet_raw) / dataset_name, Path(nnUNet_preprocessed) / dataset_name
+    validate_raw_dataset(raw_folder, num_processes=fingerprint_processes or num_processes)
+    remove_partial_files(preprocessed_folder)
+    fingerprint_file = preprocessed_folder / "dataset_fingerprint.json"
+    if not clean and fingerprint_file.is_file():
+        dataset_json = json.loads((raw_folder / "dataset.json").read_text(encoding="utf-8"))
+        problem = fingerprint_problem(
+            fingerprint_file, len(get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)),
+            len(dataset_json.get("channel_names", dataset_json.get("modality", {}))))
+        if problem:
+            logger.warning("the existing fingerprint %s cannot be reused: %s; extracting it again", fingerprint_file,
+                           problem)
+            clean = True
     logger.info("fingerprinting %s", dataset_name)
     extract_fingerprint_dataset(dataset_id, extractor, num_processes=fingerprint_processes or num_processes,
                                 check_dataset_integrity=verify_dataset_integrity, clean=clean, verbose=verbose,
@@ -72,11 +124,13 @@ def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", ima
     planner = SAMPlanner(dataset_id, gpu_memory_target_in_gb=gpu_memory_gb, preprocessor_name=preprocessor_name,
                          plans_name=plans_name, backbone=backbone, image_size=image_size, depth=depth)
     planner.plan_experiment()
-    plans_file = Path(nnUNet_preprocessed) / dataset_name / f"{plans_name}.json"
+    plans_file = preprocessed_folder / f"{plans_name}.json"
     if preprocess:
         logger.info("preprocessing %s (configuration 2d)", dataset_name)
+        start_preprocessing(dataset_name, plans_name, "2d")
         preprocess_dataset(dataset_id, plans_name, configurations=("2d",), num_processes=(num_processes,),
                            verbose=verbose, show_progress_bar=progress_bar)
+        finish_preprocessing(dataset_name, plans_name, "2d")
     return plans_file
 
 

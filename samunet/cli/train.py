@@ -9,6 +9,7 @@ searches inside nnunetv2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -22,16 +23,23 @@ from samunet.errors import ConfigurationError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_FOR_CONTINUE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-
 
 def load_plans(dataset_name: str, plans_identifier: str) -> tuple[dict, dict]:
+    """(plans, dataset.json) of the preprocessed data set; a missing or unreadable file (cut off by a killed
+    planning run) is a DatasetError naming it."""
     from nnunetv2.paths import nnUNet_preprocessed
     folder = Path(nnUNet_preprocessed) / dataset_name
     plans_file = folder / f"{plans_identifier}.json"
     if not plans_file.is_file():
         raise DatasetError(f"{plans_file} does not exist; run `samunet_plan_and_preprocess -d {dataset_name}` first")
-    return json.loads(plans_file.read_text()), json.loads((folder / "dataset.json").read_text())
+    contents = []
+    for path in (plans_file, folder / "dataset.json"):
+        try:
+            contents.append(json.loads(path.read_text(encoding="utf-8")))
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DatasetError(f"{path} cannot be read ({error}); run `samunet_plan_and_preprocess -d "
+                               f"{dataset_name}` again to repair it") from error
+    return contents[0], contents[1]
 
 
 def apply_backbone_override(plans: dict, configuration: str, backbone: str | None, weights: str | None) -> None:
@@ -75,17 +83,6 @@ def check_fold_possible(dataset_name: str, dataset_json: dict, fold: int | str) 
                                  f"5-fold split needs at least 5. Train with fold 'all' or provide splits_final.json")
 
 
-def stored_hyperparameters(output_folder: str) -> dict:
-    """The hyper-parameters recorded in the checkpoint ``--c`` continues from ({} if none)."""
-    import torch
-    for name in CHECKPOINTS_FOR_CONTINUE:
-        path = Path(output_folder) / name
-        if path.is_file():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            return dict(checkpoint.get("samunet", {}).get("hyperparameters", {}))
-    return {}
-
-
 def train(dataset: str | int, configuration: str, fold: int | str, trainer_name: str, *,
           plans_identifier: str = "samunetPlans", continue_training: bool = False, only_validate: bool = False,
           device: str | None = None, hyperparameters: dict | None = None, backbone: str | None = None,
@@ -96,11 +93,20 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     nnU-Net's options: ``pretrained_weights`` (a samunet checkpoint whose network weights the new
     network starts from, :mod:`samunet.trainers.finetune`), ``val_best`` (validate with
     checkpoint_best.pth), ``disable_checkpointing`` (write no checkpoints).
-    """
-    from nnunetv2.run.run_training import maybe_load_checkpoint
 
+    The fold folder is locked while this runs (:mod:`samunet.trainers.run_lock`: a second training of the
+    same fold is refused), what a killed run left half-written there is removed, and the run's settings are
+    recorded before the first epoch (:mod:`samunet.trainers.run_settings`). ``--c`` continues from the newest
+    checkpoint that can be read (:func:`samunet.trainers.checkpoints.checkpoint_to_continue`) with the settings
+    it was started with; options given again win.
+    """
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from samunet.preprocessing.completeness import check_preprocessed_dataset
     from samunet.preprocessing.dataset_checks import resolve_dataset_name
     from samunet.registry import TRAINERS
+    from samunet.trainers.checkpoints import remove_stale_partials
+    from samunet.trainers.run_lock import hold_fold_folder, takes_the_lock
 
     if continue_training and only_validate:
         raise ConfigurationError("--c and --val cannot be used together")
@@ -113,33 +119,89 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     trainer_class = TRAINERS.get(trainer_name)
     dataset_name = resolve_dataset_name(dataset)
     plans, dataset_json = load_plans(dataset_name, plans_identifier)
+    check_preprocessed_dataset(dataset_name, plans_identifier, configuration)
     check_fold_possible(dataset_name, dataset_json, fold)
-    overrides = dict(hyperparameters or {})
+    fold_folder = Path(get_output_folder(dataset_name, trainer_class.__name__, plans["plans_name"], configuration,
+                                         fold))
+    owner = takes_the_lock()
+    with hold_fold_folder(fold_folder) if owner else contextlib.nullcontext():
+        if owner:
+            remove_stale_partials(fold_folder)
+        trainer = _set_up_trainer(trainer_class, plans, dataset_json, configuration, fold, fold_folder,
+                                  continue_training=continue_training, only_validate=only_validate, device=device,
+                                  hyperparameters=dict(hyperparameters or {}), backbone=backbone, depth=depth)
+        if disable_checkpointing:
+            trainer.disable_checkpointing = True
+        if pretrained_weights is not None:
+            from samunet.trainers.finetune import load_pretrained_weights
+            trainer.initialize()
+            for line in load_pretrained_weights(trainer.network, pretrained_weights).lines():
+                trainer.print_to_log_file(line)
+        if not only_validate:
+            trainer.run_training()
+        if val_best:
+            best = Path(trainer.output_folder) / "checkpoint_best.pth"
+            if not best.is_file():
+                raise DatasetError(f"--val_best: {best} does not exist (it is written during training, unless "
+                                   f"--disable_checkpointing was set)")
+            trainer.load_checkpoint(str(best))
+        trainer.perform_actual_validation(save_probabilities)
+    return trainer
+
+
+def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, configuration: str, fold: int | str,
+                    fold_folder: Path, *, continue_training: bool, only_validate: bool, device: str | None,
+                    hyperparameters: dict, backbone: str | None, depth: int | None):
+    """The trainer of one fold, with the settings and checkpoint ``--c`` / ``--val`` continue from (the
+    recorded settings, then the checkpoint's hyper-parameters, then the options given); for a training, the
+    settings are recorded in the fold folder before it starts."""
+    from samunet.trainers.base import plain_data
+    from samunet.trainers.checkpoints import checkpoint_to_continue, checkpoint_to_validate
+    from samunet.trainers.run_identity import check_identity
+    from samunet.trainers.run_lock import takes_the_lock
+    from samunet.trainers.run_settings import SETTINGS_FILE, RunSettings, read_run_settings, write_run_settings
+
+    settings, chosen, notes = None, None, []
+    if continue_training or only_validate:
+        settings = read_run_settings(fold_folder)
+        if only_validate:
+            chosen = checkpoint_to_validate(fold_folder)
+        else:
+            chosen, notes = checkpoint_to_continue(fold_folder)
+    for note in notes:
+        logger.warning(note)
+    recorded = dict(settings.hyperparameters) if settings else {}
+    if chosen is not None:
+        recorded.update(chosen.checkpoint.get("samunet", {}).get("hyperparameters", {}))
+    overrides = {**recorded, **hyperparameters}
+    backbone = backbone if backbone is not None else settings.backbone if settings else None
+    depth = depth if depth is not None else settings.depth if settings else None
     apply_backbone_override(plans, configuration, backbone, overrides.get("weights"))
     apply_depth_override(plans, configuration, depth, trainer_class)
     plans["continue_training"] = continue_training
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                             device=select_device(device))
-    if continue_training or only_validate:
-        overrides = {**stored_hyperparameters(trainer.output_folder), **overrides}
     trainer.set_hyperparameters(overrides)
-    if disable_checkpointing:
-        trainer.disable_checkpointing = True
-    maybe_load_checkpoint(trainer, continue_training, only_validate)
-    if pretrained_weights is not None:
-        from samunet.trainers.finetune import load_pretrained_weights
-        trainer.initialize()
-        for line in load_pretrained_weights(trainer.network, pretrained_weights).lines():
-            trainer.print_to_log_file(line)
-    if not only_validate:
-        trainer.run_training()
-    if val_best:
-        best = Path(trainer.output_folder) / "checkpoint_best.pth"
-        if not best.is_file():
-            raise DatasetError(f"--val_best: {best} does not exist (it is written during training, unless "
-                               f"--disable_checkpointing was set)")
-        trainer.load_checkpoint(str(best))
-    trainer.perform_actual_validation(save_probabilities)
+    for note in notes:
+        trainer.print_to_log_file(note, also_print_to_console=False)
+    if chosen is not None:
+        trainer.load_checkpoint(chosen.checkpoint, source=str(chosen.path))
+    if settings is not None:
+        check_identity(settings.identity, dataset_name=trainer.plans_manager.dataset_name,
+                       plans_identifier=trainer.plans_manager.plans_name, plans=trainer.plans_manager.plans,
+                       source=str(fold_folder / SETTINGS_FILE))
+    if chosen is not None:
+        trainer.print_to_log_file(f"loaded {chosen.path}: {trainer.current_epoch} epoch(s) done")
+    elif continue_training and settings is not None:
+        trainer.print_to_log_file(f"WARNING: no checkpoint in {fold_folder} to continue from; starting at epoch 0 "
+                                  f"with the settings recorded in {SETTINGS_FILE}: {settings.describe()}")
+    elif continue_training:
+        trainer.print_to_log_file(f"WARNING: no checkpoint or recorded settings in {fold_folder} to continue "
+                                  f"from; starting a new training with the options given")
+    if not only_validate and takes_the_lock():
+        write_run_settings(fold_folder, RunSettings(
+            trainer=trainer_class.__name__, hyperparameters=plain_data(trainer.hyperparameters),
+            backbone=backbone, depth=depth, identity=trainer.run_identity()))
     return trainer
 
 

@@ -13,18 +13,24 @@ written atomically as soon as that case is done. The pieces are nnunetv2's own:
 - export: ``export_prediction_from_logits`` with ``-nps`` worker processes (0: in this process).
 
 Atomic outputs: a case is exported into a hidden scratch folder inside the output folder
-(``.samunet_partial_*``, same file system) and each file is then moved into place with
-``os.replace``, the label map last. The output folder therefore only ever holds complete files
-under their final names. A failing case removes the scratch folder; a run killed by a signal may
-leave a hidden ``.samunet_partial_*`` folder (never a file named like an output), which
-``--continue_prediction`` ignores and which can be deleted.
+(``.samunet_partial_<pid>@<host>@*``, same file system), each staged file is flushed to disk and the
+label map read back (nnunetv2's writers through ITK do not report a full disk: they leave an empty or
+cut-off file), and only then is each file moved into place with ``os.replace``, the label map last. The
+output folder therefore only ever holds complete files under their final names, and a failed write is
+an ``OSError`` naming the output file (``errno.ENOSPC`` when the disk is full), raised in this process
+even when the export ran in a worker process. A run killed by a signal leaves its finished cases and a
+scratch folder; the next run into the same folder removes scratch folders whose process (same host,
+pid in the name) has ended, so processes sharing one output folder (``-num_parts``) keep theirs.
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,6 +48,49 @@ logger = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = ".samunet_partial_"
 QUEUED_EXPORTS = 2  # cases waiting for an export worker before prediction pauses (nnU-Net's value)
+# free space below which a file that was written incompletely is reported as a full disk
+LOW_SPACE_BYTES = 16 * 1024 ** 2
+
+
+def scratch_prefix() -> str:
+    """``.samunet_partial_<pid>@<host>@``: the name start of this process's temporary files and folders."""
+    return f"{SCRATCH_PREFIX}{os.getpid()}@{socket.gethostname()}@"
+
+
+def _owner(name: str) -> tuple[int, str] | None:
+    """(pid, host) from a scratch name made with :func:`scratch_prefix`, None for any other name."""
+    pid, _, rest = name[len(SCRATCH_PREFIX):].partition("@")
+    host, separator, _ = rest.rpartition("@")
+    return (int(pid), host) if pid.isdigit() and separator else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_scratch(folder: str | os.PathLike) -> list[Path]:
+    """Remove the scratch files and folders in ``folder`` that processes of this host left when they were
+    killed (their pid no longer runs); those of running processes and of other hosts stay. Returns
+    what was removed."""
+    folder, host = Path(folder), socket.gethostname()
+    removed = []
+    for entry in sorted(folder.glob(f"{SCRATCH_PREFIX}*")) if folder.is_dir() else ():
+        owner = _owner(entry.name)
+        if owner is None or owner[1] != host or _running(owner[0]):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        logger.info("removed %s, left by an interrupted run (process %d)", entry, owner[0])
+    return removed
 
 
 def select_cases(predictor, case_files: list[list[str]], output_folder: str | os.PathLike, *,
@@ -82,16 +131,64 @@ def preprocessed_cases(predictor, case_files: list[list[str]], outputs: list[str
                                             predictor.verbose_preprocessing)
 
 
+def _incomplete(path: str, plans_manager) -> str | None:
+    """Why the label map ``path`` is not completely written (empty; a gzip stream without its end, which
+    ITK reads without complaint; otherwise unreadable by the data set's reader), or None."""
+    if os.path.getsize(path) == 0:
+        return "0 bytes"
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path) as stream:
+                while stream.read(1 << 24):
+                    pass
+        else:
+            plans_manager.image_reader_writer_class().read_seg(path)
+    except Exception as error:  # any reader's failure means the same: the file is not usable
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
+    return None
+
+
+def _check_staged(staged: str, output: str, plans_manager, is_label_map: bool) -> None:
+    """Flush ``staged`` to disk (a full disk may only show here) and, for the label map, read it back;
+    an incomplete file raises OSError naming ``output``: ENOSPC when the disk is (nearly) full."""
+    try:
+        with open(staged, "rb") as stream:
+            os.fsync(stream.fileno())
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, output) from error
+    problem = _incomplete(staged, plans_manager) if is_label_map else None
+    if problem is None:
+        return
+    free = shutil.disk_usage(os.path.dirname(staged)).free
+    if free < LOW_SPACE_BYTES:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free; the written file was "
+                                    f"incomplete: {problem})", output)
+    raise OSError(errno.EIO, f"the exported file was incomplete ({problem})", output)
+
+
 def export_case_atomically(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
                            output_truncated: str, save_probabilities: bool, scratch: str) -> str:
-    """nnunetv2's ``export_prediction_from_logits`` into ``scratch``, then ``os.replace`` into place
-    (probabilities first, the label map last); returns the label map's path."""
+    """nnunetv2's ``export_prediction_from_logits`` into ``scratch``, each file checked
+    (:func:`_check_staged`), then ``os.replace`` into place (probabilities first, the label map last);
+    returns the label map's path. A failed or incomplete write raises OSError with its errno and the
+    output file's name, and nothing of the case is moved into place."""
     ending = dataset_json["file_ending"]
-    name = os.path.basename(output_truncated)
-    staged = os.path.join(scratch, name)
-    export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, staged,
-                                  save_probabilities)
+    staged = os.path.join(scratch, os.path.basename(output_truncated))
     suffixes = (".npz", ".pkl", ending) if save_probabilities else (ending,)
+    try:
+        export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
+                                      staged, save_probabilities)
+        for suffix in suffixes:
+            _check_staged(staged + suffix, output_truncated + suffix, plans_manager, suffix == ending)
+    except OSError as error:  # name the output, not the scratch file (or no file, as zipfile's writes do)
+        if error.filename is not None and not str(error.filename).startswith(scratch):
+            raise
+        # without a file name: the last file nnunetv2 started writing (probabilities, geometry, label map)
+        suffix = next((s for s in suffixes if error.filename == staged + s), None) or \
+            next((s for s in reversed(suffixes) if os.path.lexists(staged + s)), ending)
+        output = output_truncated + suffix
+        raise OSError(error.errno, error.strerror or str(error), output) from error
     for suffix in suffixes:
         os.replace(staged + suffix, output_truncated + suffix)
     return output_truncated + ending
@@ -111,7 +208,7 @@ def predict_cases(predictor, case_files: Sequence[Sequence[str]], outputs: Seque
         return []
     output_folder = Path(outputs[0]).parent
     output_folder.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=output_folder)
+    scratch = tempfile.mkdtemp(prefix=scratch_prefix(), dir=output_folder)
     written: list[Path] = []
     configuration_manager, plans_manager = predictor.configuration_manager, predictor.plans_manager
     pool_context = multiprocessing.get_context("spawn").Pool(num_processes_export) \
@@ -124,6 +221,12 @@ def predict_cases(predictor, case_files: Sequence[Sequence[str]], outputs: Seque
 
             def collect(block: bool) -> None:
                 for result in [r for r in pending if block or r.ready()]:
+                    while not result.ready():  # a killed worker's case never finishes: do not wait forever
+                        if not all(worker.is_alive() for worker in workers):
+                            raise RuntimeError("an export worker process ended without finishing its case "
+                                               "(killed, e.g. out of memory); finished cases are kept: run again "
+                                               "with --continue_prediction")
+                        result.wait(0.1)
                     written.append(Path(result.get()))
                     pending.remove(result)
                     bar.update()
@@ -154,8 +257,10 @@ def predict_cases(predictor, case_files: Sequence[Sequence[str]], outputs: Seque
 
 def write_model_files(predictor, output_folder: str | os.PathLike) -> None:
     """dataset.json and plans.json next to the predictions, as nnunetv2's predictor writes them
-    (needed to postprocess or ensemble the folder later)."""
+    (needed to postprocess or ensemble the folder later), after removing what killed runs left in the
+    folder (:func:`remove_stale_scratch`): the first step of every prediction run."""
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(folder / "dataset.json", predictor.dataset_json, prefix=SCRATCH_PREFIX)
-    write_json_atomically(folder / "plans.json", predictor.plans_manager.plans, prefix=SCRATCH_PREFIX)
+    remove_stale_scratch(folder)
+    write_json_atomically(folder / "dataset.json", predictor.dataset_json, prefix=scratch_prefix())
+    write_json_atomically(folder / "plans.json", predictor.plans_manager.plans, prefix=scratch_prefix())

@@ -15,17 +15,20 @@ replaces the U-Net topology search with what a SAM backbone needs:
 """
 from __future__ import annotations
 
+import json
 import logging
-import shutil
+from pathlib import Path
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from samunet.atomic_files import write_json_atomically
 from samunet.backbones.catalog import check_img_size, get_backbone_spec
 from samunet.errors import ConfigurationError
+from samunet.preprocessing.completeness import PARTIAL_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +176,9 @@ class SAMPlanner(ExperimentPlanner):
 
         median_spacing = np.median(self.dataset_fingerprint["spacings"], 0)[transpose_forward]
         original_median_shape = np.median(self.dataset_fingerprint["shapes_after_crop"], 0)[transpose_forward]
-        shutil.copy(join(self.raw_dataset_folder, "dataset.json"),
-                    join(nnUNet_preprocessed, self.dataset_name, "dataset.json"))
+        preprocessed = Path(nnUNet_preprocessed) / self.dataset_name
+        preprocessed.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(preprocessed / "dataset.json", self.dataset_json, prefix=PARTIAL_PREFIX)
         plans = {
             "dataset_name": self.dataset_name,
             "plans_name": self.plans_identifier,
@@ -192,3 +196,21 @@ class SAMPlanner(ExperimentPlanner):
         self.plans = plans
         self.save_plans(plans)
         return plans
+
+    def save_plans(self, plans: dict) -> None:
+        """nnunetv2's ``save_plans`` (configurations of an existing plans file that these plans do not
+        define are kept), written atomically: an interrupted run leaves the previous plans file or none,
+        never half of one. An existing plans file that cannot be read (cut off by a run killed with an
+        older version) is replaced, with a warning."""
+        recursive_fix_for_json_export(plans)
+        plans_file = Path(nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
+        if plans_file.is_file():
+            try:
+                previous = dict(json.loads(plans_file.read_text(encoding="utf-8"))["configurations"])
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+                logger.warning("the existing plans file %s is unreadable (%s); replacing it", plans_file, error)
+                previous = {}
+            plans["configurations"].update({name: configuration for name, configuration in previous.items()
+                                            if name not in plans["configurations"]})
+        plans_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(plans_file, plans, prefix=PARTIAL_PREFIX)

@@ -1,4 +1,9 @@
-"""PNG overlays of reference and predicted label maps on image slices (matplotlib, Agg)."""
+"""PNG overlays of reference and predicted label maps on image slices (matplotlib, Agg).
+
+A PNG is written with :func:`samunet.atomic_files.write_atomically` (a temporary file next to it, flushed,
+then ``os.replace``), so a full disk or a killed run never leaves a cut-off PNG (an existing one stays
+as it was).
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from samunet.atomic_files import write_atomically
 
 # one colour per label value (background transparent); wraps for more classes
 LABEL_COLOURS = np.array([[0, 0, 0], [230, 75, 53], [77, 187, 213], [0, 160, 135], [243, 155, 127],
@@ -30,7 +37,8 @@ def write_overlay(image_file: str | os.PathLike, reference_file: str | os.PathLi
                   prediction_file: str | os.PathLike, output_png: str | os.PathLike,
                   label_names: dict[str, int], window: tuple[float, float] = (-160.0, 240.0),
                   num_slices: int = 3) -> Path:
-    """One row per slice: image | reference overlay | prediction overlay; returns the PNG path."""
+    """One row per slice: image | reference overlay | prediction overlay; returns the PNG path. A failed
+    write (OSError, e.g. ENOSPC, naming ``output_png``) leaves no partial file and an existing PNG as it was."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,6 +66,8 @@ def write_overlay(image_file: str | os.PathLike, reference_file: str | os.PathLi
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output_png, dpi=80)
-    plt.close(figure)
+    try:
+        write_atomically(output_png, lambda stream: figure.savefig(stream, format="png", dpi=80), suffix=".png")
+    finally:
+        plt.close(figure)
     return output_png

@@ -17,14 +17,17 @@ What it adds to nnunetv2's trainer:
   a constructor argument, so nnunetv2 records them in the checkpoint's ``init_args`` and ``--c``
   restores them;
 - checkpoints are written atomically and hold plain data only, so they load with
-  ``torch.load(weights_only=True)``.
+  ``torch.load(weights_only=True)`` (:mod:`samunet.trainers.checkpoints`); ``checkpoint_latest.pth`` is
+  written after every epoch (nnU-Net: every 50), the last one included, so a crash loses at most the epoch it
+  hit; every checkpoint records its data set and plans (:mod:`samunet.trainers.run_identity`), checked when
+  it is loaded;
+- ``progress.png`` is written atomically too (:mod:`samunet.trainers.progress_png`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import pydoc
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -46,10 +49,13 @@ from tqdm import tqdm
 
 import samunet
 from samunet.backbones.catalog import get_backbone_spec
-from samunet.errors import ConfigurationError, SamunetError
+from samunet.errors import ConfigurationError
 from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.registry import TRAINERS
+from samunet.trainers.checkpoints import LATEST, read_checkpoint, save_checkpoint_atomically
 from samunet.trainers.distributed import process_device
+from samunet.trainers.progress_png import AtomicProgressLogger
+from samunet.trainers.run_identity import CheckpointMismatchError, check_checkpoint_identity, run_identity
 from samunet.trainers.validation import run_final_validation
 from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
 
@@ -57,10 +63,6 @@ logger = logging.getLogger(__name__)
 
 HYPERPARAMETERS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
                    "initial_lr", "weight_decay", "batch_size", "weights")
-
-
-class CheckpointMismatchError(SamunetError, RuntimeError):
-    """A trained checkpoint does not belong to the network it is loaded into."""
 
 
 def plain_data(value: Any) -> Any:
@@ -76,19 +78,6 @@ def plain_data(value: Any) -> Any:
     if isinstance(value, torch.device):
         return str(value)
     return value
-
-
-def atomic_torch_save(obj: Any, filename: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``filename``."""
-    folder = os.path.dirname(os.path.abspath(filename))
-    handle, partial = tempfile.mkstemp(prefix=".partial_", suffix=".pth", dir=folder)
-    os.close(handle)
-    try:
-        torch.save(obj, partial)
-        os.replace(partial, filename)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -120,6 +109,9 @@ class SAMTrainerBase(nnUNetTrainer):
         self.set_hyperparameters({})
         self._epoch_progress: tqdm | None = None
         self.current_phase: int | None = None  # the training phase the network is set up for
+        # checkpoint_latest.pth after every epoch (nnU-Net: every 50), so a crash loses at most the epoch it hit
+        self.save_every = 1
+        self.logger.local_logger = AtomicProgressLogger(self.logger.local_logger.verbose)
 
     def set_hyperparameters(self, overrides: dict) -> None:
         """Apply the class defaults plus ``overrides`` (names in ``HYPERPARAMETERS``); call before
@@ -310,6 +302,19 @@ class SAMTrainerBase(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         run_final_validation(self, save_probabilities)
 
+    def on_epoch_end(self):
+        """nnU-Net's epoch end (checkpoint_latest.pth every ``save_every`` epochs, checkpoint_best.pth,
+        progress.png), plus checkpoint_latest.pth after the last epoch, which nnU-Net leaves to
+        checkpoint_final.pth: a crash while that is written then continues after the last epoch."""
+        finished = self.current_epoch
+        super().on_epoch_end()
+        if finished == self.num_epochs - 1:
+            self.current_epoch = finished  # save_checkpoint records the epoch after the current one
+            try:
+                self.save_checkpoint(os.path.join(self.output_folder, LATEST))
+            finally:
+                self.current_epoch = finished + 1
+
     def on_train_epoch_end(self, train_outputs: list[dict]):
         if self._epoch_progress is not None:
             self._epoch_progress.close()
@@ -334,7 +339,14 @@ class SAMTrainerBase(nnUNetTrainer):
     def checkpoint_metadata(self) -> dict:
         module = self.network_module
         return {"version": samunet.__version__, "backbone": module.backbone, "img_size": module.img_size,
-                "stack_depth": getattr(module, "stack_depth", None), "hyperparameters": plain_data(self.hyperparameters)}
+                "stack_depth": getattr(module, "stack_depth", None),
+                "hyperparameters": plain_data(self.hyperparameters), "identity": plain_data(self.run_identity())}
+
+    def run_identity(self) -> dict:
+        """The data set and plans this trainer trains on (:mod:`samunet.trainers.run_identity`)."""
+        return run_identity(dataset_name=self.plans_manager.dataset_name,
+                            plans_identifier=self.plans_manager.plans_name, configuration=self.configuration_name,
+                            plans=self.plans_manager.plans)
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
@@ -354,25 +366,31 @@ class SAMTrainerBase(nnUNetTrainer):
             "inference_allowed_mirroring_axes": plain_data(self.inference_allowed_mirroring_axes),
             "samunet": self.checkpoint_metadata(),
         }
-        atomic_torch_save(checkpoint, filename)
+        save_checkpoint_atomically(checkpoint, filename)
 
     def check_checkpoint_fits(self, checkpoint: dict, source: str) -> None:
-        """Refuse a checkpoint of another trainer or backbone with a message that says which."""
+        """Refuse a checkpoint of another trainer or backbone, or of another data set or plans, with a message
+        that says which."""
         meta = checkpoint.get("samunet", {})
         module = self.network_module
         if checkpoint.get("trainer_name") not in (None, self.__class__.__name__):
             raise CheckpointMismatchError(f"{source} was trained with {checkpoint['trainer_name']}, "
                                           f"not {self.__class__.__name__}; pass -tr {checkpoint['trainer_name']}")
         check_network_fits(meta, module, source)
+        check_checkpoint_identity(checkpoint, dataset_name=self.plans_manager.dataset_name,
+                                  plans_identifier=self.plans_manager.plans_name, plans=self.plans_manager.plans,
+                                  source=source)
 
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+    def load_checkpoint(self, filename_or_checkpoint: dict | str, source: str | None = None) -> None:
+        """Restore a checkpoint (a file, read with ``weights_only=True``, or one already loaded from ``source``)
+        after checking that it belongs to this trainer, network, data set and plans."""
         if not self.was_initialized:
             self.initialize()
-        if isinstance(filename_or_checkpoint, str):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
-            source = filename_or_checkpoint
+        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
+            checkpoint = read_checkpoint(filename_or_checkpoint, map_location=self.device)
+            source = str(filename_or_checkpoint)
         else:
-            checkpoint, source = filename_or_checkpoint, "checkpoint"
+            checkpoint, source = filename_or_checkpoint, source or "checkpoint"
         self.check_checkpoint_fits(checkpoint, source)
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
