@@ -15,3 +15,12 @@ class ConfigurationError(SamunetError, ValueError):
 
 class DatasetError(SamunetError, ValueError):
     """A data set in nnU-Net's raw layout that cannot be used as it is."""
+
+
+class InputFilesError(DatasetError):
+    """Image or label files that samunet cannot use as they are; ``problems`` holds each one found
+    (:class:`samunet.input_checks.Problem`), the message lists them grouped by kind."""
+
+    def __init__(self, message: str, problems: tuple = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)

@@ -67,12 +67,13 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
 
     from samunet.registry import TRAINERS
     from samunet.trainers.base import check_network_fits
+    from samunet.trainers.run_identity import check_checkpoint_identity
 
     trainer_class = TRAINERS.get(trainer_name)
     folder = Path(folder) if folder is not None else model_folder(dataset_name, trainer_name, plans_identifier,
                                                                   configuration)
-    if not (folder / "plans.json").is_file():
-        raise DatasetError(f"no trained model in {folder}; train it with samunet_train first")
+    from samunet.inference.model_folder import check_model_folder
+    check_model_folder(folder, folds, checkpoint_name)
     plans = json.loads((folder / "plans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
     plans_manager = PlansManager(plans)
@@ -84,6 +85,9 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     checkpoints = load_fold_checkpoints(folder, folds, checkpoint_name, trainer_name)
     for checkpoint in checkpoints:
         check_network_fits(checkpoint.get("samunet", {}), network, str(checkpoint["path"]))
+        check_checkpoint_identity(checkpoint, dataset_name=plans_manager.dataset_name,
+                                  plans_identifier=plans_manager.plans_name, plans=plans,
+                                  source=str(checkpoint["path"]))
     device = select_device(device)
     predictor = trainer_class.predictor_class()(
         tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
@@ -94,23 +98,6 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
                                     [c["network_weights"] for c in checkpoints], dataset_json, trainer_name,
                                     tuple(mirroring) if mirroring is not None else None)
     return predictor
-
-
-def input_cases(input_folder: Path, dataset_json: dict) -> list[list[str]]:
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-    if not input_folder.is_dir():
-        raise DatasetError(f"input folder {input_folder} does not exist")
-    ending = dataset_json["file_ending"]
-    cases = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
-    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    if not cases:
-        raise DatasetError(f"{input_folder} holds no images named CASE_XXXX{ending} (nnU-Net's naming, "
-                           f"one file per channel, e.g. case_001_0000{ending})")
-    incomplete = [os.path.basename(c[0]) for c in cases if len(c) != channels]
-    if incomplete:
-        raise DatasetError(f"{len(incomplete)} case(s) in {input_folder} lack channels (need {channels}): "
-                           f"{incomplete[:5]}")
-    return cases
 
 
 def default_worker_count(variable: str) -> int:
@@ -131,6 +118,9 @@ def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: st
                    progress: bool = True) -> list[Path]:
     """Predict the cases of ``input_folder`` into ``output_folder``; returns the label maps written.
 
+    Every input file is checked first (:func:`samunet.input_checks.prediction_cases`: names, channels,
+    contents), so bad input is refused before anything is written.
+
     Each case is written as soon as it is done, atomically. With ``save_probabilities`` each case's
     softmax probabilities (``CASE.npz``) and geometry (``CASE.pkl``) are written too (input of
     ``samunet_ensemble``). The model's ``dataset.json`` and ``plans.json`` are always written next to
@@ -139,8 +129,11 @@ def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: st
     ``cases[part_id::num_parts]``.
     """
     from samunet.inference.predict_cases import predict_cases, select_cases, write_model_files
+    from samunet.input_checks import prediction_cases
     input_folder, output_folder = Path(input_folder), Path(output_folder)
-    cases = input_cases(input_folder, predictor.dataset_json)
+    cases = prediction_cases(input_folder, predictor.dataset_json,
+                             reader_class=predictor.plans_manager.image_reader_writer_class,
+                             num_processes=num_processes_preprocessing)
     write_model_files(predictor, output_folder)
     files, outputs = select_cases(predictor, cases, output_folder, continue_prediction=continue_prediction,
                                   num_parts=num_parts, part_id=part_id, save_probabilities=save_probabilities)

@@ -1,24 +1,24 @@
 """Checks of a data set in nnU-Net's raw layout, run before anything is written.
 
-nnunetv2's own ``verify_dataset_integrity`` is optional (``--verify_dataset_integrity``) and
-reads every voxel; these checks are always on and read image headers only (SimpleITK's
-``ReadImageInformation``), so a bad dataset.json or a label that does not fit its image is
-reported, with every problem listed, before fingerprinting or planning starts.
+nnunetv2's own ``verify_dataset_integrity`` is optional (``--verify_dataset_integrity``), prints
+its findings and stops at the first failing assertion. These checks are always on and list every
+problem in one :class:`~samunet.errors.InputFilesError` before fingerprinting or planning starts:
+dataset.json (required fields, the label declaration: integers, consecutive, regions, ignore),
+the folder layout (names, endings, pairs of images and labels, ``numTraining``) and, through
+:mod:`samunet.input_checks`, the contents of every file (read once, in a process pool).
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from samunet.errors import DatasetError, UnknownNameError
-from samunet.image_io import geometry_difference, read_header
+from samunet.input_checks import (CHANNEL_SUFFIX, Problem, channel_names_of, channel_suffix_problems, display_name,
+                                  files_with_ending, inspect_cases, raise_if_problems, reader_class_for)
 
 REQUIRED_FIELDS = ("labels", "numTraining", "file_ending")
-GEOMETRY_TOLERANCE = 1e-4
-MAX_LISTED_PROBLEMS = 20
 
 
 def resolve_dataset_name(dataset: str | int) -> str:
@@ -57,44 +57,134 @@ def _read_dataset_json(folder: Path) -> dict:
     return dataset_json
 
 
-def validate_raw_dataset(folder: str | os.PathLike) -> dict:
+def label_declaration_problems(dataset_json: dict) -> list[Problem]:
+    """What is wrong with dataset.json's ``labels`` (and ``regions_class_order``), as nnunetv2's
+    ``LabelManager`` and ``verify_dataset_integrity`` need them: integer values (a non-empty list of
+    them for a region), none negative, the labels consecutive 0..N, ``ignore`` an integer N+1,
+    and for regions a ``regions_class_order`` with one declared label per region."""
+    labels = dataset_json["labels"]
+    problems = []
+    for name, value in labels.items():
+        if name == "ignore" or not isinstance(value, (list, tuple)):
+            if not _is_integer(value):
+                problems.append(Problem("dataset_json", f"label {name!r} is {value!r}, not an integer"))
+            elif value < 0:
+                problems.append(Problem("dataset_json", f"label {name!r} is {value}; labels are never negative"))
+        elif not value or not all(_is_integer(v) for v in value):
+            problems.append(Problem("dataset_json", f"region {name!r} is {value!r}, not a non-empty list of "
+                                                    f"integer labels"))
+        elif any(v < 0 for v in value):
+            problems.append(Problem("dataset_json", f"region {name!r} is {value}; labels are never negative"))
+    if problems:
+        return problems
+    values = sorted({int(v) for name, value in labels.items() if name != "ignore"
+                     for v in (value if isinstance(value, (list, tuple)) else [value])})
+    if values != list(range(len(values))):
+        problems.append(Problem("dataset_json", f"labels are {values}, not the consecutive 0..{len(values) - 1}; "
+                                                f"renumber them (and the label files)"))
+    if "ignore" in labels and labels["ignore"] != len(values):
+        problems.append(Problem("dataset_json", f"the ignore label is {labels['ignore']}; it must be the highest, "
+                                                f"{len(values)}"))
+    regions = [name for name, value in labels.items() if isinstance(value, (list, tuple)) and len(value) > 1]
+    if regions:
+        order = dataset_json.get("regions_class_order")
+        counted = [name for name, value in labels.items() if name != "ignore" and
+                   set(value if isinstance(value, (list, tuple)) else [value]) != {0}]
+        if order is None:
+            problems.append(Problem("dataset_json", f"labels {regions} are regions (lists) but there is no "
+                                                    f"regions_class_order; add one label value per region "
+                                                    f"({len(counted)}: {counted}), in the order they are painted"))
+        elif not isinstance(order, list) or not all(_is_integer(v) for v in order) or len(order) != len(counted):
+            problems.append(Problem("dataset_json", f"regions_class_order is {order!r}; it needs one integer label "
+                                                    f"per region ({len(counted)}: {counted})"))
+        elif any(v not in values or v == 0 for v in order):
+            problems.append(Problem("dataset_json", f"regions_class_order {order} holds values that are not "
+                                                    f"declared labels 1..{values[-1]}"))
+    return problems
+
+
+def declared_label_values(dataset_json: dict) -> set[int]:
+    """The label values a label file may hold: nnunetv2's ``LabelManager.all_labels`` and ``ignore``."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    manager = LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
+    return {int(v) for v in manager.all_labels} | ({int(manager.ignore_label)} if manager.has_ignore_label else set())
+
+
+def validate_raw_dataset(folder: str | os.PathLike, *, num_processes: int | None = None) -> dict:
     """Validate ``folder`` (``nnUNet_raw/DatasetXXX_Name``); returns its dataset.json.
 
-    Raises :class:`DatasetError` listing every problem found: missing fields, a training case
-    without a label or a channel, a count that differs from ``numTraining``, and images whose
-    size, spacing, origin or direction differ from their label's.
+    Raises :class:`DatasetError` for a missing or unreadable dataset.json or missing required
+    fields, and :class:`~samunet.errors.InputFilesError` listing every other problem found: the
+    label declaration (:func:`label_declaration_problems`), the files of imagesTr and labelsTr
+    (names, endings, duplicates, images without label and labels without image, ``numTraining``)
+    and each training case's contents (:func:`samunet.input_checks.inspect_case`), read by
+    ``num_processes`` processes (default nnunetv2's ``default_num_processes``).
     """
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from nnunetv2.configuration import default_num_processes
     folder = Path(folder)
     dataset_json = _read_dataset_json(folder)
-    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    try:
-        cases = get_filenames_of_train_images_and_targets(str(folder), dataset_json)
-    except (FileNotFoundError, RuntimeError, AssertionError) as error:
-        raise DatasetError(f"cannot list the training cases of {folder}: {error}") from error
-    problems = []
-    if len(cases) != dataset_json["numTraining"]:
-        problems.append(f"dataset.json says numTraining={dataset_json['numTraining']} but "
-                        f"{folder / 'imagesTr'} holds {len(cases)} cases")
-    for case, files in sorted(cases.items()):
-        if len(files["images"]) != num_channels:
-            problems.append(f"case {case}: {len(files['images'])} image channels, dataset.json names {num_channels}")
-            continue
-        missing = [f for f in [*files["images"], files["label"]] if not os.path.isfile(f)]
-        if missing:
-            problems.append(f"case {case}: missing file(s) {missing}")
-            continue
-        label_geometry = read_header(files["label"])
-        for image in files["images"]:
-            image_geometry = read_header(image)
-            if geometry_difference(image_geometry, label_geometry, atol=GEOMETRY_TOLERANCE) is not None:
-                problems.append(f"case {case}: image {os.path.basename(image)} (size {image_geometry[0]}, spacing "
-                                f"{np.round(image_geometry[1], 4).tolist()}, origin "
-                                f"{np.round(image_geometry[2], 4).tolist()}) does not match its label "
-                                f"(size {label_geometry[0]}, spacing {np.round(label_geometry[1], 4).tolist()}, "
-                                f"origin {np.round(label_geometry[2], 4).tolist()}); resample the label onto the image")
-    if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise DatasetError(f"dataset {folder} has {len(problems)} problem(s):\n  {listed}{more}")
+    ending = dataset_json["file_ending"]
+    problems = label_declaration_problems(dataset_json)
+    declared = None if problems else declared_label_values(dataset_json)
+    cases = _training_cases(folder, dataset_json, problems)
+    misnamed = any(problem.kind == "channel_suffix" for problem in problems)  # then the count means nothing
+    if len(cases) != dataset_json["numTraining"] and not misnamed:
+        problems.append(Problem("num_training", f"dataset.json says numTraining={dataset_json['numTraining']} but "
+                                                f"{display_name(folder / 'imagesTr', folder)} holds {len(cases)} "
+                                                f"cases"))
+    if not cases and not problems:
+        problems.append(Problem("no_images", f"{display_name(folder / 'imagesTr', folder)} holds no images named "
+                                             f"CASE_0000{ending}"))
+    if any(files["images"] for files in cases.values()):
+        reader_class = reader_class_for(dataset_json, next(f for f in cases.values() if f["images"])["images"][0])
+        tasks = [(case, files["images"], files["label"]) for case, files in sorted(cases.items()) if files["images"]]
+        problems += inspect_cases(tasks, reader_class, channel_names_of(dataset_json), declared, folder, ending,
+                                  default_num_processes if num_processes is None else num_processes)
+    raise_if_problems(f"dataset {folder}", problems)
     return dataset_json
+
+
+def _is_integer(value) -> bool:
+    """An integer label value as JSON gives it: 2, or 2.0 (nnunetv2 takes int() of it); never True or "2"."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
+def _training_cases(folder: Path, dataset_json: dict, problems: list[Problem]) -> dict[str, dict]:
+    """nnunetv2's listing of the training cases (``get_filenames_of_train_images_and_targets``), each
+    ``{"images": [...], "label": path or None}`` (no images when one is missing, no label when it is
+    missing), with the problems of names and pairs appended to ``problems``."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    ending = dataset_json["file_ending"]
+    if "dataset" in dataset_json:  # dataset.json lists the files itself
+        cases = get_filenames_of_train_images_and_targets(str(folder), dataset_json)
+        counts = Counter(path for files in cases.values() for path in [*files["images"], files["label"]])
+        problems += [Problem("duplicate", f"{display_name(path, folder)} is listed {count} times in dataset.json's "
+                                          f"'dataset'") for path, count in counts.items() if count > 1]
+    else:
+        missing = [name for name in ("imagesTr", "labelsTr") if not (folder / name).is_dir()]
+        if missing:
+            problems.append(Problem("folder", f"{folder} has no {' and no '.join(missing)}"))
+            return {}
+        names, found = files_with_ending(folder / "imagesTr", ending, folder)
+        suffix_problems, misnamed = channel_suffix_problems(names, ending, folder / "imagesTr", folder)
+        label_names, label_found = files_with_ending(folder / "labelsTr", ending, folder)
+        problems += found + suffix_problems + label_found
+        cases = {case: files for case, files in get_filenames_of_train_images_and_targets(str(folder),
+                                                                                          dataset_json).items()
+                 if files["images"] and not any(os.path.basename(f) in misnamed for f in files["images"])}
+        for name in label_names:
+            stem = name[:-len(ending)]
+            if stem not in cases:
+                suffixed = CHANNEL_SUFFIX.fullmatch(stem)
+                hint = (f" (labels carry no channel suffix: name it {suffixed['case']}{ending})"
+                        if suffixed and suffixed["case"] in cases else "")
+                problems.append(Problem("unpaired", f"labelsTr/{name} has no image imagesTr/{stem}_0000{ending}{hint}"))
+    for case, files in cases.items():
+        absent = [display_name(path, folder) for path in files["images"] if not os.path.isfile(path)]
+        if absent:
+            problems.append(Problem("unpaired", f"case {case}: no image {', '.join(absent)}"))
+            files["images"] = []  # nothing to inspect
+        if not os.path.isfile(files["label"]):
+            problems.append(Problem("unpaired", f"case {case}: no label {display_name(files['label'], folder)}"))
+            files["label"] = None
+    return cases
