@@ -92,3 +92,12 @@ def test_empty_classes_stay_nan(results):
                                          dataset_json, output_json=results / "s.json")
     assert math.isnan(summary["per_class"]["spleen"]["Dice"]["mean"])
     assert "| spleen | n/a |" in (results / "s.md").read_text()
+
+
+def test_metric_conventions_are_chosen_and_recorded_as_in_samunet_evaluate(results):
+    assert main(["-d", "123", "-tr", "SAMedTrainer"]) == 0
+    default = json.loads((results / "cv_summary_samunet.json").read_text())["metric_conventions"]
+    assert (default["nsd"], default["hd95"]) == ("surface_area", "max_directed")
+    assert main(["-d", "123", "-tr", "SAMedTrainer", "--nsd", "voxel", "--hd95", "pooled"]) == 0
+    chosen = json.loads((results / "cv_summary_samunet.json").read_text())["metric_conventions"]
+    assert (chosen["nsd"], chosen["hd95"]) == ("voxel", "pooled")

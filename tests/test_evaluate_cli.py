@@ -1,4 +1,5 @@
-"""Tests of samunet_evaluate and samunet.evaluation.evaluate_folder on tiny NIfTI folders."""
+"""Tests of samunet_evaluate and samunet.evaluation.evaluate_folder on tiny NIfTI and png folders: outputs,
+nnU-Net-style arguments, the ignore label (issue 13 row 4), 2D png (row 7) and the metric conventions."""
 import json
 import math
 
@@ -117,7 +118,7 @@ def test_unknown_dataset_is_a_one_line_error(folders, capsys):
 def test_undefined_label_values_are_rejected(folders):
     _, ref, pred = folders
     _write(np.full((6, 16, 16), 7, dtype=np.uint8), pred / "case_0000.nii.gz")
-    with pytest.raises(EvaluationError, match=r"label values \[7\]"):
+    with pytest.raises(EvaluationError, match=r"not declare: .*case_0000.nii.gz has \[7\] \(declared: \[0, 1, 2\]\)"):
         evaluate_folders(ref, pred, DATASET_JSON)
 
 
@@ -167,3 +168,120 @@ def test_plans_with_regions_are_refused_with_the_reason(folders, tmp_path, capsy
                  str(tmp_path / "plans.json")]) == 2
     message = capsys.readouterr().err
     assert "regions" in message and "nnUNetv2_evaluate_folder" in message and message.count("\n") == 1
+
+
+# ---------------------------------------------------------------- issue 13, row 4: nnU-Net's ignore label
+
+IGNORE_DATASET_JSON = dict(DATASET_JSON, labels={"background": 0, "liver": 1, "kidney": 2, "ignore": 3})
+
+
+def _with_ignore_region(array):
+    """The label map with an unannotated stripe (x 14-15, touching the kidney) and a slab (y 0-1)."""
+    array = array.copy()
+    array[:, :, 14:] = 3
+    array[:, :2, :] = 3
+    return array
+
+
+def _ignore_folders(tmp_path, predictions):
+    ref, pred = tmp_path / "ref_ignore", tmp_path / "pred_ignore"
+    ref.mkdir()
+    pred.mkdir()
+    for case, prediction in predictions.items():
+        _write(_with_ignore_region(_label_map()), ref / f"{case}.nii.gz")
+        _write(prediction, pred / f"{case}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(IGNORE_DATASET_JSON))
+    return ref, pred
+
+
+def _differs_only_in_ignored_region():
+    """The reference's classes outside the ignored region; inside it, the kidney and liver go on."""
+    prediction = _label_map()
+    prediction[2:4, 11:14, 14:16] = 2  # the kidney continues into the unannotated stripe
+    prediction[1:5, 0:2, 3:9] = 1      # and the liver into the slab
+    return prediction
+
+
+def test_ignore_label_excludes_its_region_from_every_class_as_nnunet(tmp_path):
+    ref, pred = _ignore_folders(tmp_path, {"case_0000": _differs_only_in_ignored_region()})
+    assert main([str(ref), str(pred), "-djfile", str(tmp_path / "dataset.json"), "-o", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert set(summary["per_case"]["case_0000"]) == {"liver", "kidney"}  # 'ignore' is no class
+    for name in ("liver", "kidney"):
+        assert summary["per_case"]["case_0000"][name] == {"Dice": 1.0, "NSD": 1.0, "HD95": 0.0}
+    assert summary["ignore_label"] == 3 and "ignore" in summary["metric_conventions"]["ignore_label"]
+
+
+def test_ignore_label_dice_equals_nnunetv2_compute_metrics(tmp_path):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    wrong_outside = _differs_only_in_ignored_region()
+    wrong_outside[1:5, 3:9, 8] = 0    # the liver loses a column outside the ignored region
+    wrong_outside[4, 11:14, 11:16] = 2  # the kidney gains a row, partly in it
+    predictions = {"case_0000": _differs_only_in_ignored_region(), "case_0001": wrong_outside}
+    ref, pred = _ignore_folders(tmp_path, predictions)
+    summary = evaluate_folders(ref, pred, IGNORE_DATASET_JSON)
+    for case in predictions:
+        nnunet = compute_metrics(str(ref / f"{case}.nii.gz"), str(pred / f"{case}.nii.gz"), SimpleITKIO(), [1, 2],
+                                 ignore_label=3)["metrics"]
+        assert summary["per_case"][case]["liver"]["Dice"] == pytest.approx(nnunet[1]["Dice"], abs=1e-12)
+        assert summary["per_case"][case]["kidney"]["Dice"] == pytest.approx(nnunet[2]["Dice"], abs=1e-12)
+    assert summary["per_case"]["case_0001"]["liver"]["Dice"] < 1.0
+
+
+def test_plans_with_an_ignore_label_are_accepted(tmp_path):
+    ref, pred = _ignore_folders(tmp_path, {"case_0000": _differs_only_in_ignored_region()})
+    (tmp_path / "plans.json").write_text(json.dumps({"image_reader_writer": "SimpleITKIO",
+                                                     "label_manager": "LabelManager", "configurations": {}}))
+    assert main([str(ref), str(pred), "-djfile", str(tmp_path / "dataset.json"), "-pfile",
+                 str(tmp_path / "plans.json")]) == 0
+
+
+# ---------------------------------------------------------------- issue 13, row 7: 2D png label maps
+
+def test_png_references_and_predictions_are_scored_in_2d(tmp_path, capsys):
+    from skimage import io
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    reference = np.zeros((10, 12), dtype=np.uint8)
+    reference[2:6, 2:6] = 1
+    reference[7:9, 8:11] = 2
+    prediction = np.roll(reference, 1, axis=1)  # everything one pixel to the right
+    io.imsave(ref / "img_1.png", reference, check_contrast=False)
+    io.imsave(pred / "img_1.png", prediction, check_contrast=False)
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "road": 1, "car": 2},
+         "numTraining": 1, "file_ending": ".png"}))
+    assert main([str(ref), str(pred), "-djfile", str(tmp_path / "dataset.json")]) == 0
+    road = json.loads((pred / "summary_samunet.json").read_text())["per_case"]["img_1"]["road"]
+    # 4x4 square moved by one 1-mm pixel: Dice 2*12/32, every contour element within 1 mm of the other
+    assert road == pytest.approx({"Dice": 0.75, "NSD": 1.0, "HD95": 1.0})
+    summary = json.loads((pred / "summary_samunet.json").read_text())
+    car = summary["per_case"]["img_1"]["car"]
+    assert car["Dice"] == pytest.approx(2 * 4 / 12) and car["HD95"] == pytest.approx(1.0)
+    assert "single_slice" in summary["metric_conventions"]
+
+
+# ---------------------------------------------------------------- deliverable 4: selectable conventions
+
+@pytest.mark.parametrize("nsd,hd95", [("surface_area", "max_directed"), ("voxel", "pooled"),
+                                      ("voxel", "max_directed"), ("surface_area", "pooled")])
+def test_conventions_are_selectable_and_written_into_the_summary(folders, nsd, hd95):
+    from samunet.evaluation.metrics import class_metrics
+    _, ref, pred = folders
+    _write(_label_map(shift=3), pred / "case_0001.nii.gz")
+    assert main(["-ref", str(ref), "-pred", str(pred), "-d", "218", "--nsd", nsd, "--hd95", hd95]) == 0
+    summary = json.loads((pred / "summary_samunet.json").read_text())
+    assert summary["metric_conventions"]["nsd"] == nsd and summary["metric_conventions"]["hd95"] == hd95
+    expected = class_metrics(_label_map() == 1, _label_map(shift=3) == 1, SPACING_XYZ[::-1], 2.0, nsd=nsd, hd95=hd95)
+    assert summary["per_case"]["case_0001"]["liver"] == pytest.approx(expected)
+    assert f"NSD: {nsd}" in (pred / "summary_samunet.md").read_text()
+
+
+def test_default_conventions_are_nikolov_nsd_and_max_directed_hd95(folders):
+    _, ref, pred = folders
+    assert main(["-ref", str(ref), "-pred", str(pred), "-d", "218"]) == 0
+    conventions = json.loads((pred / "summary_samunet.json").read_text())["metric_conventions"]
+    assert (conventions["nsd"], conventions["hd95"]) == ("surface_area", "max_directed")
+    assert "Nikolov" in conventions["nsd_definition"]

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from samunet.cli.common import NnunetStyleParser, add_common_arguments, process_count, run_cli, setup_logging
 from samunet.errors import ConfigurationError
+from samunet.evaluation.metrics import DEFAULT_HD95, DEFAULT_NSD, HD95_CONVENTIONS, NSD_CONVENTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", default="2d", help="configuration (default 2d)")
     parser.add_argument("-p", "--plans", default="samunetPlans", help="plans identifier (default samunetPlans)")
     parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    parser.add_argument("--nsd", choices=tuple(NSD_CONVENTIONS), default=DEFAULT_NSD,
+                        help="NSD convention, as in samunet_evaluate (default surface_area: Nikolov et al.)")
+    parser.add_argument("--hd95", choices=tuple(HD95_CONVENTIONS), default=DEFAULT_HD95,
+                        help="HD95 convention, as in samunet_evaluate (default max_directed)")
     parser.add_argument("-o", default=None, help="output JSON (default MODEL_FOLDER/cv_summary_samunet.json)")
     parser.add_argument("-np", type=process_count, default=1, help="worker processes for scoring (default 1)")
     add_common_arguments(parser, device=False)
@@ -45,7 +50,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         raise CrossValidationError(f"no dataset.json in {model_folder} or {preprocessed}; train the model first")
     dataset_json = json.loads(dataset_json_path.read_text(encoding="utf-8"))
     summary = summarise_cross_validation(model_folder, preprocessed, dataset_json, args.tolerance_mm,
-                                         Path(args.o) if args.o else None, args.np)
+                                         Path(args.o) if args.o else None, args.np,
+                                         nsd=args.nsd, hd95=args.hd95)
     means = {name: {metric: values["mean"] for metric, values in statistics.items()}
              for name, statistics in summary["per_class"].items()}
     overall = {metric: values["mean"] for metric, values in summary["overall"].items()}

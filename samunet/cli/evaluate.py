@@ -1,5 +1,8 @@
 """``samunet_evaluate -ref REF -pred PRED -d ID`` (or nnU-Net's ``REF PRED -djfile dataset.json``):
-per-case, per-class Dice, NSD and HD95 (mm)."""
+per-case, per-class Dice, NSD and HD95 (mm), with the NSD and HD95 conventions of
+:mod:`samunet.evaluation.metrics` (``--nsd surface_area|voxel``, ``--hd95 max_directed|pooled``),
+recorded in the summary JSON. Bad input (see :mod:`samunet.evaluation.evaluate_folder`) is one line
+on stderr and exit code 2, with nothing written."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +15,7 @@ from typing import Sequence
 
 from samunet.cli.common import NnunetStyleParser, process_count, run_cli
 from samunet.errors import ConfigurationError, DatasetError
+from samunet.evaluation.metrics import DEFAULT_HD95, DEFAULT_NSD, HD95_CONVENTIONS, NSD_CONVENTIONS
 from samunet.paths import ensure_nnunet_paths
 
 DEFAULT_OUTPUT_NAME = "summary_samunet.json"
@@ -44,11 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", default=None, help="dataset id (218) or name (Dataset218_Name); gives dataset.json")
     parser.add_argument("-djfile", default=None, help="the dataset.json file itself (instead of -d)")
     parser.add_argument("-pfile", default=None,
-                        help="plans.json: its label handling is checked (samunet evaluates plain label maps: no "
-                             "regions, no ignore label)")
+                        help="plans.json: its label handling is checked (samunet evaluates label maps with an "
+                             "optional 'ignore' label, no regions)")
     parser.add_argument("--chill", action="store_true",
                         help="evaluate only the references that have a prediction instead of refusing")
     parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    parser.add_argument("--nsd", choices=tuple(NSD_CONVENTIONS), default=DEFAULT_NSD,
+                        help="surface_area (default): Nikolov et al.'s surface elements weighted by area, as "
+                             "DeepMind's surface-distance; voxel: border voxels counted (also the surface HD95 uses)")
+    parser.add_argument("--hd95", choices=tuple(HD95_CONVENTIONS), default=DEFAULT_HD95,
+                        help="max_directed (default): the larger of the two directed 95th percentiles, as "
+                             "DeepMind's compute_robust_hausdorff and MONAI; pooled: the 95th percentile of both "
+                             "directions' distances together")
     parser.add_argument("-o", default=None, help=f"output JSON (default PRED/{DEFAULT_OUTPUT_NAME}); .md beside it")
     parser.add_argument("-np", type=process_count, default=1, help="number of worker processes (default 1)")
     return parser
@@ -72,21 +83,29 @@ def _dataset_json(args: argparse.Namespace) -> dict:
     if not path.is_file():
         raise DatasetError(f"-djfile {path} does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EvaluationError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from exc
+    if not isinstance(content, dict):
+        raise EvaluationError(f"{path} holds a {type(content).__name__}, not dataset.json's object; "
+                              f"fix or regenerate it")
+    return content
 
 
 def check_label_handling(plans_file: str, dataset_json: dict) -> None:
-    """What nnU-Net reads -pfile for: the label manager. samunet's metrics take plain label maps."""
+    """What nnU-Net reads -pfile for: the label manager. samunet's metrics take label maps (with an
+    optional ignore label), not regions."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     path = Path(plans_file)
     if not path.is_file():
         raise DatasetError(f"-pfile {path} does not exist")
-    label_manager = PlansManager(str(path)).get_label_manager(dataset_json)
-    if label_manager.has_regions or label_manager.ignore_label is not None:
-        what = "regions" if label_manager.has_regions else "an ignore label"
-        raise ConfigurationError(f"{path} and its dataset.json define {what}; samunet's metrics evaluate plain "
+    try:
+        label_manager = PlansManager(str(path)).get_label_manager(dataset_json)
+    except (AssertionError, RuntimeError, KeyError, ValueError) as error:
+        raise ConfigurationError(f"nnunetv2 refuses the labels of {path} and its dataset.json: "
+                                 f"{str(error) or type(error).__name__}; correct dataset.json's 'labels'") from error
+    if label_manager.has_regions:
+        raise ConfigurationError(f"{path} and its dataset.json define regions; samunet's metrics evaluate "
                                  f"label maps, use nnUNetv2_evaluate_folder for these")
 
 
@@ -109,26 +128,29 @@ def _chill_references(reference: Path, prediction: Path, file_ending: str, scrat
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    from samunet.evaluation.evaluate_folder import (atomic_write_text, evaluate_folders, format_table, json_safe)
+    from samunet.evaluation.evaluate_folder import evaluate_folders, format_table, write_summary
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if args.tolerance_mm <= 0:
-        raise ConfigurationError(f"--tolerance-mm must be positive, got {args.tolerance_mm}")
+    if not args.tolerance_mm > 0:  # also refuses nan
+        raise ConfigurationError(f"--tolerance-mm must be a positive number of mm, got {args.tolerance_mm}")
     ref, pred = _folders(args)
     output_json = Path(args.o) if args.o else pred / DEFAULT_OUTPUT_NAME
+    if output_json.suffix != ".json":
+        raise ConfigurationError(f"-o {output_json} must end with .json; the markdown table is written beside it, "
+                                 f"ending with .md")
     dataset_json = _dataset_json(args)
     if args.pfile:
         check_label_handling(args.pfile, dataset_json)
+    conventions = {"nsd": args.nsd, "hd95": args.hd95}
     if not args.chill:
-        summary = evaluate_folders(ref, pred, dataset_json, args.tolerance_mm, output_json, args.np)
+        summary = evaluate_folders(ref, pred, dataset_json, args.tolerance_mm, output_json, args.np, **conventions)
     else:
         with tempfile.TemporaryDirectory(prefix="samunet_chill_") as scratch:
             left_out = _chill_references(ref, pred, dataset_json.get("file_ending", ""), Path(scratch))
-            summary = evaluate_folders(scratch, pred, dataset_json, args.tolerance_mm, None, args.np)
+            summary = evaluate_folders(scratch, pred, dataset_json, args.tolerance_mm, None, args.np, **conventions)
         summary["reference_dir"] = str(ref)
         summary["references_without_prediction"] = left_out
-        atomic_write_text(output_json, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
-        atomic_write_text(output_json.with_suffix(".md"), format_table(summary))
+        write_summary(output_json, summary)
         if left_out:
             print(f"--chill: {len(left_out)} reference(s) without a prediction were left out: "
                   f"{', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}")

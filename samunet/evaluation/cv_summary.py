@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from samunet.evaluation.evaluate_folder import (EvaluationError, atomic_write_text, json_safe, evaluate_folders)
-from samunet.evaluation.metrics import EMPTY_MASK_CONVENTION, METRIC_NAMES, summarise
+from samunet.evaluation.metrics import (DEFAULT_HD95, DEFAULT_NSD, EMPTY_MASK_CONVENTION, METRIC_NAMES,
+                                        metric_conventions, summarise)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def check_folds(model_folder: Path, splits: list[dict], file_ending: str) -> lis
 
 
 def _score_fold(references: Path, validation: Path, cases: list[str], dataset_json: dict,
-                tolerance_mm: float, num_processes: int) -> dict:
+                tolerance_mm: float, num_processes: int, nsd: str, hd95: str) -> dict:
     """Per-case metrics of one fold; references are linked into a scratch folder holding the fold's cases."""
     ending = dataset_json["file_ending"]
     with tempfile.TemporaryDirectory(prefix="samunet_cv_") as scratch:
@@ -104,7 +105,8 @@ def _score_fold(references: Path, validation: Path, cases: list[str], dataset_js
                 raise CrossValidationError(f"reference {reference} is missing; re-run samunet_plan_and_preprocess, "
                                            f"which copies the labels to gt_segmentations")
             os.symlink(reference.resolve(), Path(scratch) / reference.name)
-        summary = evaluate_folders(scratch, validation, dataset_json, tolerance_mm, num_processes=num_processes)
+        summary = evaluate_folders(scratch, validation, dataset_json, tolerance_mm, num_processes=num_processes,
+                                   nsd=nsd, hd95=hd95)
     return summary["per_case"]
 
 
@@ -135,8 +137,9 @@ def _format_markdown(summary: dict) -> str:
 
 def summarise_cross_validation(model_folder: Path, preprocessed: Path, dataset_json: dict,
                                tolerance_mm: float = 2.0, output_json: Path | None = None,
-                               num_processes: int = 1) -> dict:
-    """Score all five folds of ``model_folder``; write JSON + markdown (default: in the model folder)."""
+                               num_processes: int = 1, *, nsd: str = DEFAULT_NSD, hd95: str = DEFAULT_HD95) -> dict:
+    """Score all five folds of ``model_folder`` with the NSD and HD95 conventions ``nsd`` / ``hd95``
+    (:mod:`samunet.evaluation.metrics`); write JSON + markdown (default: in the model folder)."""
     if not model_folder.is_dir():
         raise CrossValidationError(f"model folder {model_folder} does not exist; check -d, -tr, -p and -c")
     splits = _read_splits(preprocessed)
@@ -148,7 +151,7 @@ def summarise_cross_validation(model_folder: Path, preprocessed: Path, dataset_j
     for fold in range(NUM_FOLDS):
         logger.info("scoring fold %d (%d cases)", fold, len(splits[fold]["val"]))
         fold_cases = _score_fold(preprocessed / "gt_segmentations", model_folder / f"fold_{fold}" / "validation",
-                                 splits[fold]["val"], dataset_json, tolerance_mm, num_processes)
+                                 splits[fold]["val"], dataset_json, tolerance_mm, num_processes, nsd, hd95)
         per_fold[f"fold_{fold}"] = {"num_cases": len(fold_cases),
                                     "foreground_dice": summarise(fold_cases)["foreground_mean"]["Dice"]}
         per_case.update(fold_cases)
@@ -160,6 +163,7 @@ def summarise_cross_validation(model_folder: Path, preprocessed: Path, dataset_j
         "model_folder": str(model_folder),
         "tolerance_mm": tolerance_mm,
         "empty_mask_convention": EMPTY_MASK_CONVENTION,
+        "metric_conventions": metric_conventions(nsd, hd95),
         "num_cases": len(per_case),
         "per_class": _class_statistics(per_case),
         "overall": {metric: {"mean": means[metric], "std": _nanstd(case_means[metric])} for metric in METRIC_NAMES},
