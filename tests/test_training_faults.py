@@ -30,6 +30,8 @@ from samunet.trainers.run_lock import hold_fold_folder
 
 pytestmark = pytest.mark.slow
 
+FINAL_VALIDATION = SAMTrainerBase.perform_actual_validation  # the `results` fixture switches it off
+
 DATASET = "Dataset991_PhantomTiny"
 OTHER_DATASET = "Dataset992_PhantomOther"
 MODEL = "SAMedTrainer__samunetPlans__2d"
@@ -323,6 +325,22 @@ def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_
     assert not list(folder.glob(".partial_*"))
 
 
+def test_disk_full_during_the_final_validation_is_one_line_and_presents_no_cut_off_prediction(results, monkeypatch,
+                                                                                          capsys):
+    """A full disk while the final validation exports a case: the validation's exports are staged and
+    checked as samunet_predict's are, so the command ends with one line naming the prediction, exit code 2,
+    and validation/ holds neither the cut-off file nor a scratch folder."""
+    from trainer_harness import export_onto_a_full_disk
+    monkeypatch.setattr(SAMTrainerBase, "perform_actual_validation", FINAL_VALIDATION)
+    monkeypatch.setattr("samunet.trainers.validation.default_num_processes", 1)
+    monkeypatch.setattr("samunet.trainers.validation.export_case_atomically", export_onto_a_full_disk)
+    assert train_main(["991", "2d", "all", *TINY, "--num-epochs", "1"]) == 2
+    validation = fold_folder(results, "all") / "validation"
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on the device holding {validation}/")
+    assert not list(validation.iterdir())
+
+
 def test_disk_full_while_progress_png_is_drawn_keeps_the_previous_png(tmp_path, killed_runs):
     """Row 'disk full during a progress.png write': nnunetv2's figure is drawn into a temporary folder and moved
     into place, so a failed write names progress.png and leaves the previous one whole."""
@@ -383,3 +401,20 @@ def test_every_command_turns_a_full_or_read_only_disk_into_one_line(code, expect
     message = capsys.readouterr().err
     assert message.startswith("error: " + expected.format(file=file)) and message.count("\n") == 1
     assert describe_storage_error(OSError(errno.EIO, "I/O error")) is None
+
+
+def test_a_full_disk_while_the_validation_summary_is_written_keeps_the_previous_summary(tmp_path):
+    """validation/summary.json is nnunetv2's layout written atomically: a write that fills the disk names
+    summary.json and leaves the previous summary and no temporary file."""
+    from samunet.trainers import validation
+    summary = tmp_path / "summary.json"
+    summary.write_text('{"previous": true}')
+
+    def save_half(results, output_file):
+        Path(output_file).write_text('{"foreground_mean": ')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with mock.patch.object(validation, "save_summary_json", save_half), pytest.raises(OSError) as raised:
+        validation.save_summary_atomically({"mean": {}, "metric_per_case": []}, str(summary))
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(summary)
+    assert summary.read_text() == '{"previous": true}' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -278,3 +278,20 @@ def make_model_folder(results: Path, trainer_name: str, depth: int = 1) -> Path:
                             "stack_depth": getattr(network, "stack_depth", None)}},
                folder / "fold_0" / "checkpoint_final.pth")
     return folder
+
+
+def export_onto_a_full_disk(*arguments):
+    """:func:`samunet.inference.predict_cases.export_case_atomically` on a disk that fills up while nnunetv2
+    writes the label map: SimpleITK then leaves half the file without an error. Top-level, so that a spawned
+    export worker can run it."""
+    from samunet.inference import predict_cases
+    real_export = predict_cases.export_prediction_from_logits
+
+    def export_half(logits, properties, configuration_manager, plans_manager, dataset_json, output, *rest):
+        real_export(logits, properties, configuration_manager, plans_manager, dataset_json, output, *rest)
+        path = Path(output + dataset_json["file_ending"])
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    with mock.patch.object(predict_cases, "export_prediction_from_logits", export_half), \
+            mock.patch.object(predict_cases.shutil, "disk_usage", return_value=mock.Mock(free=0)):
+        return predict_cases.export_case_atomically(*arguments)

@@ -8,21 +8,28 @@ nnunetv2's predictor (``manual_initialization``, ``predict_sliding_window_return
 sliding window, mirroring), its export (``export_prediction_from_logits``: original geometry) and
 its evaluation (``compute_metrics_on_folder`` into ``validation/summary.json``), with the
 validation cases of the fold split over the ranks of a distributed run as nnunetv2 does.
+Every case is exported as ``samunet_predict`` exports it (:func:`samunet.inference.predict_cases.
+export_case_atomically`: staged, checked, then moved into place) and the summary is written atomically,
+so a full disk ends the validation with an ``OSError`` naming the file and leaves no cut-off output.
 Cascades (``next_stage_names``) are not supported: samunet plans a single ``2d`` configuration.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import tempfile
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from nnunetv2.configuration import default_num_processes
-from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, save_summary_json
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch import distributed as dist
+
+from samunet.atomic_files import PARTIAL_PREFIX, naming_the_file
+from samunet.inference.predict_cases import export_case_atomically, remove_stale_scratch, scratch_prefix
 
 if TYPE_CHECKING:
     from samunet.trainers.base import SAMTrainerBase
@@ -47,22 +54,27 @@ def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = Fal
     if trainer.is_ddp:
         keys = keys[trainer.local_rank::dist.get_world_size()]
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, keys)
-    with multiprocessing.get_context("spawn").Pool(default_num_processes) as export_pool:
-        pending = []
-        for key in dataset.identifiers:
-            trainer.print_to_log_file(f"predicting {key}")
-            data, _, _, properties = dataset.load_case(key)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
-                data = torch.from_numpy(data[:])
-            logits = predictor.predict_sliding_window_return_logits(data).cpu()
-            while sum(not result.ready() for result in pending) >= MAX_EXPORTS_IN_FLIGHT:
-                next(result for result in pending if not result.ready()).wait(0.1)
-            pending.append(export_pool.starmap_async(export_prediction_from_logits, (
-                (logits, properties, trainer.configuration_manager, trainer.plans_manager, trainer.dataset_json,
-                 os.path.join(output_folder, key), save_probabilities),)))
-        for result in pending:
-            result.get()
+    remove_stale_scratch(output_folder)
+    scratch = tempfile.mkdtemp(prefix=scratch_prefix(), dir=output_folder)
+    try:
+        with multiprocessing.get_context("spawn").Pool(default_num_processes) as export_pool:
+            pending = []
+            for key in dataset.identifiers:
+                trainer.print_to_log_file(f"predicting {key}")
+                data, _, _, properties = dataset.load_case(key)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
+                    data = torch.from_numpy(data[:])
+                logits = predictor.predict_sliding_window_return_logits(data).cpu()
+                while sum(not result.ready() for result in pending) >= MAX_EXPORTS_IN_FLIGHT:
+                    next(result for result in pending if not result.ready()).wait(0.1)
+                pending.append(export_pool.starmap_async(export_case_atomically, (
+                    (logits, properties, trainer.configuration_manager, trainer.plans_manager, trainer.dataset_json,
+                     os.path.join(output_folder, key), save_probabilities, scratch),)))
+            for result in pending:
+                result.get()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if trainer.is_ddp:
         dist.barrier()
     metrics = None
@@ -70,11 +82,12 @@ def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = Fal
         labels = trainer.label_manager
         metrics = compute_metrics_on_folder(
             os.path.join(trainer.preprocessed_dataset_folder_base, "gt_segmentations"), output_folder,
-            os.path.join(output_folder, "summary.json"), trainer.plans_manager.image_reader_writer_class(),
+            None, trainer.plans_manager.image_reader_writer_class(),
             trainer.dataset_json["file_ending"],
             labels.foreground_regions if labels.has_regions else labels.foreground_labels, labels.ignore_label,
             chill=True,
             num_processes=default_num_processes * (dist.get_world_size() if trainer.is_ddp else 1))
+        save_summary_atomically(metrics, os.path.join(output_folder, "summary.json"))
         for label in metrics["mean"]:
             trainer.logger.log_summary(f"final_val/class_{label}_dice", metrics["mean"][label]["Dice"])
         trainer.logger.log_summary("final_val/foreground_dice", metrics["foreground_mean"]["Dice"])
@@ -84,3 +97,18 @@ def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = Fal
     trainer.set_deep_supervision_enabled(True)
     compute_gaussian.cache_clear()
     return metrics
+
+
+def save_summary_atomically(metrics: dict, path: str) -> None:
+    """nnunetv2's ``save_summary_json`` (its key conversion and layout) into a temporary file next to ``path``,
+    flushed, then renamed over it; an OSError (full disk) names ``path`` and leaves the previous file."""
+    temporary = os.path.join(os.path.dirname(path), f"{PARTIAL_PREFIX}{os.getpid()}_{os.path.basename(path)}")
+    with naming_the_file(path):
+        try:
+            save_summary_json(metrics, temporary)
+            with open(temporary, "rb") as stream:
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
