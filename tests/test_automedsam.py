@@ -22,8 +22,8 @@ from torch import nn
 from samunet.errors import ConfigurationError
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder, noise_scale
 from samunet.modules.mask_geometry import mask_boxes
-from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWeighting, shape_distance_loss,
-                                              signed_distance_map, signed_distance_maps)
+from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWeighting, knowledge_transfer_mse,
+                                              shape_distance_loss, signed_distance_maps)
 from samunet.networks.automedsam import (AutoMedSAMNetwork, ClassPrediction, class_log_probabilities,
                                          parse_class_selection)
 from samunet.networks.base import SAMNetworkConfig
@@ -341,7 +341,52 @@ def test_shape_distance_loss_is_lower_for_a_prediction_inside_the_object_than_ou
     # uncertainty weighting diverges on a negative term), gradient unchanged.
     assert float(shape_distance_loss(target, target, distance)) == 0
     assert inside_loss == pytest.approx(float((inside * distance).mean() - (target * distance).mean()), abs=1e-7)
-    assert (signed_distance_map(np.zeros((4, 4), bool)) == 1).all()  # empty class: any prediction costs
+    assert bool((signed_distance_maps(torch.zeros(1, 1, 4, 4)) == 1).all())  # empty class: any prediction costs
+
+
+def scipy_signed_distance_map(mask: np.ndarray) -> np.ndarray:
+    """The reference (samunet's SciPy implementation before issue 14): (H, W) bool -> float32 map."""
+    from scipy.ndimage import distance_transform_edt
+    if not mask.any():
+        return np.ones(mask.shape, dtype=np.float32)
+    if mask.all():
+        return -np.ones(mask.shape, dtype=np.float32)
+    outside, inside = distance_transform_edt(~mask), distance_transform_edt(mask)
+    return (outside / outside.max() - inside / inside.max()).astype(np.float32)
+
+
+def test_signed_distance_maps_equal_scipys_on_fixed_masks_and_stay_on_the_masks_device():
+    """The batched torch maps equal the former SciPy ones (distance transforms of the mask and of its
+    complement, each side normalised) on random blobs, a single pixel, masks touching the border, a
+    one-pixel ring, an empty and a full mask."""
+    generator = np.random.default_rng(0)
+    masks = [generator.random((24, 20)) > 0.6, generator.random((24, 20)) > 0.05]
+    single, border, ring = (np.zeros((24, 20), bool) for _ in range(3))
+    single[7, 3] = True
+    border[:, :6] = True
+    border[20:, :] = True
+    ring[2:20, 3:18] = True
+    ring[3:19, 4:17] = False
+    masks += [single, border, ring, np.zeros((24, 20), bool), np.ones((24, 20), bool)]
+    batch = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+    maps = signed_distance_maps(batch)
+    assert maps.dtype == torch.float32 and maps.device == batch.device and maps.shape == batch.shape
+    expected = np.stack([scipy_signed_distance_map(m) for m in masks])[:, None]
+    assert np.abs(maps.numpy() - expected).max() < 1e-6
+
+
+def test_knowledge_transfer_mse_averages_the_present_samples_without_indexing_them_out():
+    torch.manual_seed(0)
+    sparse, teacher_sparse = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    dense, teacher_dense = torch.randn(4, 8, 3, 3), torch.randn(4, 8, 3, 3)
+    present = torch.tensor([True, False, True, False])
+    expected = (F.mse_loss(sparse[present], teacher_sparse[present])
+                + F.mse_loss(dense[present], teacher_dense[present]))
+    value = knowledge_transfer_mse(sparse, dense, teacher_sparse, teacher_dense, present)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    sparse.requires_grad_(True)
+    none = knowledge_transfer_mse(sparse, dense, teacher_sparse, teacher_dense, torch.zeros(4, dtype=torch.bool))
+    assert float(none.detach()) == 0 and none.requires_grad
 
 
 def test_sampled_classes_are_present_80_percent_of_the_time_and_absent_ones_give_empty_masks():
@@ -354,6 +399,22 @@ def test_sampled_classes_are_present_80_percent_of_the_time_and_absent_ones_give
     assert not bool(present.any())
     masks = (empty == labels.view(-1, 1, 1))
     assert not bool(masks.any()) and not bool(mask_boxes(masks).any())
+    full = torch.arange(4.0).repeat(2, 1, 1)  # every class present: always a present class
+    for seed in range(5):
+        labels, present = sample_prompt_classes(full, num_classes=4, generator=torch.Generator().manual_seed(seed))
+        assert bool(present.all()) and set(labels.tolist()) <= {1, 2, 3}
+
+
+def test_class_sampling_is_uniform_within_the_group_and_reproducible_with_a_seeded_generator():
+    target = torch.zeros(3000, 8, 8)
+    target[:, :2] = 1
+    target[:, 2:4] = 3  # classes 1 and 3 present, 2 and 4 absent
+    labels, present = sample_prompt_classes(target, num_classes=5, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels, minlength=5).float() / len(labels)
+    assert counts.tolist() == pytest.approx([0, 0.4, 0.1, 0.4, 0.1], abs=0.03)
+    assert bool((present == ((labels == 1) | (labels == 3))).all())
+    again = sample_prompt_classes(target, num_classes=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels, again[0]) and torch.equal(present, again[1])
 
 
 def test_teacher_targets_come_from_the_frozen_prompt_encoder_fed_with_the_ground_truth_box():

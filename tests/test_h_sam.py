@@ -144,6 +144,46 @@ def test_a_class_absent_from_the_training_data_counts_as_the_rarest():
     assert std.tolist() == pytest.approx([0.2 * math.sqrt(0.1 / 0.9), 0.2, 0.2])
 
 
+def test_noise_std_uses_masked_arithmetic_and_equals_the_former_boolean_indexed_formula():
+    """No data-dependent branch or boolean indexing (H-SAM's former host syncs): the same values as the
+    former float64 formula, every class the rarest when none was seen, on the frequencies' device."""
+    def former(frequencies: torch.Tensor, max_noise_std: float) -> torch.Tensor:
+        frequencies = frequencies.double()
+        present = frequencies > 0
+        if not bool(present.any()):
+            return torch.full(frequencies.shape, float(max_noise_std))
+        ratio = torch.where(present, frequencies[present].min() / frequencies.clamp_min(1e-300), 1.0)
+        return (max_noise_std * ratio.sqrt()).float()
+
+    generator = torch.Generator().manual_seed(0)
+    for frequencies in (torch.rand(6, generator=generator), torch.tensor([0.0, 0.3, 0.0, 0.7]), torch.zeros(3),
+                        torch.tensor([1e-6, 0.5, 0.25])):
+        std = class_balanced_noise_std(frequencies, 0.1)
+        assert std.dtype == torch.float32 and std.device == frequencies.device
+        assert torch.allclose(std, former(frequencies, 0.1), rtol=1e-6, atol=0)
+
+
+def test_training_forward_compiles_without_graph_breaks_and_matches_eager():
+    """CMAttn no longer branches on device values or indexes with a mask, so torch.compile captures the
+    whole training forward (noise and dropout included) in one graph (``fullgraph=True`` raises on a
+    graph break); with Dynamo's ``eager`` backend the captured graph draws the same noise and gives
+    eager's outputs to 1e-5."""
+    net = tiny_network(backbone="tinyvit_test", deep_supervision=True).train()
+    net.set_class_frequencies([0.7, 0.2, 0.1, 0.0])
+    with torch.no_grad():  # a trained gate: the noise reaches the outputs
+        net.stage2_decoder.cmattn.compress.weight.normal_(0, 1.0)
+    x, labels = torch.randn(2, 1, IMG_SIZE, IMG_SIZE), label_map(2, 4)
+    torch.manual_seed(3)
+    eager = net(x, labels)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    torch.manual_seed(3)
+    traced = compiled(x, labels)
+    torch._dynamo.reset()
+    for a, b in zip(traced, eager):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_training_noise_at_a_pixel_has_the_std_of_its_ground_truth_class_and_ignore_pixels_get_none():
     """Eq. 1, P(gt = i) + N(0, var(i)): inside a rare class's region every channel of P is perturbed with
     the rare class's std, outside with the common class's (regression: the noise used to follow the class

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
 from samunet.modules.self_prompts import (PROMPT_KINDS, ClassPrompts, encode_class_prompts,
-                                          prompts_from_auxiliary_logits)
+                                          positive_point_tokens, prompts_from_auxiliary_logits)
 from samunet.sam_import import sam_modeling
 
 
@@ -62,6 +62,61 @@ def test_image_border_counts_as_boundary_for_the_farthest_point():
     unpadded = distance_transform_edt(labels[0] == 1)
     assert np.unravel_index(np.argmax(unpadded), (9, 9)) == (4, 0)  # scipy alone picks a border pixel
     assert prompts.points[0, 1].tolist() == [2.0, 4.0]  # the square's centre
+
+
+def scipy_reference_prompts(labels: np.ndarray, num_classes: int, image_size: int) -> tuple[np.ndarray, ...]:
+    """samunet's former prompt geometry (SciPy, one class mask at a time on the host): boxes (N, K, 4),
+    points (N, K, 2) (x, y) scaled to ``image_size``, present (N, K). The point is the argmax of the
+    distance transform of the mask's bounding box padded by one background pixel (numpy's argmax: the
+    first maximum in row-major order)."""
+    batch, height, width = labels.shape
+    scale = np.array([image_size / width, image_size / height], dtype=np.float32)
+    boxes = np.zeros((batch, num_classes, 4), np.float32)
+    points = np.zeros((batch, num_classes, 2), np.float32)
+    present = np.zeros((batch, num_classes), bool)
+    for n, k in itertools.product(range(batch), range(num_classes)):
+        mask = labels[n] == k
+        if not mask.any():
+            continue
+        present[n, k] = True
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes[n, k] = np.array([cols[0], rows[0], cols[-1], rows[-1]], np.float32) * np.tile(scale, 2)
+        crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        distance = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
+        row, col = np.unravel_index(int(np.argmax(distance)), crop.shape)
+        points[n, k] = np.array([cols[0] + col, rows[0] + row], np.float32) * scale
+    return boxes, points, present
+
+
+def fixed_label_maps() -> np.ndarray:
+    """(6, 20, 28) label maps of 5 classes: random blobs, ties of the farthest point (squares, a
+    one-pixel line, an even-sided square), classes touching the border, one-pixel classes, absent
+    classes, a slice of one class only."""
+    generator = np.random.default_rng(0)
+    labels = np.zeros((6, 20, 28), dtype=np.int64)
+    for image in labels[:2]:
+        for k in range(1, 5):
+            y, x = generator.integers(0, 14), generator.integers(0, 22)
+            image[y:y + generator.integers(2, 9), x:x + generator.integers(2, 11)] = k
+    labels[2, 2:6, 2:6] = 1  # even-sided square: four tied centre pixels
+    labels[2, 10:16, 20:26] = 1  # a second component, tied with the first
+    labels[2, 8, 3:20] = 2  # a line: every pixel at distance 1
+    labels[2, 0, 0] = 3  # one pixel in the corner
+    labels[3, :, :9] = 4  # touching three borders
+    labels[3, 15:, 9:] = 2
+    labels[4] = 3  # one class only: the border is its boundary
+    labels[5] = generator.integers(0, 5, size=(20, 28))  # noise: many ties at distance 1
+    return labels
+
+
+@pytest.mark.parametrize("image_size", [28, 56])
+def test_prompt_geometry_equals_the_former_scipy_implementation_on_fixed_masks(image_size):
+    labels = fixed_label_maps()
+    prompts = prompts_from_auxiliary_logits(logits_from_labels(labels, 5), image_size=image_size, mask_size=(8, 8))
+    boxes, points, present = scipy_reference_prompts(labels, 5, image_size)
+    assert np.array_equal(prompts.present.numpy(), present)
+    assert np.array_equal(prompts.boxes.numpy(), boxes)
+    assert np.array_equal(prompts.points.numpy(), points)
 
 
 def test_box_is_tight_around_all_pixels_of_the_class():
@@ -165,6 +220,23 @@ def test_each_prompt_combination_of_the_ablation_encodes_with_sam_token_counts(u
         assert torch.equal(sparse[:, 1], encoder.not_a_point_embed.weight.expand(8, -1))
     no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
     assert torch.equal(dense, no_mask) != use_mask
+
+
+@pytest.mark.parametrize("use_box,use_mask", list(itertools.product([True, False], repeat=2)))
+def test_point_tokens_equal_segment_anythings_own_point_encoding(use_box, use_mask):
+    """The point tokens, built without SAM's boolean indexing by label, equal what SAM's PromptEncoder
+    gives for the same positive points (with the padding token when no box follows)."""
+    encoder, prompts = tiny_prompt_encoder(), random_prompts(batch=2, num_classes=4)
+    coords = prompts.points.transpose(0, 1).reshape(-1, 1, 2)
+    boxes = prompts.boxes.transpose(0, 1).reshape(-1, 4) if use_box else None
+    masks = prompts.mask_logits.transpose(0, 1).reshape(-1, 1, 32, 32) if use_mask else None
+    with torch.no_grad():
+        sparse, dense = encode_class_prompts(encoder, prompts, use_box=use_box, use_mask=use_mask)
+        reference_sparse, reference_dense = encoder(points=(coords, torch.ones(8, 1, dtype=torch.int64)),
+                                                    boxes=boxes, masks=masks)
+        tokens = positive_point_tokens(encoder, coords, pad=not use_box)
+    assert torch.equal(sparse, reference_sparse) and torch.equal(dense, reference_dense)
+    assert torch.equal(tokens, reference_sparse[:, :tokens.shape[1]])
 
 
 def test_no_prompt_kind_raises():

@@ -633,8 +633,7 @@ def test_every_network_class_traces(workdir, network_class, trainer_name, backbo
     data = make_batch(trainer, batch_size=BATCH_SIZE)["data"]
     with torch.no_grad(), reported("torch.jit.trace of the deployed forward"), warnings.catch_warnings():
         # a trace fixes Python-side shape checks as constants (the output check below is what counts here);
-        # torch 2.13 marks jit.trace deprecated in favour of torch.export, which the SciPy prompt geometry of
-        # Self-Prompt-SAM cannot pass yet (the speed issue moves it into torch)
+        # torch 2.13 marks jit.trace deprecated in favour of torch.export
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(network, data, check_trace=False)

@@ -28,19 +28,19 @@ from torch import nn
 
 
 def class_balanced_noise_std(frequencies: torch.Tensor, max_noise_std: float) -> torch.Tensor:
-    """(K,) class frequencies (any non-negative scale) -> (K,) noise standard deviations.
+    """(K,) class frequencies (any non-negative scale) -> (K,) float32 noise standard deviations, on the
+    frequencies' device.
 
     ``var_i = max_noise_std**2 * f_min / f_i`` (f_min: the smallest non-zero frequency). A class
-    never seen in the training data is treated as the rarest one (``max_noise_std``).
+    never seen in the training data is treated as the rarest one (``max_noise_std``); so is every class
+    when none was seen. Masked arithmetic, no read of device values by the host.
     """
-    frequencies = frequencies.detach().double().clamp_min(0)
+    frequencies = frequencies.detach().float().clamp_min(0)
     present = frequencies > 0
-    if not bool(present.any()):
-        return torch.full(frequencies.shape, float(max_noise_std))
-    rarest = frequencies[present].min()
-    ratio = torch.where(present, rarest / frequencies.clamp_min(torch.finfo(torch.float64).tiny),
+    rarest = torch.where(present, frequencies, torch.full_like(frequencies, float("inf"))).amin()
+    ratio = torch.where(present, rarest / frequencies.clamp_min(torch.finfo(torch.float32).tiny),
                         torch.ones_like(frequencies))
-    return (max_noise_std * ratio.sqrt()).float()
+    return max_noise_std * ratio.sqrt()
 
 
 class ClassBalancedMaskAttention(nn.Module):
@@ -78,7 +78,7 @@ class ClassBalancedMaskAttention(nn.Module):
 
     def noise_std(self) -> torch.Tensor:
         """(K,) standard deviation of the training noise of each class."""
-        return class_balanced_noise_std(self.class_frequencies, self.max_noise_std).to(self.class_frequencies.device)
+        return class_balanced_noise_std(self.class_frequencies, self.max_noise_std)
 
     def add_class_noise(self, probabilities: torch.Tensor, ground_truth: torch.Tensor | None) -> torch.Tensor:
         """(B, K, h, w) -> the same plus Eq. 1's noise in training; unchanged in eval.

@@ -134,10 +134,9 @@ class DiffusionClassPromptEncoder(nn.Module):
         one_hot = F.one_hot(class_index, self.num_classes).to(image_embedding.dtype)
         x = image_embedding + self.class_to_embedding(one_hot).view_as(image_embedding)
         scale = noise_scale(timesteps, num_timesteps=self.num_timesteps, max_noise_scale=self.max_noise_scale)
-        if bool((scale > 0).any()):
-            spread = image_embedding.detach().flatten(1).std(dim=1)
-            x = x + (scale * spread).view(-1, 1, 1, 1).to(x.dtype) * torch.randn_like(x)
-        return x
+        # sigma_T = 0 adds exact zeros: no branch on a device value, which would make the host wait every step
+        spread = image_embedding.detach().flatten(1).std(dim=1)
+        return x + (scale * spread).view(-1, 1, 1, 1).to(x.dtype) * torch.randn_like(x)
 
     def forward(self, image_embedding: torch.Tensor, class_index: torch.Tensor,
                 timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ channel of the one-hot auxiliary mask each), the binary mask ``argmax == k``; it
 the box prompt, the pixel farthest from the mask's boundary (argmax of the Euclidean distance
 transform) the positive point prompt, and class k's logits resized to the prompt encoder's mask
 size the mask prompt. An absent class gets an all-zero box and point (the paper's rule).
-segment-anything's PromptEncoder encodes them.
+segment-anything's PromptEncoder encodes them. All of it runs batched on the logits' device, with
+no read of device values by the host (no per-class loop, no boolean-mask indexing).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samunet.modules.mask_geometry import farthest_from_boundary, mask_boxes
+from samunet.modules.mask_geometry import farthest_from_boundary, label_boxes, label_presence
 
 PROMPT_KINDS = ("box", "point", "mask")
 
@@ -43,32 +44,45 @@ def prompts_from_auxiliary_logits(logits: torch.Tensor, *, image_size: int,
 
     Class k's mask is ``argmax over channels == k``, computed without gradient. Box = tight box of
     ALL its pixels (every component): min / max column and row index. Point = (column, row) of
-    :func:`farthest_from_boundary`. Box and point are pixel indices (segment-anything's encoder adds
-    the half-pixel shift itself), multiplied by ``image_size / W`` (x) and ``image_size / H`` (y)
-    when the generator runs at another resolution than the S x S encoder input. An absent class has
-    an all-zero box and point and ``present`` False. Mask prompt = ``logits`` resized (bilinear,
-    align_corners=False) to ``mask_size`` (m_h, m_w), not detached.
+    :func:`~samunet.modules.mask_geometry.farthest_from_boundary` (the argmax of the class mask's
+    Euclidean distance transform, the image border counting as boundary; ties to the first pixel in
+    row-major order). Box and point are pixel indices (segment-anything's encoder adds the half-pixel
+    shift itself), multiplied by ``image_size / W`` (x) and ``image_size / H`` (y) when the generator
+    runs at another resolution than the S x S encoder input. An absent class has an all-zero box and
+    point and ``present`` False. Mask prompt = ``logits`` resized (bilinear, align_corners=False) to
+    ``mask_size`` (m_h, m_w), not detached. Everything stays on the logits' device.
     """
     if logits.ndim != 4 or logits.shape[1] < 2:
         raise ValueError(f"expected (N, K >= 2, H, W) logits, got shape {tuple(logits.shape)}")
-    batch, num_classes, height, width = logits.shape
-    labels = logits.detach().argmax(dim=1).cpu()
-    scale = torch.tensor([image_size / width, image_size / height])  # (x, y)
-    masks = torch.stack([labels == k for k in range(num_classes)], dim=1)  # (N, K, H, W)
-    present = masks.flatten(2).any(dim=2)
-    boxes = mask_boxes(masks.flatten(0, 1)).view(batch, num_classes, 4) * scale.repeat(2)
-    points = torch.zeros(batch, num_classes, 2)
-    for n, k in present.nonzero().tolist():
-        row, col = farthest_from_boundary(masks[n, k].numpy())
-        points[n, k] = torch.tensor([col, row]) * scale
+    num_classes, height, width = logits.shape[1:]
+    labels = logits.detach().argmax(dim=1)  # (N, H, W)
+    x_scale, y_scale = image_size / width, image_size / height
+    boxes = label_boxes(labels, num_classes)  # (N, K, 4) x_min, y_min, x_max, y_max
+    boxes = torch.stack([boxes[..., 0] * x_scale, boxes[..., 1] * y_scale, boxes[..., 2] * x_scale,
+                         boxes[..., 3] * y_scale], dim=-1)
+    farthest = farthest_from_boundary(labels, num_classes).float()  # (N, K, 2) row, col
+    points = torch.stack([farthest[..., 1] * x_scale, farthest[..., 0] * y_scale], dim=-1)
     mask_logits = F.interpolate(logits, size=tuple(mask_size), mode="bilinear", align_corners=False)
-    return ClassPrompts(boxes=boxes.to(logits.device), points=points.to(logits.device),
-                        present=present.to(logits.device), mask_logits=mask_logits)
+    return ClassPrompts(boxes=boxes, points=points, present=label_presence(labels, num_classes),
+                        mask_logits=mask_logits)
 
 
 def _class_major(tensor: torch.Tensor) -> torch.Tensor:
     """(N, K, ...) -> (M, ...) with row m = k * N + n."""
     return tensor.transpose(0, 1).reshape(-1, *tensor.shape[2:])
+
+
+def positive_point_tokens(prompt_encoder: nn.Module, coords: torch.Tensor, *, pad: bool) -> torch.Tensor:
+    """segment-anything's sparse tokens of one positive point per row: coords (M, 1, 2) (x, y) in input
+    pixels -> (M, 1, C), or (M, 2, C) with the "not a point" padding token appended (``pad``: no box
+    follows). The values of ``PromptEncoder._embed_points`` with every label 1, computed without its
+    boolean-mask indexing by label, which makes the host wait for the device."""
+    tokens = (prompt_encoder.pe_layer.forward_with_coords(coords + 0.5, prompt_encoder.input_image_size)
+              + prompt_encoder.point_embeddings[1].weight)
+    if pad:
+        padding = prompt_encoder.not_a_point_embed.weight.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        tokens = torch.cat([tokens, padding], dim=1)
+    return tokens
 
 
 def encode_class_prompts(prompt_encoder: nn.Module, prompts: ClassPrompts, *, use_box: bool = True,
@@ -80,14 +94,18 @@ def encode_class_prompts(prompt_encoder: nn.Module, prompts: ClassPrompts, *, us
     tokens, in the encoder's order: point then box corners; box + point -> 3, box -> 2, point alone -> 2 (the encoder appends a "not a point" padding token when no box is
     given), mask alone -> 0. Each class has one positive point (label 1); an absent class's zero
     point and zero box are encoded as they are (the paper's rule). Without the mask prompt the dense
-    output is the encoder's learned no-mask embedding. Raises ValueError when all three are off.
+    output is the encoder's learned no-mask embedding. The point tokens come from
+    :func:`positive_point_tokens` (the encoder's own values); boxes and masks from the encoder's
+    forward. Raises ValueError when all three are off.
     """
     if not (use_box or use_point or use_mask):
         raise ValueError(f"at least one of the prompt kinds {PROMPT_KINDS} must be used")
+    rows = prompts.boxes.shape[0] * prompts.boxes.shape[1]
     boxes = _class_major(prompts.boxes) if use_box else None
-    points = None
-    if use_point:
-        coords = _class_major(prompts.points).unsqueeze(1)
-        points = (coords, torch.ones(coords.shape[:2], dtype=torch.int64, device=coords.device))
     masks = _class_major(prompts.mask_logits).unsqueeze(1) if use_mask else None
-    return prompt_encoder(points=points, boxes=boxes, masks=masks)
+    sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=masks)  # batch 1 when both are None
+    sparse, dense = sparse.expand(rows, -1, -1), dense.expand(rows, -1, -1, -1)
+    if use_point:
+        points = positive_point_tokens(prompt_encoder, _class_major(prompts.points).unsqueeze(1), pad=not use_box)
+        sparse = torch.cat([points.to(sparse.dtype), sparse], dim=1)
+    return sparse, dense

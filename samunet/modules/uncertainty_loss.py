@@ -3,16 +3,19 @@
 ``L = sum_i L_i / (2 s_i^2) + log s_i`` with learnable s_i. Parametrised by the log-variance
 ``v_i = log s_i^2`` (start 0, s_i = 1): ``L_i / (2 s_i^2) + log s_i = 0.5 exp(-v_i) L_i + 0.5 v_i``,
 the same value, numerically stable and free of a positivity constraint.
+
+Signed distance maps and every term run batched in torch on the tensors' device: no read of device
+values by the host, no boolean-mask indexing, no loop over the batch.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt
 from torch import nn
+
+from samunet.modules.distance_transform import distance_to_other_label
 
 LOSS_TERMS = ("mse", "ce", "dice", "shape_distance")
 
@@ -39,25 +42,26 @@ class UncertaintyWeighting(nn.Module):
         return weighted.sum()
 
 
-def signed_distance_map(mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool -> (H, W) float32 in [-1, 1]: Euclidean distance to the object's boundary, negative
-    inside, positive outside, each side divided by its maximum. An empty mask is +1 everywhere (all
-    outside), a full one -1 everywhere."""
-    mask = mask.astype(bool)
-    if not mask.any():
-        return np.ones(mask.shape, dtype=np.float32)
-    if mask.all():
-        return -np.ones(mask.shape, dtype=np.float32)
-    outside = distance_transform_edt(~mask)
-    inside = distance_transform_edt(mask)
-    return (outside / outside.max() - inside / inside.max()).astype(np.float32)
-
-
 def signed_distance_maps(masks: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) binary -> (B, 1, H, W) float signed distance maps (on the masks' device)."""
-    array = masks.detach().cpu().numpy() > 0.5
-    maps = np.stack([signed_distance_map(m[0])[None] for m in array])
-    return torch.from_numpy(maps).to(masks.device)
+    """(B, 1, H, W) binary (> 0.5 is the object) -> (B, 1, H, W) float32 in [-1, 1], on the masks' device:
+    the Euclidean distance to the object's boundary, negative inside, positive outside, each side
+    divided by its maximum. Inside, the distance of an object pixel to the nearest background pixel,
+    outside that of a background pixel to the nearest object pixel (SciPy's ``distance_transform_edt``
+    of the mask and of its complement; the image border is no boundary). An empty mask is +1
+    everywhere (all outside), a full one -1 everywhere."""
+    inside = masks.detach() > 0.5
+    distance = distance_to_other_label(inside)  # inf everywhere in an empty or a full mask
+    distance = torch.where(torch.isfinite(distance), distance, torch.zeros_like(distance))
+    inner = torch.where(inside, distance, torch.zeros_like(distance))
+    outer = distance - inner
+
+    def normalised(side: torch.Tensor) -> torch.Tensor:
+        return side / side.flatten(1).amax(dim=1).clamp_min(1.0).view(-1, 1, 1, 1)
+
+    maps = normalised(outer) - normalised(inner)
+    empty = ~inside.flatten(1).any(dim=1).view(-1, 1, 1, 1)
+    full = inside.flatten(1).all(dim=1).view(-1, 1, 1, 1)
+    return torch.where(empty, torch.ones_like(maps), torch.where(full, -torch.ones_like(maps), maps))
 
 
 def shape_distance_loss(probabilities: torch.Tensor, target: torch.Tensor, distance_maps: torch.Tensor) -> torch.Tensor:
@@ -82,12 +86,18 @@ def knowledge_transfer_mse(sparse: torch.Tensor, dense: torch.Tensor, teacher_sp
                            teacher_dense: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """MSE(sparse) + MSE(dense) over the samples whose class is present (B,) bool; 0 when none is.
 
-    sparse, teacher_sparse: (B, n, C); dense, teacher_dense: (B, C, h, w).
+    sparse, teacher_sparse: (B, n, C); dense, teacher_dense: (B, C, h, w). Each MSE is the mean over the
+    present samples of their mean squared difference (every sample has as many elements, so this is the
+    MSE of the present samples' elements), with absent samples weighted 0 rather than indexed out.
     """
-    if not bool(present.any()):
-        return sparse.sum() * 0
-    return (F.mse_loss(sparse[present], teacher_sparse[present].to(sparse.dtype))
-            + F.mse_loss(dense[present], teacher_dense[present].to(dense.dtype)))
+    weights = present.to(sparse.dtype)
+    count = weights.sum().clamp_min(1.0)
+
+    def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        per_sample = (student - teacher.to(student.dtype)).pow(2).flatten(1).mean(dim=1)
+        return (per_sample * weights).sum() / count
+
+    return mse(sparse, teacher_sparse) + mse(dense, teacher_dense)
 
 
 class JointLossOutput(NamedTuple):
@@ -117,5 +127,5 @@ class AutoMedSAMJointLoss(nn.Module):
             soft_dice_loss(probabilities, target),
             shape_distance_loss(probabilities, target, distance_maps),
         ])
-        active = torch.tensor([bool(present.any()), True, True, True], device=losses.device)
+        active = torch.cat([present.any().view(1), torch.ones(3, dtype=torch.bool, device=losses.device)])
         return JointLossOutput(total=self.weighting(losses, active), terms=losses.detach())

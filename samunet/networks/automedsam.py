@@ -78,6 +78,10 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
             embedding_size=self.prompt_encoder.image_embedding_size, num_sparse_tokens=num_sparse_tokens,
             num_timesteps=num_timesteps, max_noise_scale=max_noise_scale)
         self.uncertainty = UncertaintyWeighting(num_terms=len(LOSS_TERMS))
+        # (1, 4) box around the whole S x S input; a buffer, so it lives on the network's device and no
+        # forward copies it from the host (not persistent: checkpoints stay as they were)
+        self.register_buffer("whole_image_box", torch.tensor([[0.0, 0.0, self.img_size - 1.0, self.img_size - 1.0]]),
+                             persistent=False)
         self.predict_classes: list[int] | None = None
         self.set_trainable()
 
@@ -120,9 +124,7 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
     def whole_image_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen prompt encoder's prompts for a box around the whole image: sparse (1, 2, C), dense
         (1, C, h, w). The class-prompt encoder's outputs are residuals on these."""
-        box = torch.tensor([[0.0, 0.0, self.img_size - 1.0, self.img_size - 1.0]],
-                           device=self.prompt_encoder.no_mask_embed.weight.device)
-        return self.teacher_prompts(box)
+        return self.teacher_prompts(self.whole_image_box)
 
     @torch.no_grad()
     def teacher_prompts(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

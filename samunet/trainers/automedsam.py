@@ -27,7 +27,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from samunet.errors import ConfigurationError
-from samunet.modules.mask_geometry import mask_boxes
+from samunet.modules.mask_geometry import label_presence, mask_boxes
 from samunet.modules.uncertainty_loss import LOSS_TERMS, AutoMedSAMJointLoss, signed_distance_maps
 from samunet.registry import TRAINERS
 from samunet.trainers.base import SAMTrainerBase
@@ -39,19 +39,26 @@ UNCERTAINTY_LOG_KEY = "uncertainty_s"
 def sample_prompt_classes(target: torch.Tensor, *, num_classes: int,
                           present_probability: float = PRESENT_CLASS_PROBABILITY,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label maps (B, H, W) -> (label values (B,) in 1..K-1, present (B,) bool)."""
-    labels, present = [], []
-    for sample in target:
-        found = set(torch.unique(sample).long().tolist())
-        here = [k for k in range(1, num_classes) if k in found]
-        absent = [k for k in range(1, num_classes) if k not in found]
-        draw = torch.rand(1, generator=generator).item()
-        pick_present = bool(here) and (draw < present_probability or not absent)
-        pool = here if pick_present else absent
-        labels.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
-        present.append(pick_present)
-    return (torch.tensor(labels, dtype=torch.long, device=target.device),
-            torch.tensor(present, dtype=torch.bool, device=target.device))
+    """Label maps (B, H, W) -> (label values (B,) in 1..K-1, present (B,) bool), drawn on the target's device.
+
+    Per sample: with probability ``present_probability`` a foreground class present in the map, else one
+    absent from it (a map without foreground always gets an absent class, one holding every class a
+    present one), uniformly within the chosen group: the class with the largest uniform random key among
+    the group's classes. The draws come from ``generator`` (on the target's device; torch's default
+    generator of that device when None), so a seeded generator gives the same classes again; no value
+    is read back by the host.
+    """
+    batch = target.shape[0]
+    labels = target.reshape(batch, -1).long()
+    labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))  # others: no class
+    here = label_presence(labels, num_classes)[:, 1:]
+    absent = ~here
+    draw = torch.rand(batch, generator=generator, device=target.device)
+    pick_present = here.any(dim=1) & ((draw < present_probability) | ~absent.any(dim=1))
+    pool = torch.where(pick_present[:, None], here, absent)
+    keys = torch.rand(batch, num_classes - 1, generator=generator, device=target.device)
+    choice = torch.where(pool, keys, torch.full_like(keys, -1.0)).argmax(dim=1)
+    return choice + 1, pick_present
 
 
 class ValidationPlateauScheduler:
@@ -110,10 +117,12 @@ class AutoMedSAMTrainer(SAMTrainerBase):
         labels, present = sample_prompt_classes(target[:, 0], num_classes=module.num_classes,
                                                 present_probability=self.present_class_probability)
         mask = (target == labels.view(-1, 1, 1, 1)).float()
-        scale = torch.tensor([module.img_size / target.shape[-1], module.img_size / target.shape[-2]] * 2,
-                             device=target.device)
+        x_scale, y_scale = module.img_size / target.shape[-1], module.img_size / target.shape[-2]
+        boxes = mask_boxes(mask[:, 0] > 0)
+        boxes = torch.stack([boxes[:, 0] * x_scale, boxes[:, 1] * y_scale, boxes[:, 2] * x_scale,
+                             boxes[:, 3] * y_scale], dim=1)
         return {"labels": labels, "present": present, "mask": mask, "distance_maps": signed_distance_maps(mask),
-                "boxes": mask_boxes(mask[:, 0] > 0) * scale}
+                "boxes": boxes}
 
     def forward_and_loss(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """One sampled class per image, decoded through ``self.network`` (the module that trains), and the

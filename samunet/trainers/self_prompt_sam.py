@@ -105,10 +105,6 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
     def predictor_class(cls) -> type:
         return SliceStackPredictor
 
-    def _do_i_compile(self) -> bool:
-        # The prompts come from a SciPy distance transform inside forward: torch.compile cannot trace it.
-        return False
-
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """In-plane augmentation only: nnU-Net's dummy-2D mode applies one 2D spatial transform to all
         D slices; rotation as nnU-Net's 2d configuration; mirroring in-plane (axes 1, 2)."""
