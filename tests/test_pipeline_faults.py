@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from samunet import staged_writes
 from samunet.errors import DatasetError
 from samunet.inference import predict_cases
 from samunet.preprocessing.completeness import check_preprocessed_dataset
@@ -281,7 +282,7 @@ def test_kill_during_prediction_keeps_finished_cases_and_continue_predicts_the_r
     assert _case_outputs(out) == ["case_0000.nii.gz", "case_0001.nii.gz"]  # complete, under their final names
     for name in _case_outputs(out):
         assert sitk.ReadImage(str(out / name)).GetSize() == (40, 40, 3)
-    assert [name.startswith(predict_cases.SCRATCH_PREFIX) for name in _hidden(out)] == [True]  # the dead run's
+    assert [name.startswith(staged_writes.SCRATCH_PREFIX) for name in _hidden(out)] == [True]  # the dead run's
 
     real_export, exported = predict_cases.export_prediction_from_logits, []
     monkeypatch.setattr(predict_cases, "export_prediction_from_logits",
@@ -295,7 +296,7 @@ def test_only_scratch_of_ended_processes_is_removed(tmp_path):
     """-num_parts: processes sharing one output folder keep each other's scratch while they run."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid, host = int(ended.stdout), socket.gethostname()
-    prefix = predict_cases.SCRATCH_PREFIX
+    prefix = staged_writes.SCRATCH_PREFIX
     running = tmp_path / f"{prefix}{os.getpid()}@{host}@abc"
     dead = tmp_path / f"{prefix}{dead_pid}@{host}@def"
     dead_json = tmp_path / f"{prefix}{dead_pid}@{host}@0123.json"
@@ -304,7 +305,7 @@ def test_only_scratch_of_ended_processes_is_removed(tmp_path):
         folder.mkdir()
         (folder / "case_0000.nii.gz").write_bytes(b"staged")
     dead_json.write_text("{")
-    assert predict_cases.remove_stale_scratch(tmp_path) == [dead_json, dead]
+    assert staged_writes.remove_stale_scratch(tmp_path) == [dead_json, dead]
     assert _hidden(tmp_path) == sorted([running.name, elsewhere.name])
 
 
@@ -372,15 +373,11 @@ def test_a_cut_off_label_map_is_recognised_for_every_writer(tmp_path, ending):
                                "direction": tuple(np.eye(3).ravel())}, "spacing": (999.0, 1.0, 1.0)}
     path = tmp_path / f"case{ending}"
     writer().write_seg(labels, str(path), geometry)
-
-    class Plans:
-        image_reader_writer_class = writer
-
-    assert predict_cases._incomplete(str(path), Plans()) is None
+    assert staged_writes.incomplete_label_map(path, writer()) is None
     whole = path.read_bytes()
     for cut in (0, len(whole) // 2):
         path.write_bytes(whole[:cut])
-        assert predict_cases._incomplete(str(path), Plans()), (ending, cut)
+        assert staged_writes.incomplete_label_map(path, writer()), (ending, cut)
 
 
 class EndsTheProcessThatUnpicklesIt:

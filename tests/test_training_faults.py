@@ -389,6 +389,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path):
     (errno.EDQUOT, "disk quota exceeded on the device holding {file} (mounted at "),
     (errno.EROFS, "the device holding {file} (mounted at "),
     (errno.EACCES, "permission denied for {file}; "),
+    (errno.EIO, "{file} could not be written or read completely ("),
 ])
 def test_every_command_turns_a_full_or_read_only_disk_into_one_line(code, expected, tmp_path, capsys):
     """run_cli (every samunet command): a write refused by the storage is one line naming the file, exit 2."""
@@ -400,7 +401,8 @@ def test_every_command_turns_a_full_or_read_only_disk_into_one_line(code, expect
     assert run_cli(command, []) == 2
     message = capsys.readouterr().err
     assert message.startswith("error: " + expected.format(file=file)) and message.count("\n") == 1
-    assert describe_storage_error(OSError(errno.EIO, "I/O error")) is None
+    assert describe_storage_error(OSError(errno.EIO, "I/O error")) is None  # no file to name: the traceback says more
+    assert describe_storage_error(OSError(errno.ECONNREFUSED, "refused", str(file))) is None
 
 
 def test_a_full_disk_while_the_validation_summary_is_written_keeps_the_previous_summary(tmp_path):

@@ -152,8 +152,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
 
 def describe_storage_error(error: OSError) -> str | None:
-    """One line for an ``OSError`` of the storage (no space, quota, read-only file system, no permission),
-    naming the file and the mount point of its disk; None for other errors."""
+    """One line for an ``OSError`` of the storage (no space, quota, read-only file system, no permission, an
+    input/output error on a named file, e.g. a label map found cut off after writing), naming the file and the
+    mount point of its disk; None for other errors."""
     name = os.fsdecode(error.filename) if error.filename is not None else None
     where = f"the device holding {name}{_mounted_at(name)}" if name else "a device this command writes to"
     if error.errno == errno.ENOSPC:
@@ -162,6 +163,9 @@ def describe_storage_error(error: OSError) -> str | None:
         return f"disk quota exceeded on {where}; free space there or write to another disk, then run it again"
     if error.errno == errno.EROFS:
         return f"{where} is mounted read-only; write to a writable folder instead"
+    if error.errno == errno.EIO and name:
+        return (f"{name} could not be written or read completely ({error.strerror}); check the disk holding it"
+                f"{_mounted_at(name)}, then run the command again")
     if error.errno in (errno.EACCES, errno.EPERM):
         return (f"permission denied for {name or 'a file this command uses'}; check its permissions or use another "
                 f"folder")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from samunet.atomic_files import write_atomically
 from samunet.cli.common import (add_common_arguments, prepare_environment, run_cli,
                                  select_device, setup_logging)
 
@@ -60,9 +61,17 @@ def obtain_weights(backbone: str) -> tuple[str, str | None]:
         return FALLBACK_BACKBONE, "none"
 
 
+def _copy_atomically(source: Path, target: Path) -> None:
+    """``source`` copied to ``target`` through a temporary file (:func:`samunet.atomic_files.write_atomically`)."""
+    with open(source, "rb") as stream:
+        write_atomically(target, lambda copy: shutil.copyfileobj(stream, copy), suffix=target.suffix)
+
+
 def write_report(report: Path, raw: Path, predictions: Path, training_folder: Path, summary: dict,
                  dataset_json: dict, timings: dict, settings: dict) -> None:
-    from samunet.evaluation.evaluate_folder import format_table
+    """The report folder: an overlay per test case, progress.png, metrics.json and metrics.md, each written
+    atomically (a full disk raises OSError naming the file and leaves the previous one as it was)."""
+    from samunet.evaluation.evaluate_folder import atomic_write_text, format_table
     from samunet.reporting.overlays import write_overlay
     report.mkdir(parents=True, exist_ok=True)
     ending = dataset_json["file_ending"]
@@ -71,15 +80,15 @@ def write_report(report: Path, raw: Path, predictions: Path, training_folder: Pa
         write_overlay(raw / "imagesTs" / f"{case}_0000{ending}", label_file, predictions / label_file.name,
                       report / f"overlay_{case}.png", dataset_json["labels"])
     if (training_folder / "progress.png").is_file():
-        shutil.copy(training_folder / "progress.png", report / "progress.png")
-    (report / "metrics.json").write_text(json.dumps({"summary": summary, "timings_s": timings,
-                                                     "settings": settings}, indent=2, default=str))
+        _copy_atomically(training_folder / "progress.png", report / "progress.png")
+    atomic_write_text(report / "metrics.json", json.dumps({"summary": summary, "timings_s": timings,
+                                                           "settings": settings}, indent=2, default=str))
     lines = ["# samunet demo report", "",
              f"Trainer {settings['trainer']} on backbone {settings['backbone']} "
              f"(weights: {settings['weights']}), input {settings['image_size']} px, device {settings['device']}.", "",
              "Held-out test phantoms:", "", format_table(summary), "",
              "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    (report / "metrics.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(report / "metrics.md", "\n".join(lines) + "\n")
 
 
 def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "litemedsam",

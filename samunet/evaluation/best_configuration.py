@@ -16,6 +16,10 @@ nnunetv2's ``find_best_configuration`` for samunet models:
 - nnU-Net's connected-component postprocessing is determined on the winner's cross-validation
   predictions (:mod:`samunet.evaluation.postprocessing`) and written next to them, and the
   commands to predict, ensemble and postprocess are returned.
+
+The gathered and ensembled folders are built in a scratch folder and replace the previous ones as a
+whole once every file is complete (:mod:`samunet.staged_writes`), so a full disk never leaves a
+folder that a later ``--no_overwrite`` run would take as complete.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Sequence
 
 from samunet.errors import DatasetError
 from samunet.evaluation.model_selection import model_identifier
+from samunet.staged_writes import staged_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +101,9 @@ def merge_cross_validation(model_folder: Path, folds: Sequence[int], output: Pat
     copied into ``output`` with the model's dataset.json and plans.json; returns the cases.
 
     A fold without validation predictions, or (when splits_final.json exists) with some of its
-    validation cases missing, is refused. With ``overwrite=False`` an existing complete folder is kept.
+    validation cases missing, is refused. With ``overwrite=False`` an existing complete folder is kept;
+    otherwise the new folder is staged and replaces it as a whole (:func:`samunet.staged_writes.
+    staged_outputs`): a full disk raises OSError naming the file and leaves the previous folder.
     """
     expected: dict[int, set[str] | None] = {}
     for fold in folds:
@@ -116,18 +123,17 @@ def merge_cross_validation(model_folder: Path, folds: Sequence[int], output: Pat
     cases = sorted(set().union(*expected.values()))
     if not overwrite and output.is_dir() and all((output / f"{c}{file_ending}").is_file() for c in cases):
         return cases
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    for name in ("dataset.json", "plans.json"):
-        shutil.copy(model_folder / name, output / name)
-    for fold in folds:
-        for case in sorted(expected[fold]):
-            target = output / f"{case}{file_ending}"
-            if target.exists():
-                raise DatasetError(f"case {case} is predicted by more than one of the folds {list(folds)} of "
-                                   f"{model_folder.name}; check splits_final.json")
-            shutil.copy(model_folder / f"fold_{fold}" / "validation" / target.name, target)
+    name = output.name
+    with staged_outputs(output.parent, whole=(name,)) as staging:
+        for meta in ("dataset.json", "plans.json"):
+            shutil.copy(model_folder / meta, staging.path(f"{name}/{meta}"))
+        for fold in folds:
+            for case in sorted(expected[fold]):
+                target = staging.path(f"{name}/{case}{file_ending}")
+                if target.exists():
+                    raise DatasetError(f"case {case} is predicted by more than one of the folds {list(folds)} of "
+                                       f"{model_folder.name}; check splits_final.json")
+                shutil.copy(model_folder / f"fold_{fold}" / "validation" / target.name, target)
     return cases
 
 
@@ -185,12 +191,8 @@ def find_best(dataset_name: str, results: Path, preprocessed: Path, models: Sequ
             member_folders = [dataset_folder / one.identifier, dataset_folder / two.identifier]
             cases = sorted(set(probabilities[one]) | set(probabilities[two]))
             if overwrite or not all((output / f"{c}{ending}").is_file() for c in cases):
-                if output.exists():
-                    shutil.rmtree(output)
                 cases = ensemble_cross_validation(member_folders, output, [probabilities[one], probabilities[two]],
                                                   num_processes)
-            for meta in ("dataset.json", "plans.json"):
-                shutil.copy(member_folders[0] / meta, output / meta)
             dice = score_predictions(output, references, cases, dataset_json, num_processes)
             candidates.append({"name": name, "members": [one.identifier, two.identifier],
                                "foreground_dice": dice, "source": str(output)})

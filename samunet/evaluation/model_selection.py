@@ -6,18 +6,22 @@ Built on nnunetv2's own pieces: :func:`nnunetv2.ensembling.ensemble.merge_files`
 nnunetv2 leaves to asserts (missing probabilities, folders that disagree on cases) and scores
 with its own metrics, as ``samunet_cv_summary`` does, so single models and ensembles compare
 on the same foreground Dice (mean of the class means over all cross-validation cases).
-The ranking itself is :mod:`samunet.evaluation.best_configuration`.
+nnunetv2 writes the ensembled files into a scratch folder; they are checked and moved into place
+only when complete (:mod:`samunet.staged_writes`). The ranking itself is
+:mod:`samunet.evaluation.best_configuration`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from samunet.errors import DatasetError
+from samunet.staged_writes import staged_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +77,10 @@ def _check_labels(folders: Sequence[Path]) -> None:
         raise DatasetError(f"the folders' dataset.json files define different labels: {labels}")
 
 
-def _merge(file_lists: list[list[str]], outputs: list[str], plans: dict, dataset_json: dict,
+def _merge(file_lists: list[list[str]], outputs: list[str], plans_manager, dataset_json: dict,
            num_processes: int, save_probabilities: bool = False) -> None:
     """nnunetv2's merge_files per case; in this process when num_processes is 1 (a spawned worker costs seconds)."""
     from nnunetv2.ensembling.ensemble import merge_files
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans_manager = PlansManager(plans)
     reader_writer = plans_manager.image_reader_writer_class()
     label_manager = plans_manager.get_label_manager(dataset_json)
     arguments = [(files, out, dataset_json["file_ending"], reader_writer, label_manager, save_probabilities)
@@ -98,7 +100,10 @@ def ensemble_prediction_folders(folders: Sequence[str | os.PathLike], output_fol
     """Average the probabilities of the same cases in several folders; returns the label maps written.
 
     Same result as ``nnunetv2.ensembling.ensemble.ensemble_folders``, with its asserts turned into
-    one-line errors.
+    one-line errors. The outputs (label maps, with ``save_probabilities`` the ``.npz`` / ``.pkl``, and
+    dataset.json / plans.json) are staged, checked and moved into ``output_folder`` only when all are
+    complete (:func:`samunet.staged_writes.staged_outputs`): a full disk raises OSError naming the file and
+    leaves the folder's previous files as they were.
     """
     folders = [Path(f) for f in folders]
     if len(folders) < 2:
@@ -108,14 +113,18 @@ def ensemble_prediction_folders(folders: Sequence[str | os.PathLike], output_fol
         raise DatasetError(f"the output folder {output_folder} is one of the inputs; choose another")
     cases = check_same_cases(folders)
     _check_labels(folders)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     dataset_json = _json_from(folders, "dataset.json", dataset_json)
     plans = _json_from(folders, "plans.json", plans)
-    output_folder.mkdir(parents=True, exist_ok=True)
-    _merge([[str(f / f"{c}.npz") for f in folders] for c in cases], [str(output_folder / c) for c in cases],
-           plans, dataset_json, num_processes, save_probabilities)
-    for name, content in (("dataset.json", dataset_json), ("plans.json", plans)):
-        (output_folder / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
-    return [output_folder / f"{c}{dataset_json['file_ending']}" for c in cases]
+    plans_manager = PlansManager(plans)
+    ending = dataset_json["file_ending"]
+    with staged_outputs(output_folder, reader_writer=plans_manager.image_reader_writer_class(),
+                        label_ending=ending) as staging:
+        _merge([[str(f / f"{c}.npz") for f in folders] for c in cases], [str(staging.path(c)) for c in cases],
+               plans_manager, dataset_json, num_processes, save_probabilities)
+        for name, content in (("dataset.json", dataset_json), ("plans.json", plans)):
+            staging.path(name).write_text(json.dumps(content, indent=2), encoding="utf-8")
+    return [output_folder / f"{c}{ending}" for c in cases]
 
 
 # ---------------------------------------------------------------------------------------------- model choice
@@ -173,19 +182,27 @@ def score_predictions(prediction_folder: Path, references: Path, cases: Sequence
 def ensemble_cross_validation(model_folders: Sequence[Path], output_folder: Path, probability_files: list[dict],
                               num_processes: int = 1) -> list[str]:
     """Average the given validation probability files (one dict case -> file per model) of several models
-    with nnunetv2's ``merge_files``, in ``num_processes`` processes."""
+    with nnunetv2's ``merge_files``, in ``num_processes`` processes, into ``output_folder`` with the first
+    model's dataset.json and plans.json. The folder is staged, checked and replaces the previous one as a
+    whole (:func:`samunet.staged_writes.staged_outputs`): a full disk raises OSError naming the file and
+    leaves the previous folder as it was."""
     cases = [set(files) for files in probability_files]
     union = set().union(*cases)
     problems = [f"{folder.name} lacks {_listed(union - have)}" for folder, have in zip(model_folders, cases)
                 if union - have]
     if problems:
         raise DatasetError("the models' validation probabilities cover different cases: " + "; ".join(problems))
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     folder = model_folders[0]
-    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    plans_manager = PlansManager(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    output_folder.mkdir(parents=True, exist_ok=True)
     ordered = sorted(union)
-    # the given files, not nnunetv2's ensemble_crossvalidations: that one always reads folds 0-4
-    _merge([[str(files[c]) for files in probability_files] for c in ordered],
-           [str(output_folder / c) for c in ordered], plans, dataset_json, num_processes)
-    return sorted(union)
+    name = output_folder.name
+    with staged_outputs(output_folder.parent, reader_writer=plans_manager.image_reader_writer_class(),
+                        label_ending=dataset_json["file_ending"], whole=(name,)) as staging:
+        for meta in ("dataset.json", "plans.json"):
+            shutil.copy(folder / meta, staging.path(f"{name}/{meta}"))
+        # the given files, not nnunetv2's ensemble_crossvalidations: that one always reads folds 0-4
+        _merge([[str(files[c]) for files in probability_files] for c in ordered],
+               [str(staging.path(f"{name}/{c}")) for c in ordered], plans_manager, dataset_json, num_processes)
+    return ordered

@@ -13,8 +13,14 @@ and with its pieces (``remove_all_but_largest_component_from_segmentation``,
 It writes what nnunetv2 writes into the predictions folder: ``summary.json`` (nnU-Net's metrics),
 ``postprocessing.pkl`` (``(functions, kwargs)``, readable by ``nnUNetv2_apply_postprocessing``),
 ``postprocessing.json`` and ``postprocessed/`` (the postprocessed predictions with their summary).
-The difference: with ``num_processes=1`` everything runs in this process (nnunetv2 always starts
-a pool of spawned workers, which costs seconds per pool on small machines).
+The differences: with ``num_processes=1`` everything runs in this process (nnunetv2 always starts
+a pool of spawned workers, which costs seconds per pool on small machines), and nothing is written
+under its final name until it is complete: the work happens in a scratch folder inside the
+predictions folder, every label map nnunetv2 writes is read back before its metrics count (SimpleITK
+leaves a cut-off file on a full disk without an error), and the files then move into place, the
+``postprocessed/`` folder as a whole (:mod:`samunet.staged_writes`). A full disk raises an
+``OSError`` naming the file and leaves the previous outputs as they were; so does
+:func:`apply_postprocessing_to_folder`.
 
 :func:`apply_postprocessing_to_folder` applies such a file to a folder of predictions
 (``samunet_apply_postprocessing``). ``postprocessing.pkl`` is read with an unpickler that only
@@ -36,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from samunet.errors import DatasetError
+from samunet.staged_writes import staged_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -130,73 +137,78 @@ def determine_postprocessing(folder_predictions: str | os.PathLike, folder_ref: 
     if missing:
         logger.warning("%d reference case(s) have no prediction in %s; postprocessing should be determined on the "
                        "whole cross-validation", len(missing), predictions)
-    output = predictions / POSTPROCESSED
-    if output.exists():
-        shutil.rmtree(output)
-    temporary = output / "temp"
+    with staged_outputs(predictions, reader_writer=reader_writer, label_ending=ending,
+                        whole=(POSTPROCESSED,)) as staging:
+        output = staging.path(POSTPROCESSED)
+        temporary = output / "temp"
 
-    def metrics(folder: Path) -> dict:
-        folder_metrics(references, folder, folder / SUMMARY, reader_writer, ending, labels_or_regions,
-                       label_manager.ignore_label, num_processes)
-        return load_summary_json(str(folder / SUMMARY))
+        def metrics(folder: Path, summary: Path) -> dict:
+            folder_metrics(references, folder, summary, reader_writer, ending, labels_or_regions,
+                           label_manager.ignore_label, num_processes)
+            return load_summary_json(str(summary))
 
-    functions, kwargs = [], []
-    baseline = metrics(predictions)
-    # 1. the whole foreground's largest component
-    here = temporary / "keep_largest_fg"
-    candidate = {"labels_or_regions": label_manager.foreground_labels}
-    _postprocess_folder(predictions, here, files, reader_writer, [keep_largest], [candidate], num_processes)
-    result = metrics(here)
-    # nnunetv2's rule, NaN comparisons included: no class may get worse
-    adopt = result["foreground_mean"]["Dice"] > baseline["foreground_mean"]["Dice"] and \
-        not any(result["mean"][k]["Dice"] < baseline["mean"][k]["Dice"] for k in result["mean"])
-    logger.info("keeping the largest foreground component: foreground Dice %.5f -> %.5f (%s)",
-                baseline["foreground_mean"]["Dice"], result["foreground_mean"]["Dice"],
-                "adopted" if adopt else "not adopted")
-    source = here if adopt else predictions
-    if adopt:
-        functions.append(keep_largest)
-        kwargs.append(candidate)
-    # 2. each label's (region's) largest component, in dataset.json's order
-    if len(labels_or_regions) > 1:
-        for label in labels_or_regions:
-            here = temporary / "keep_largest_perClassOrRegion"
-            candidate = {"labels_or_regions": label}
+        def postprocessed(source: Path, name: str, candidate: dict) -> Path:
+            here = temporary / name
             _postprocess_folder(source, here, files, reader_writer, [keep_largest], [candidate], num_processes)
-            before, result = load_summary_json(str(source / SUMMARY)), metrics(here)
-            adopt = result["mean"][label]["Dice"] > before["mean"][label]["Dice"]
-            logger.info("keeping the largest component of %s: Dice %.5f -> %.5f (%s)", label,
-                        before["mean"][label]["Dice"], result["mean"][label]["Dice"],
-                        "adopted" if adopt else "not adopted")
-            if adopt:
-                best = temporary / "keep_largest_perClassOrRegion_currentBest"
-                if best.exists():
-                    shutil.rmtree(best)
-                shutil.move(str(here), str(best))
-                source = best
-                functions.append(keep_largest)
-                kwargs.append(candidate)
-            else:
-                shutil.rmtree(here)
-    for path in source.iterdir():
-        if path.is_file():
-            shutil.copy(path, output / path.name)
-    with open(predictions / PP_PICKLE, "wb") as stream:
-        pickle.dump((functions, kwargs), stream)
-    final = load_summary_json(str(output / SUMMARY))
-    record = {
-        "input_folder": {k: baseline[k] for k in ("foreground_mean", "mean")},
-        "postprocessed": {k: final[k] for k in ("foreground_mean", "mean")},
-        "postprocessing_fns": [f.__name__ for f in functions],
-        "postprocessing_kwargs": kwargs,
-    }
-    for part in ("input_folder", "postprocessed"):
-        record[part]["mean"] = {label_or_region_to_key(k): v for k, v in record[part]["mean"].items()}
-    recursive_fix_for_json_export(record)
-    (predictions / PP_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    shutil.rmtree(temporary)
-    if not keep_postprocessed_files:
-        shutil.rmtree(output)
+            staging.verify(here)  # no decision rests on a cut-off label map
+            return here
+
+        functions, kwargs = [], []
+        baseline = metrics(predictions, staging.path(SUMMARY))
+        # 1. the whole foreground's largest component
+        candidate = {"labels_or_regions": label_manager.foreground_labels}
+        here = postprocessed(predictions, "keep_largest_fg", candidate)
+        result = metrics(here, here / SUMMARY)
+        # nnunetv2's rule, NaN comparisons included: no class may get worse
+        adopt = result["foreground_mean"]["Dice"] > baseline["foreground_mean"]["Dice"] and \
+            not any(result["mean"][k]["Dice"] < baseline["mean"][k]["Dice"] for k in result["mean"])
+        logger.info("keeping the largest foreground component: foreground Dice %.5f -> %.5f (%s)",
+                    baseline["foreground_mean"]["Dice"], result["foreground_mean"]["Dice"],
+                    "adopted" if adopt else "not adopted")
+        source, current = (here, result) if adopt else (predictions, baseline)
+        if adopt:
+            functions.append(keep_largest)
+            kwargs.append(candidate)
+        # 2. each label's (region's) largest component, in dataset.json's order
+        if len(labels_or_regions) > 1:
+            for label in labels_or_regions:
+                candidate = {"labels_or_regions": label}
+                here = postprocessed(source, "keep_largest_perClassOrRegion", candidate)
+                result = metrics(here, here / SUMMARY)
+                adopt = result["mean"][label]["Dice"] > current["mean"][label]["Dice"]
+                logger.info("keeping the largest component of %s: Dice %.5f -> %.5f (%s)", label,
+                            current["mean"][label]["Dice"], result["mean"][label]["Dice"],
+                            "adopted" if adopt else "not adopted")
+                if adopt:
+                    best = temporary / "keep_largest_perClassOrRegion_currentBest"
+                    if best.exists():
+                        shutil.rmtree(best)
+                    shutil.move(str(here), str(best))
+                    source, current = best, result
+                    functions.append(keep_largest)
+                    kwargs.append(candidate)
+                else:
+                    shutil.rmtree(here)
+        # the chosen predictions with their summary (the baseline's is staged, not in the predictions folder)
+        for path in source.iterdir():
+            if path.is_file() and path.name != SUMMARY:
+                shutil.copy(path, output / path.name)
+        shutil.copy(staging.path(SUMMARY) if source == predictions else source / SUMMARY, output / SUMMARY)
+        with open(staging.path(PP_PICKLE), "wb") as stream:
+            pickle.dump((functions, kwargs), stream)
+        record = {
+            "input_folder": {k: baseline[k] for k in ("foreground_mean", "mean")},
+            "postprocessed": {k: current[k] for k in ("foreground_mean", "mean")},
+            "postprocessing_fns": [f.__name__ for f in functions],
+            "postprocessing_kwargs": kwargs,
+        }
+        for part in ("input_folder", "postprocessed"):
+            record[part]["mean"] = {label_or_region_to_key(k): v for k, v in record[part]["mean"].items()}
+        recursive_fix_for_json_export(record)
+        staging.path(PP_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        shutil.rmtree(temporary)
+        if not keep_postprocessed_files:
+            shutil.rmtree(output)
     return functions, kwargs
 
 
@@ -230,7 +242,8 @@ def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folde
                                    num_processes: int = 1) -> list[Path]:
     """nnunetv2's ``apply_postprocessing_to_folder``: every prediction of ``input_folder`` postprocessed
     into ``output_folder`` (plans.json / dataset.json default to the input folder's, which
-    samunet_predict and samunet_ensemble write). Returns the files written."""
+    samunet_predict and samunet_ensemble write), each moved into place once all are written and read
+    back. Returns the files written."""
     source, target = Path(input_folder), Path(output_folder)
     if not source.is_dir():
         raise DatasetError(f"input folder {source} does not exist")
@@ -246,6 +259,7 @@ def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folde
     files = _files(source, dataset_json["file_ending"])
     if not files:
         raise DatasetError(f"{source} holds no '*{dataset_json['file_ending']}' predictions")
-    _postprocess_folder(source, target, files, plans_manager.image_reader_writer_class(), list(functions),
-                        list(kwargs), num_processes)
+    reader_writer = plans_manager.image_reader_writer_class()
+    with staged_outputs(target, reader_writer=reader_writer, label_ending=dataset_json["file_ending"]) as staging:
+        _postprocess_folder(source, staging.root, files, reader_writer, list(functions), list(kwargs), num_processes)
     return [target / f for f in files]

@@ -15,22 +15,20 @@ written atomically as soon as that case is done. The pieces are nnunetv2's own:
 Atomic outputs: a case is exported into a hidden scratch folder inside the output folder
 (``.samunet_partial_<pid>@<host>@*``, same file system), each staged file is flushed to disk and the
 label map read back (nnunetv2's writers through ITK do not report a full disk: they leave an empty or
-cut-off file), and only then is each file moved into place with ``os.replace``, the label map last. The
-output folder therefore only ever holds complete files under their final names, and a failed write is
-an ``OSError`` naming the output file (``errno.ENOSPC`` when the disk is full), raised in this process
-even when the export ran in a worker process. A run killed by a signal leaves its finished cases and a
-scratch folder; the next run into the same folder removes scratch folders whose process (same host,
-pid in the name) has ended, so processes sharing one output folder (``-num_parts``) keep theirs.
+cut-off file; :mod:`samunet.staged_writes`), and only then is each file moved into place with
+``os.replace``, the label map last. The output folder therefore only ever holds complete files under
+their final names, and a failed write is an ``OSError`` naming the output file (``errno.ENOSPC`` when
+the disk is full), raised in this process even when the export ran in a worker process. A run killed
+by a signal leaves its finished cases and a scratch folder; the next run into the same folder removes
+scratch folders whose process (same host, pid in the name) has ended, so processes sharing one output
+folder (``-num_parts``) keep theirs.
 """
 from __future__ import annotations
 
-import errno
-import gzip
 import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,54 +41,11 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from tqdm import tqdm
 
 from samunet.atomic_files import write_json_atomically
+from samunet.staged_writes import remove_stale_scratch, scratch_prefix, verify_written
 
 logger = logging.getLogger(__name__)
 
-SCRATCH_PREFIX = ".samunet_partial_"
 QUEUED_EXPORTS = 2  # cases waiting for an export worker before prediction pauses (nnU-Net's value)
-# free space below which a file that was written incompletely is reported as a full disk
-LOW_SPACE_BYTES = 16 * 1024 ** 2
-
-
-def scratch_prefix() -> str:
-    """``.samunet_partial_<pid>@<host>@``: the name start of this process's temporary files and folders."""
-    return f"{SCRATCH_PREFIX}{os.getpid()}@{socket.gethostname()}@"
-
-
-def _owner(name: str) -> tuple[int, str] | None:
-    """(pid, host) from a scratch name made with :func:`scratch_prefix`, None for any other name."""
-    pid, _, rest = name[len(SCRATCH_PREFIX):].partition("@")
-    host, separator, _ = rest.rpartition("@")
-    return (int(pid), host) if pid.isdigit() and separator else None
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_stale_scratch(folder: str | os.PathLike) -> list[Path]:
-    """Remove the scratch files and folders in ``folder`` that processes of this host left when they were
-    killed (their pid no longer runs); those of running processes and of other hosts stay. Returns
-    what was removed."""
-    folder, host = Path(folder), socket.gethostname()
-    removed = []
-    for entry in sorted(folder.glob(f"{SCRATCH_PREFIX}*")) if folder.is_dir() else ():
-        owner = _owner(entry.name)
-        if owner is None or owner[1] != host or _running(owner[0]):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-        logger.info("removed %s, left by an interrupted run (process %d)", entry, owner[0])
-    return removed
 
 
 def select_cases(predictor, case_files: list[list[str]], output_folder: str | os.PathLike, *,
@@ -131,56 +86,21 @@ def preprocessed_cases(predictor, case_files: list[list[str]], outputs: list[str
                                             predictor.verbose_preprocessing)
 
 
-def _incomplete(path: str, plans_manager) -> str | None:
-    """Why the label map ``path`` is not completely written (empty; a gzip stream without its end, which
-    ITK reads without complaint; otherwise unreadable by the data set's reader), or None."""
-    if os.path.getsize(path) == 0:
-        return "0 bytes"
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path) as stream:
-                while stream.read(1 << 24):
-                    pass
-        else:
-            plans_manager.image_reader_writer_class().read_seg(path)
-    except Exception as error:  # any reader's failure means the same: the file is not usable
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
-    return None
-
-
-def _check_staged(staged: str, output: str, plans_manager, is_label_map: bool) -> None:
-    """Flush ``staged`` to disk (a full disk may only show here) and, for the label map, read it back;
-    an incomplete file raises OSError naming ``output``: ENOSPC when the disk is (nearly) full."""
-    try:
-        with open(staged, "rb") as stream:
-            os.fsync(stream.fileno())
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, output) from error
-    problem = _incomplete(staged, plans_manager) if is_label_map else None
-    if problem is None:
-        return
-    free = shutil.disk_usage(os.path.dirname(staged)).free
-    if free < LOW_SPACE_BYTES:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free; the written file was "
-                                    f"incomplete: {problem})", output)
-    raise OSError(errno.EIO, f"the exported file was incomplete ({problem})", output)
-
-
 def export_case_atomically(logits, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
                            output_truncated: str, save_probabilities: bool, scratch: str) -> str:
     """nnunetv2's ``export_prediction_from_logits`` into ``scratch``, each file checked
-    (:func:`_check_staged`), then ``os.replace`` into place (probabilities first, the label map last);
-    returns the label map's path. A failed or incomplete write raises OSError with its errno and the
-    output file's name, and nothing of the case is moved into place."""
+    (:func:`samunet.staged_writes.verify_written`), then ``os.replace`` into place (probabilities first,
+    the label map last); returns the label map's path. A failed or incomplete write raises OSError with
+    its errno and the output file's name, and nothing of the case is moved into place."""
     ending = dataset_json["file_ending"]
     staged = os.path.join(scratch, os.path.basename(output_truncated))
     suffixes = (".npz", ".pkl", ending) if save_probabilities else (ending,)
+    reader_writer = plans_manager.image_reader_writer_class()
     try:
         export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
                                       staged, save_probabilities)
         for suffix in suffixes:
-            _check_staged(staged + suffix, output_truncated + suffix, plans_manager, suffix == ending)
+            verify_written(staged + suffix, output_truncated + suffix, reader_writer if suffix == ending else None)
     except OSError as error:  # name the output, not the scratch file (or no file, as zipfile's writes do)
         if error.filename is not None and not str(error.filename).startswith(scratch):
             raise

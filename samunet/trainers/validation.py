@@ -29,7 +29,8 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch import distributed as dist
 
 from samunet.atomic_files import PARTIAL_PREFIX, naming_the_file
-from samunet.inference.predict_cases import export_case_atomically, remove_stale_scratch, scratch_prefix
+from samunet.inference.predict_cases import export_case_atomically
+from samunet.staged_writes import remove_stale_scratch, scratch_prefix
 
 if TYPE_CHECKING:
     from samunet.trainers.base import SAMTrainerBase
