@@ -390,8 +390,12 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path):
     (errno.EROFS, "the device holding {file} (mounted at "),
     (errno.EACCES, "permission denied for {file}; "),
     (errno.EIO, "{file} could not be written or read completely ("),
+    (errno.EEXIST, "{file} exists and is not a folder; "),
+    (errno.ENOTDIR, "{file}: a part of this path is a file, not a folder; "),
+    (errno.EISDIR, "{file} is a folder, but a file is to be written there; "),
 ])
-def test_every_command_turns_a_full_or_read_only_disk_into_one_line(code, expected, tmp_path, capsys):
+def test_every_command_turns_a_full_or_read_only_disk_or_a_colliding_path_into_one_line(code, expected, tmp_path,
+                                                                                       capsys):
     """run_cli (every samunet command): a write refused by the storage is one line naming the file, exit 2."""
     file = tmp_path / "out" / "case.nii.gz"
 
@@ -420,3 +424,17 @@ def test_a_full_disk_while_the_validation_summary_is_written_keeps_the_previous_
         validation.save_summary_atomically({"mean": {}, "metric_per_case": []}, str(summary))
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(summary)
     assert summary.read_text() == '{"previous": true}' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_an_output_path_that_is_a_file_is_one_line(model, tmp_path, capsys):
+    """``samunet_predict -o FILE`` (an existing file where the output folder goes): one line naming it, exit 2."""
+    from samunet.cli.predict import main as predict_main
+    existing = tmp_path / "existing_file.txt"
+    existing.write_text("not a folder")
+    for output in (existing, existing / "sub"):
+        assert predict_main(["-i", str(model["images"]), "-o", str(output), "-d", "999", "-c", "2d", "-f", "0",
+                             "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0",
+                             "--disable_progress_bar"]) == 2
+        message = capsys.readouterr().err
+        assert message.count("\n") == 1 and message.startswith(f"error: {output}") and "output path" in message
+    assert existing.read_text() == "not a folder"

@@ -153,8 +153,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
 def describe_storage_error(error: OSError) -> str | None:
     """One line for an ``OSError`` of the storage (no space, quota, read-only file system, no permission, an
-    input/output error on a named file, e.g. a label map found cut off after writing), naming the file and the
-    mount point of its disk; None for other errors."""
+    input/output error on a named file, e.g. a label map found cut off after writing; an output path that
+    collides with an existing file or folder), naming the file and the mount point of its disk; None for other
+    errors."""
     name = os.fsdecode(error.filename) if error.filename is not None else None
     where = f"the device holding {name}{_mounted_at(name)}" if name else "a device this command writes to"
     if error.errno == errno.ENOSPC:
@@ -166,6 +167,12 @@ def describe_storage_error(error: OSError) -> str | None:
     if error.errno == errno.EIO and name:
         return (f"{name} could not be written or read completely ({error.strerror}); check the disk holding it"
                 f"{_mounted_at(name)}, then run the command again")
+    if error.errno == errno.EEXIST and name:
+        return f"{name} exists and is not a folder; give another output path, or move that file away"
+    if error.errno == errno.ENOTDIR and name:
+        return f"{name}: a part of this path is a file, not a folder; give another output path"
+    if error.errno == errno.EISDIR and name:
+        return f"{name} is a folder, but a file is to be written there; give another output file name"
     if error.errno in (errno.EACCES, errno.EPERM):
         return (f"permission denied for {name or 'a file this command uses'}; check its permissions or use another "
                 f"folder")
