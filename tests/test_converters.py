@@ -87,7 +87,29 @@ def test_acdc_lists_every_problem_and_writes_nothing(acdc_source, nnunet_folders
     assert "patient001_frame01_gt.nii.gz (ground truth of the ED frame) is missing" in message
     assert "no line 'ED: <frame number>'" in message and "no line 'ES: <frame number>'" in message
     assert "label values [5]" in message
-    assert "has size (8, 8, 4)" in message
+    assert "has size (8, 8, 4)" in message and message.count("\n") == 1
+    assert list(nnunet_folders["nnUNet_raw"].iterdir()) == []
+
+
+def test_cut_off_empty_and_unreadable_source_files_are_problems(acdc_source, nnunet_folders, capsys):
+    """A cut-off or empty ground truth, a test frame whose header SimpleITK cannot read: listed with the other
+    problems in one line, naming each file (a cut-off gt was a SimpleITK RuntimeError traceback)."""
+    noise = np.random.default_rng(0).integers(0, 4, SHAPE)
+    gt = acdc_source / "training" / "patient001" / "patient001_frame01_gt.nii.gz"
+    _write(noise, gt, dtype=np.uint8)
+    gt.write_bytes(gt.read_bytes()[:-100])
+    empty = acdc_source / "training" / "patient002" / "patient002_frame01_gt.nii.gz"
+    empty.write_bytes(b"")
+    cut = acdc_source / "training" / "patient003" / "patient003_frame01.nii.gz"
+    _write(noise, cut)
+    cut.write_bytes(cut.read_bytes()[:-30])
+    garbage = acdc_source / "testing" / "patient101" / "patient101_frame01.nii.gz"
+    garbage.write_bytes(b"not an image at all" * 20)
+    assert main(["acdc", str(acdc_source), "-d", "28"]) == 2
+    message = capsys.readouterr().err
+    assert "4 problem(s)" in message and message.count("\n") == 1
+    assert f"{gt} is truncated" in message and f"{empty} is empty" in message and f"{cut} is truncated" in message
+    assert f"{garbage} cannot be read" in message
     assert list(nnunet_folders["nnUNet_raw"].iterdir()) == []
 
 

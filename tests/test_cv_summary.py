@@ -76,6 +76,9 @@ def test_missing_or_incomplete_folds_are_refused(results, capsys):
     assert "fold 3:" in message and "does not exist" in message
     assert "fold 1: 1 of 1 validation case(s) have no prediction" in message and "case_2" in message
     assert "fold 4: no checkpoint_final.pth" in message
+    assert message.count("\n") == 1  # one line, with the real names in the commands
+    assert f"samunet_train {DATASET} 2d 3 -tr SAMedTrainer)" in message
+    assert f"samunet_train {DATASET} 2d 1 -tr SAMedTrainer --val)" in message
     assert not (results / "cv_summary_samunet.json").exists()
 
 

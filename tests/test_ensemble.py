@@ -67,15 +67,41 @@ def test_a_folder_without_probabilities_is_a_one_line_error(two_folders, tmp_pat
 
 
 def test_folders_that_disagree_on_cases_are_refused(two_folders, tmp_path, capsys):
+    """Only the .npz of a case is missing (its .pkl and label map are there): the message names that file."""
     (two_folders[1] / "case_1.npz").unlink()
     assert main(["-i", *map(str, two_folders), "-o", str(tmp_path / "out")]) == 2
     message = capsys.readouterr().err
-    assert "do not hold the same cases" in message and "m2 lacks 1 case(s): case_1" in message
+    assert "Probability files missing: " + str(two_folders[1] / "case_1.npz") in message
+    assert "--save_probabilities" in message and message.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage, kind", [
+    ("truncated", "Probability files that cannot be read"),
+    ("classes", "another number of classes than dataset.json's labels"),
+    ("shape", "differ in shape between the folders"),
+    ("pkl", "Probability files that cannot be read")])
+def test_every_probability_file_is_checked_before_anything_is_written(two_folders, tmp_path, capsys, damage, kind):
+    """A cut-off .npz or .pkl, 2 classes where dataset.json has 3, another shape: one line naming the file
+    (not a BadZipFile / broadcast traceback), and no output folder."""
+    damaged = two_folders[1] / "case_1.npz"
+    if damage == "truncated":
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    elif damage == "pkl":
+        damaged = damaged.with_suffix(".pkl")
+        damaged.write_bytes(damaged.read_bytes()[:10])
+    else:
+        probabilities = np.load(damaged)["probabilities"]
+        np.savez_compressed(damaged, probabilities=probabilities[:2] if damage == "classes" else
+                            probabilities[:, :, :3])
+    assert main(["-i", *map(str, two_folders), "-o", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert kind in message and str(damaged) in message and message.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_other_input_errors(two_folders, tmp_path):
     (two_folders[1] / "case_0.pkl").unlink()
-    with pytest.raises(DatasetError, match="no .pkl"):
+    with pytest.raises(DatasetError, match="missing: .*m2/case_0.pkl"):
         ensemble_prediction_folders(two_folders, tmp_path / "out")
     with pytest.raises(DatasetError, match="at least two"):
         ensemble_prediction_folders(two_folders[:1], tmp_path / "out")

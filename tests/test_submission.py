@@ -85,12 +85,32 @@ def test_every_problem_is_listed_and_nothing_written(acdc, nnunet_folders, tmp_p
     _write(np.full(SHAPE, 4), acdc / "patient102_frame01.nii.gz")
     assert main(["--challenge", "acdc", "-i", str(acdc), "-o", str(tmp_path / "sub")]) == 2
     message = capsys.readouterr().err
-    assert "4 problem(s)" in message and "nothing was written" in message
-    assert "1 test image(s) have no prediction: patient101_frame01" in message
-    assert "1 prediction(s) have no test image" in message and "patient103_frame01" in message
+    assert "4 problem(s)" in message and "nothing was written" in message and message.count("\n") == 1
+    assert "Test images without a prediction: patient101_frame01. Fix:" in message
+    assert "Predictions without a test image: patient103_frame01 (no such image" in message
     assert "patient101_frame14.nii.gz: spacing [1.0, 1.5, 5.0] differs" in message
     assert "patient102_frame01.nii.gz: label values [4]" in message
     assert not (tmp_path / "sub").exists()
+
+
+def test_label_values_that_are_not_whole_numbers_are_refused(acdc, tmp_path, capsys):
+    """A float prediction holding 2.5 (a linearly resampled label map) is not exported (it used to be)."""
+    array = np.zeros(SHAPE)
+    array[1, 4:6, 4:6] = 2.5
+    _write(array, acdc / "patient101_frame14.nii.gz", dtype=np.float32)
+    assert main(["--challenge", "acdc", "-i", str(acdc), "-o", str(tmp_path / "sub")]) == 2
+    message = capsys.readouterr().err
+    assert "patient101_frame14.nii.gz: label values 2.5 are not whole numbers" in message
+    assert message.count("\n") == 1 and not (tmp_path / "sub").exists()
+
+
+def test_a_cut_off_prediction_is_named(acdc, tmp_path, capsys):
+    """A prediction cut off mid-copy: named as unreadable, not exported (SimpleITK reads it as zeros)."""
+    damaged = acdc / "patient102_frame09.nii.gz"
+    damaged.write_bytes(damaged.read_bytes()[:-40])
+    assert main(["--challenge", "acdc", "-i", str(acdc), "-o", str(tmp_path / "sub")]) == 2
+    message = capsys.readouterr().err
+    assert f"Predictions that cannot be read: {damaged}" in message and message.count("\n") == 1
 
 
 def test_acdc_label_convention_and_phases_are_checked(nnunet_folders, tmp_path, capsys):
@@ -142,3 +162,19 @@ def test_acdc_conversion_and_export_agree_on_phases(nnunet_folders, tmp_path):
     with zipfile.ZipFile(tmp_path / "sub.zip") as archive:
         assert sorted(archive.namelist()) == ["patient101_ED.nii.gz", "patient101_ES.nii.gz"]
         assert archive.read("patient101_ED.nii.gz") == (labels_ts / "patient101_frame12.nii.gz").read_bytes()
+
+
+@pytest.mark.parametrize("output", ["sub", "sub.zip"])
+def test_a_full_disk_names_the_output_and_leaves_nothing(acdc, tmp_path, monkeypatch, capsys, output):
+    """ENOSPC while the submission is written: one line naming the output file, no temporary file left."""
+    import errno
+    import os
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("shutil.copyfile", full)
+    monkeypatch.setattr("zipfile.ZipFile.write", full)
+    assert main(["--challenge", "acdc", "-i", str(acdc), "-o", str(tmp_path / "out" / output)]) == 2
+    message = capsys.readouterr().err
+    assert f"no space left on the device holding {tmp_path / 'out' / output}" in message
+    assert message.count("\n") == 1 and list((tmp_path / "out").iterdir()) == []

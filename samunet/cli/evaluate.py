@@ -89,6 +89,11 @@ def _dataset_json(args: argparse.Namespace) -> dict:
     if not isinstance(content, dict):
         raise EvaluationError(f"{path} holds a {type(content).__name__}, not dataset.json's object; "
                               f"fix or regenerate it")
+    missing = [key for key in ("labels", "file_ending") if key not in content]
+    if missing:
+        raise EvaluationError(f"{path} lacks {', '.join(missing)}, so it is not a data set's dataset.json "
+                              f"(plans.json and summary.json are not); give the dataset.json of the data set "
+                              f"(nnUNet_raw/DatasetXXX_Name/dataset.json) with -djfile, or -d DATASET")
     return content
 
 

@@ -56,7 +56,7 @@ def _apply(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     functions, kwargs = load_postprocessing(args.pp_pkl_file)
     written = apply_postprocessing_to_folder(args.i, args.o, functions, kwargs, args.plans_json, args.dataset_json,
-                                             args.np)
+                                             args.np, origin=args.pp_pkl_file)
     print(f"Postprocessed {len(written)} prediction(s) into {args.o} "
           f"({', '.join(f.__name__ for f in functions) or 'no change: nothing was adopted'})")
     return 0

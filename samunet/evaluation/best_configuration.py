@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from samunet.errors import DatasetError
+from samunet.evaluation.cv_summary import train_command
 from samunet.evaluation.model_selection import model_identifier
 from samunet.staged_writes import staged_outputs
 
@@ -83,7 +84,7 @@ def available_models(models: Sequence[TrainedModel], dataset_folder: Path,
             continue
         if not folder.is_dir():
             raise DatasetError(f"no trained model in {folder}; train the folds first "
-                               f"(samunet_train_cv DATASET {model.configuration} -tr {model.trainer} --npz)")
+                               f"(samunet_train_cv {folder.parent.name} {model.configuration} -tr {model.trainer} --npz)")
         kept.append(model)
     if not kept:
         raise DatasetError("none of the requested models exists: " + "; ".join(notes))
@@ -110,7 +111,7 @@ def merge_cross_validation(model_folder: Path, folds: Sequence[int], output: Pat
         validation = model_folder / f"fold_{fold}" / "validation"
         if not validation.is_dir():
             raise DatasetError(f"fold {fold} of {model_folder.name} has no validation predictions ({validation}); "
-                               f"train it: samunet_train DATASET CONFIGURATION {fold} -tr TRAINER --npz")
+                               f"train it: {train_command(model_folder, fold, '--npz')}")
         present = {p.name[:-len(file_ending)] for p in validation.glob(f"*{file_ending}")}
         if splits is not None:
             if fold >= len(splits):

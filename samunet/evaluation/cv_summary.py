@@ -67,14 +67,23 @@ def _read_splits(preprocessed: Path) -> list[dict]:
     return splits
 
 
+def train_command(model_folder: Path, fold: int | str, *options: str) -> str:
+    """The ``samunet_train`` command that trains (with ``options``: validates) ``fold`` of the model in
+    ``model_folder`` (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``)."""
+    trainer, _, rest = model_folder.name.partition("__")
+    plans, _, configuration = rest.rpartition("__")
+    plans_option = [] if plans in ("", "samunetPlans") else ["-p", plans]
+    return " ".join(["samunet_train", model_folder.parent.name, configuration or "CONFIGURATION", str(fold),
+                     "-tr", trainer, *plans_option, *options])
+
+
 def check_folds(model_folder: Path, splits: list[dict], file_ending: str) -> list[str]:
-    """Problems of the five folds (empty when all are complete)."""
+    """Problems of the five folds (empty when all are complete), each with the command that mends it."""
     problems = []
     for fold in range(NUM_FOLDS):
         folder = model_folder / f"fold_{fold}"
         if not folder.is_dir():
-            problems.append(f"fold {fold}: {folder} does not exist "
-                            f"(train it: samunet_train DATASET CONFIGURATION {fold} -tr TRAINER)")
+            problems.append(f"fold {fold}: {folder} does not exist (train it: {train_command(model_folder, fold)})")
             continue
         if not (folder / FINAL_CHECKPOINT).is_file():
             problems.append(f"fold {fold}: no {FINAL_CHECKPOINT} in {folder}; training has not finished")
@@ -86,7 +95,7 @@ def check_folds(model_folder: Path, splits: list[dict], file_ending: str) -> lis
             shown = ", ".join(missing[:MAX_LISTED_CASES]) + (" ..." if len(missing) > MAX_LISTED_CASES else "")
             problems.append(f"fold {fold}: {len(missing)} of {len(splits[fold]['val'])} validation case(s) have no "
                             f"prediction in {validation}: {shown} (re-run its validation: "
-                            f"samunet_train DATASET CONFIGURATION {fold} -tr TRAINER --val)")
+                            f"{train_command(model_folder, fold, '--val')})")
         extra = sorted(predicted - set(splits[fold]["val"]))
         if extra:
             problems.append(f"fold {fold}: {validation} holds predictions of cases outside the fold's validation "
@@ -145,8 +154,8 @@ def summarise_cross_validation(model_folder: Path, preprocessed: Path, dataset_j
     splits = _read_splits(preprocessed)
     problems = check_folds(model_folder, splits, dataset_json["file_ending"])
     if problems:
-        raise CrossValidationError(f"cannot summarise {model_folder}: {len(problems)} problem(s):\n  "
-                                   + "\n  ".join(problems))
+        raise CrossValidationError(f"cannot summarise {model_folder}: {len(problems)} problem(s): "
+                                   + "; ".join(problems))
     per_case, per_fold = {}, {}
     for fold in range(NUM_FOLDS):
         logger.info("scoring fold %d (%d cases)", fold, len(splits[fold]["val"]))

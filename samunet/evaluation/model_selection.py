@@ -3,7 +3,9 @@
 Built on nnunetv2's own pieces: :func:`nnunetv2.ensembling.ensemble.merge_files` (average the
 ``.npz`` probabilities of a case, argmax, write the label map with the ``.pkl`` geometry),
 :func:`~nnunetv2.ensembling.ensemble.ensemble_folders`. samunet adds the checks that
-nnunetv2 leaves to asserts (missing probabilities, folders that disagree on cases) and scores
+nnunetv2 leaves to asserts or tracebacks (missing, unreadable or cut-off probability files, files of
+another class count or shape, folders that disagree on cases: all found before anything is written and
+reported in one line, each naming the file) and scores
 with its own metrics, as ``samunet_cv_summary`` does, so single models and ensembles compare
 on the same foreground Dice (mean of the class means over all cross-validation cases).
 nnunetv2 writes the ensembled files into a scratch folder; they are checked and moved into place
@@ -33,29 +35,101 @@ def _listed(names: Sequence[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + (" ..." if len(names) > MAX_LISTED else "")
 
 
+# kind -> (what is wrong, how to fix it), in the order the message lists them
+PROBABILITY_PROBLEMS = {
+    "missing": ("probability files missing",
+                "write the softmax probabilities of every case into every folder (samunet_predict "
+                "--save_probabilities writes CASE.npz and CASE.pkl next to CASE's label map), or remove the case "
+                "from all folders"),
+    "unreadable": ("probability files that cannot be read",
+                   "predict these cases again with --save_probabilities (an empty or cut-off file is usually an "
+                   "interrupted write or copy)"),
+    "classes": ("probabilities with another number of classes than dataset.json's labels",
+                "ensemble only predictions of models trained on this data set's labels"),
+    "shape": ("cases whose probabilities differ in shape between the folders",
+              "ensemble predictions of the same test images, made by models of the same data set"),
+}
+
+
+def _raise_problems(subject: str, problems: Sequence[tuple[str, str]]) -> None:
+    """One :class:`DatasetError` in one line for ``(kind, detail)`` problems, grouped by kind (the kinds of
+    :data:`PROBABILITY_PROBLEMS`), each kind with how to fix it; nothing when there are none."""
+    if not problems:
+        return
+    found: dict[str, list[str]] = {kind: [] for kind in PROBABILITY_PROBLEMS}
+    for kind, detail in problems:
+        found[kind].append(detail)
+    parts = [f"{PROBABILITY_PROBLEMS[kind][0].capitalize()}: {'; '.join(details[:MAX_LISTED])}"
+             f"{f'; and {len(details) - MAX_LISTED} more' if len(details) > MAX_LISTED else ''}. "
+             f"Fix: {PROBABILITY_PROBLEMS[kind][1]}." for kind, details in found.items() if details]
+    raise DatasetError(f"{subject} has {len(problems)} problem(s); nothing was written. {' '.join(parts)}")
+
+
 def probability_cases(folder: Path) -> set[str]:
-    """Cases of ``folder`` that have both ``CASE.npz`` and ``CASE.pkl``; refuses a folder without any."""
+    """Cases of ``folder`` that have a ``CASE.npz`` or a ``CASE.pkl``; refuses a folder without any .npz."""
     if not folder.is_dir():
         raise DatasetError(f"folder {folder} does not exist")
     npz = {p.name[:-4] for p in folder.glob("*.npz")}
     if not npz:
         raise DatasetError(f"{folder} holds no softmax probabilities (CASE.npz + CASE.pkl); predict with "
                            f"`samunet_predict ... --save-probabilities` (or train/validate with --npz)")
-    no_pkl = sorted(c for c in npz if not (folder / f"{c}.pkl").is_file())
-    if no_pkl:
-        raise DatasetError(f"{folder}: {len(no_pkl)} case(s) have a .npz but no .pkl (geometry): {_listed(no_pkl)}")
-    return npz
+    return npz | {p.name[:-4] for p in folder.glob("*.pkl")}
 
 
 def check_same_cases(folders: Sequence[Path]) -> list[str]:
-    """The cases shared by all folders; refuses folders that disagree."""
+    """The cases of all folders; refuses (one line, naming each file) a case whose .npz or .pkl is missing
+    in a folder."""
     cases = [probability_cases(folder) for folder in folders]
-    union = set().union(*cases)
-    problems = [f"{folder} lacks {len(union - have)} case(s): {_listed(union - have)}"
-                for folder, have in zip(folders, cases) if union - have]
-    if problems:
-        raise DatasetError("the folders do not hold the same cases: " + "; ".join(problems))
-    return sorted(union)
+    union = sorted(set().union(*cases))
+    problems = [("missing", str(folder / f"{case}{suffix}")) for case in union for folder in folders
+                for suffix in (".npz", ".pkl") if not (folder / f"{case}{suffix}").is_file()]
+    _raise_problems(f"ensembling {len(folders)} folders", problems)
+    return union
+
+
+def _probability_shape(path: Path) -> tuple[tuple[int, ...] | None, str | None]:
+    """(shape of the ``probabilities`` array of an .npz, None) after reading it whole, or (None, why not)."""
+    import numpy as np
+    try:
+        with np.load(path) as archive:
+            if "probabilities" not in archive.files:
+                return None, f"{path} holds no 'probabilities' array (it holds {archive.files})"
+            return tuple(archive["probabilities"].shape), None
+    except Exception as error:  # numpy, zipfile and zlib fail in many ways on a broken file; all mean the same
+        return None, f"{path} ({_short_error(error)})"
+
+
+def _short_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
+
+
+def check_probability_files(file_lists: Sequence[Sequence[Path]], num_classes: int, subject: str) -> None:
+    """Read every probability file to be ensembled (one list of ``CASE.npz`` per case, one file per folder or
+    model) and its ``CASE.pkl``, before anything is written: each must be readable, hold ``num_classes``
+    classes (dataset.json's labels, as nnunetv2's label manager counts them) and have the same shape as the
+    case's other files. Raises one :class:`DatasetError` in one line naming each file otherwise, starting
+    with ``subject`` (what is ensembled)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    problems = []
+    for files in file_lists:
+        shapes = {}
+        for path in map(Path, files):
+            try:
+                load_pickle(str(path.with_suffix(".pkl")))
+            except Exception as error:  # any unpickling failure: the geometry cannot be used
+                problems.append(("unreadable", f"{path.with_suffix('.pkl')} ({_short_error(error)})"))
+            shape, problem = _probability_shape(path)
+            if problem is not None:
+                problems.append(("unreadable", problem))
+            elif len(shape) < 3 or shape[0] != num_classes:
+                problems.append(("classes", f"{path} has shape {list(shape)}: {shape[0]} classes, dataset.json's "
+                                            f"labels make {num_classes}"))
+            else:
+                shapes[path] = shape[1:]
+        if len(set(shapes.values())) > 1:
+            problems.append(("shape", ", ".join(f"{path} {list(shape)}" for path, shape in shapes.items())))
+    _raise_problems(subject, problems)
 
 
 def _json_from(folders: Sequence[Path], name: str, given: dict | None) -> dict:
@@ -100,8 +174,9 @@ def ensemble_prediction_folders(folders: Sequence[str | os.PathLike], output_fol
     """Average the probabilities of the same cases in several folders; returns the label maps written.
 
     Same result as ``nnunetv2.ensembling.ensemble.ensemble_folders``, with its asserts turned into
-    one-line errors. The outputs (label maps, with ``save_probabilities`` the ``.npz`` / ``.pkl``, and
-    dataset.json / plans.json) are staged, checked and moved into ``output_folder`` only when all are
+    one-line errors; every .npz and .pkl is read and checked first (:func:`check_probability_files`). The
+    outputs (label maps, with ``save_probabilities`` the ``.npz`` / ``.pkl``, and dataset.json / plans.json)
+    are staged, checked and moved into ``output_folder`` only when all are
     complete (:func:`samunet.staged_writes.staged_outputs`): a full disk raises OSError naming the file and
     leaves the folder's previous files as they were.
     """
@@ -118,9 +193,12 @@ def ensemble_prediction_folders(folders: Sequence[str | os.PathLike], output_fol
     plans = _json_from(folders, "plans.json", plans)
     plans_manager = PlansManager(plans)
     ending = dataset_json["file_ending"]
+    file_lists = [[f / f"{c}.npz" for f in folders] for c in cases]
+    check_probability_files(file_lists, plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+                            f"ensembling {len(folders)} folders")
     with staged_outputs(output_folder, reader_writer=plans_manager.image_reader_writer_class(),
                         label_ending=ending) as staging:
-        _merge([[str(f / f"{c}.npz") for f in folders] for c in cases], [str(staging.path(c)) for c in cases],
+        _merge([list(map(str, files)) for files in file_lists], [str(staging.path(c)) for c in cases],
                plans_manager, dataset_json, num_processes, save_probabilities)
         for name, content in (("dataset.json", dataset_json), ("plans.json", plans)):
             staging.path(name).write_text(json.dumps(content, indent=2), encoding="utf-8")
@@ -149,13 +227,14 @@ def cv_foreground_dice(model_folder: Path, preprocessed: Path, dataset_json: dic
 
 def validation_probability_files(model_folder: Path, folds: Sequence[int]) -> dict[str, Path] | str:
     """Case -> validation .npz over the folds, or the reason why the model cannot be ensembled."""
+    from samunet.evaluation.cv_summary import train_command
     files: dict[str, Path] = {}
     for fold in folds:
         validation = model_folder / f"fold_{fold}" / "validation"
         found = sorted(validation.glob("*.npz")) if validation.is_dir() else []
         if not found:
             return (f"{validation} holds no .npz probabilities (train with --npz, or re-run the validation: "
-                    f"samunet_train DATASET CONFIG {fold} -tr TRAINER --val --npz)")
+                    f"{train_command(model_folder, fold, '--val', '--npz')})")
         for path in found:
             if not path.with_suffix(".pkl").is_file():
                 return f"{path} has no .pkl next to it"
@@ -197,6 +276,9 @@ def ensemble_cross_validation(model_folders: Sequence[Path], output_folder: Path
     plans_manager = PlansManager(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     ordered = sorted(union)
+    check_probability_files([[files[c] for files in probability_files] for c in ordered],
+                            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+                            f"ensembling the validation probabilities of {len(model_folders)} models")
     name = output_folder.name
     with staged_outputs(output_folder.parent, reader_writer=plans_manager.image_reader_writer_class(),
                         label_ending=dataset_json["file_ending"], whole=(name,)) as staging:

@@ -235,15 +235,38 @@ def load_postprocessing(path: str | os.PathLike) -> tuple[list[Callable], list[d
     return list(functions), list(kwargs)
 
 
+def check_postprocessing_labels(kwargs: Sequence[dict], label_manager, origin: str, labels_source: str) -> None:
+    """Refuse (one line) postprocessing steps whose ``labels_or_regions`` name a label that dataset.json
+    (``labels_source``, read into ``label_manager``) does not declare as foreground: a postprocessing.pkl
+    of another data set would otherwise be applied silently, to values the predictions do not hold."""
+    declared = {int(v) for v in label_manager.foreground_labels}
+    unknown, malformed = set(), []
+    for step in kwargs:
+        target = step.get("labels_or_regions") if isinstance(step, dict) else None
+        values = target if isinstance(target, (list, tuple)) else [target]
+        flat = [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if target is None or not all(isinstance(v, (int, np.integer)) for v in flat):
+            malformed.append(repr(step))
+            continue
+        unknown.update(int(v) for v in flat if int(v) not in declared)
+    if malformed or unknown:
+        found = f"steps without integer labels_or_regions: {', '.join(malformed)}" if malformed else \
+            f"labels_or_regions {sorted(unknown)}"
+        raise DatasetError(f"{origin} acts on {found}, but {labels_source} declares the foreground labels "
+                           f"{sorted(declared)}; use the postprocessing.pkl determined for this data set's model "
+                           f"(samunet_find_best or samunet_determine_postprocessing writes it)")
+
+
 def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLike,
                                    functions: Sequence[Callable], kwargs: Sequence[dict],
                                    plans: dict | str | os.PathLike | None = None,
                                    dataset_json: dict | str | os.PathLike | None = None,
-                                   num_processes: int = 1) -> list[Path]:
+                                   num_processes: int = 1, *, origin: str = "the postprocessing") -> list[Path]:
     """nnunetv2's ``apply_postprocessing_to_folder``: every prediction of ``input_folder`` postprocessed
     into ``output_folder`` (plans.json / dataset.json default to the input folder's, which
     samunet_predict and samunet_ensemble write), each moved into place once all are written and read
-    back. Returns the files written."""
+    back. Returns the files written. Steps acting on labels dataset.json does not declare are refused
+    (:func:`check_postprocessing_labels`; ``origin`` names the postprocessing file in that message)."""
     source, target = Path(input_folder), Path(output_folder)
     if not source.is_dir():
         raise DatasetError(f"input folder {source} does not exist")
@@ -255,7 +278,9 @@ def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folde
                                f"-dataset_json, e.g. the model folder's")
     plans = source / "plans.json" if plans is None else plans
     dataset_json = source / "dataset.json" if dataset_json is None else dataset_json
-    plans_manager, dataset_json, _ = _managers(plans, dataset_json)
+    labels_source = "the given dataset.json" if isinstance(dataset_json, dict) else str(dataset_json)
+    plans_manager, dataset_json, label_manager = _managers(plans, dataset_json)
+    check_postprocessing_labels(kwargs, label_manager, origin, labels_source)
     files = _files(source, dataset_json["file_ending"])
     if not files:
         raise DatasetError(f"{source} holds no '*{dataset_json['file_ending']}' predictions")

@@ -1,7 +1,9 @@
 """Write a validated submission: a zip (AMOS always; others when OUT ends in .zip) or a folder.
 
 Files are copied byte for byte under their submitted names. The output is built as a hidden
-temporary file or folder next to OUT and moved into place with ``os.replace``.
+temporary file or folder next to OUT, flushed to the disk and moved into place with ``os.replace``;
+a failed write (a full disk) raises an ``OSError`` naming the output file, leaves no temporary file
+and keeps a previous output as it was.
 """
 from __future__ import annotations
 
@@ -20,28 +22,48 @@ from samunet.submission.validation import validate_predictions
 logger = logging.getLogger(__name__)
 
 
+def _naming(error: OSError, output: Path) -> OSError:
+    """``error`` naming ``output`` (a write into a temporary file names that file, or nothing at all)."""
+    return OSError(error.errno, error.strerror or str(error), os.fspath(output))
+
+
 def _write_zip(files: dict[str, Path], output: Path, folder: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+        os.close(handle)
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
             for name, source in sorted(files.items()):
                 archive.write(source, folder + name)
+        with open(temporary, "rb") as stream:  # a full disk may only show when the data reaches it
+            os.fsync(stream.fileno())
         os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        raise _naming(error, output) from error
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
 
 
 def _write_folder(files: dict[str, Path], output: Path) -> None:
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
         for name, source in files.items():
-            shutil.copyfile(source, staging / name)
+            try:
+                shutil.copyfile(source, staging / name)
+                with open(staging / name, "rb") as stream:
+                    os.fsync(stream.fileno())
+            except OSError as error:
+                raise _naming(error, output / name) from error
         replace_folder(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as error:
+        if error.filename is not None and Path(error.filename).is_relative_to(output):
+            raise
+        raise _naming(error, output) from error
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_submission(challenge_name: str, prediction_dir: str | Path, output: str | Path,

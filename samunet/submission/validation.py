@@ -1,9 +1,11 @@
 """Check a prediction folder against a converted benchmark's test images before it is submitted.
 
 The expected cases are the images in ``<dataset>/imagesTs`` (channel ``_0000``). Every problem is
-collected and reported together: predictions missing or without a test image, names the challenge
-cannot take, a grid (size, spacing, origin, direction) that differs from the test image, label
-values outside the challenge's, and a dataset.json whose label convention is not the challenge's.
+collected and reported together, in one line grouped by kind (each kind with its fix): predictions
+missing or without a test image, names the challenge cannot take, files that cannot be read (or are
+cut off), a grid (size, spacing, origin, direction) that differs from the test image, label values
+that are not whole numbers or not the challenge's, and a dataset.json whose label convention is not
+the challenge's.
 """
 from __future__ import annotations
 
@@ -14,28 +16,94 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, read_header
+from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, nifti_truncation, read_header
 from samunet.submission import SubmissionError
 from samunet.submission.challenges import Challenge
 
 logger = logging.getLogger(__name__)
 
 GEOMETRY_TOLERANCE = 1e-3
-MAX_LISTED_PROBLEMS = 30
+MAX_LISTED_PROBLEMS = 10
+MAX_LISTED_VALUES = 6
 CHANNEL_SUFFIX = "_0000"
 
 
-def _geometry_problem(prediction: Path, image: Path) -> str | None:
-    predicted, expected = read_header(prediction), read_header(image)
+# kind -> (what is wrong, how to fix it), in the order the message lists them
+PROBLEM_KINDS = {
+    "convention": ("a label convention that is not the challenge's",
+                   "convert the benchmark with samunet_convert, which writes the challenge's labels"),
+    "missing": ("test images without a prediction", "predict every test image (samunet_predict -i imagesTs)"),
+    "extra": ("predictions without a test image", "move them out of the prediction folder"),
+    "name": ("cases without a submission name",
+             "predict the test images that samunet_convert wrote, whose names the challenge takes"),
+    "unreadable": ("predictions that cannot be read", "predict these cases again (an empty or cut-off file is usually "
+                                                      "an interrupted write or copy)"),
+    "geometry": ("predictions on another grid than their test image",
+                 "predict with samunet_predict, which exports in the test image's geometry"),
+    "values": ("label values the challenge does not take",
+               "predict with samunet_predict, which writes whole-number labels of the data set (a label map is "
+               "never linearly resampled or saved as float fractions)"),
+}
+
+
+def _short_error(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line for line in reversed(lines) if "ERROR" in line), lines[-1] if lines else "")
+    return f"{type(error).__name__}: {line.split('ERROR: ', 1)[-1]}" if line else type(error).__name__
+
+
+def _geometry_problem(prediction: Path, image: Path) -> tuple[str, str] | None:
+    """(kind, detail) when the prediction's grid differs from its test image's or a header cannot be read."""
+    try:
+        predicted = read_header(prediction)
+    except RuntimeError as error:
+        return "unreadable", f"{prediction} ({_short_error(error)})"
+    try:
+        expected = read_header(image)
+    except RuntimeError as error:
+        return "unreadable", f"test image {image} ({_short_error(error)})"
     field = geometry_difference(predicted, expected, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE)
     if field is None:
         return None
-    if field == "size":
-        return f"{prediction.name}: size {predicted[0]} differs from its test image's {expected[0]}"
     index = GEOMETRY_FIELDS.index(field)
-    return (f"{prediction.name}: {field} {np.round(predicted[index], 4).tolist()} differs from its test image's "
-            f"{np.round(expected[index], 4).tolist()} (predict with samunet_predict, which exports in the original "
-            f"geometry)")
+    return "geometry", (f"{prediction.name}: {field} {np.round(predicted[index], 4).tolist()} differs from its test "
+                        f"image's {np.round(expected[index], 4).tolist()}")
+
+
+def _value_problem(prediction: Path, challenge: Challenge) -> tuple[str, str] | None:
+    """(kind, detail) when a prediction holds values that are not whole numbers or not the challenge's labels."""
+    lacking = nifti_truncation(prediction) if prediction.name.endswith((".nii", ".nii.gz")) else None
+    if lacking:  # SimpleITK reads a cut-off NIfTI without complaint
+        return "unreadable", f"{prediction} is truncated ({lacking} missing)"
+    try:
+        values = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))))
+    except RuntimeError as error:
+        return "unreadable", f"{prediction} ({_short_error(error)})"
+    fractional = values[~np.isfinite(values) | (values != np.round(values))]
+    if fractional.size:
+        shown = ", ".join(str(round(float(v), 4)) for v in fractional[:MAX_LISTED_VALUES])
+        return "values", f"{prediction.name}: label values {shown} are not whole numbers"
+    unexpected = sorted({int(v) for v in values} - challenge.label_values)
+    if unexpected:
+        return "values", (f"{prediction.name}: label values {unexpected} are not in the challenge's "
+                          f"{sorted(challenge.label_values)}")
+    return None
+
+
+def _raise_problems(subject: str, problems: list[tuple[str, str]]) -> None:
+    """One :class:`SubmissionError` in one line: the problems grouped by kind, each kind with its fix."""
+    if not problems:
+        return
+    found: dict[str, list[str]] = {kind: [] for kind in PROBLEM_KINDS}
+    for kind, detail in problems:
+        found[kind].append(detail)
+    parts = []
+    for kind, details in found.items():
+        if details:
+            more = f"; and {len(details) - MAX_LISTED_PROBLEMS} more" if len(details) > MAX_LISTED_PROBLEMS else ""
+            what, fix = PROBLEM_KINDS[kind]
+            parts.append(f"{what.capitalize()}: {'; '.join(details[:MAX_LISTED_PROBLEMS])}{more}. Fix: {fix}.")
+    raise SubmissionError(f"{subject} has {len(problems)} problem(s); nothing was written. {' '.join(parts)}")
 
 
 def _cases(folder: Path, suffix: str) -> dict[str, Path]:
@@ -72,40 +140,29 @@ def validate_predictions(challenge: Challenge, prediction_dir: Path, dataset_fol
     problems = []
     convention = challenge.labels_problem(dataset_json)
     if convention:
-        problems.append(f"{dataset_folder / 'dataset.json'}: {convention}")
+        problems.append(("convention", f"{dataset_folder / 'dataset.json'}: {convention}"))
     missing = sorted(set(images) - set(predictions))
     if missing:
-        problems.append(f"{len(missing)} test image(s) have no prediction: {', '.join(missing)}")
+        problems.append(("missing", ", ".join(missing)))
     extra = sorted(set(predictions) - set(images))
     if extra:
-        problems.append(f"{len(extra)} prediction(s) have no test image in {dataset_folder / 'imagesTs'}: "
-                        f"{', '.join(extra)}")
+        problems.append(("extra", f"{', '.join(extra)} (no such image in {dataset_folder / 'imagesTs'})"))
     submitted = {}
     for case in sorted(set(images) & set(predictions)):
         try:
             name = challenge.name_for(case, dataset_json)
         except ValueError as reason:
-            problems.append(f"{case}: cannot be named for {challenge.name}: {reason}")
+            problems.append(("name", f"{case}: cannot be named for {challenge.name}: {reason}"))
             continue
         if name in submitted:
-            problems.append(f"{case}: would be submitted as {name}, which another case already takes")
+            problems.append(("name", f"{case} would be submitted as {name}, which another case already takes"))
             continue
-        mismatch = _geometry_problem(predictions[case], images[case])
-        if mismatch:
-            problems.append(mismatch)
-            continue
-        values = {int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(predictions[case]))))}
-        unexpected = sorted(values - challenge.label_values)
-        if unexpected:
-            problems.append(f"{predictions[case].name}: label values {unexpected} are not in the challenge's "
-                            f"{sorted(challenge.label_values)}")
+        problem = _geometry_problem(predictions[case], images[case]) or _value_problem(predictions[case], challenge)
+        if problem:
+            problems.append(problem)
             continue
         submitted[name] = predictions[case]
-    if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise SubmissionError(f"{len(problems)} problem(s) with the {challenge.name} predictions in {prediction_dir}; "
-                              f"nothing was written:\n  {listed}{more}")
+    _raise_problems(f"the {challenge.name} prediction folder {prediction_dir}", problems)
     if challenge.official_count is not None and len(submitted) != challenge.official_count:
         logger.warning("the official %s test set has %d cases; this submission holds %d", challenge.name,
                        challenge.official_count, len(submitted))

@@ -1,7 +1,8 @@
 """Benchmark converters (AMOS22 task 1, ACDC, Synapse) into nnU-Net's raw layout, and what they share.
 
-Every converter checks its whole input first and lists every problem it finds in one
-:class:`ConversionError`; only then does it write. The dataset is built in a hidden folder next to
+Every converter checks its whole input first (every file it reads: present, complete, readable, on
+its image's grid, with the benchmark's labels) and lists every problem it finds in one
+:class:`ConversionError`, one line; only then does it write. The dataset is built in a hidden folder next to
 the target (``nnUNet_raw/.DatasetXXX_Name.*.partial``), checked with
 :func:`samunet.preprocessing.dataset_checks.validate_raw_dataset`, and moved into place with
 ``os.replace``, so an interrupted conversion leaves no half-written dataset behind.
@@ -19,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samunet.errors import DatasetError
-from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, read_header, replace_folder
+from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, nifti_truncation, read_header, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,38 @@ class ConversionError(DatasetError):
 
 
 def raise_if_problems(problems: list[str], source: Path, what: str) -> None:
-    """Raise one :class:`ConversionError` listing ``problems`` (at most 20 shown), if there are any."""
+    """Raise one :class:`ConversionError` listing ``problems`` (at most 20 shown) in one line, if there are any."""
     if not problems:
         return
-    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-    raise ConversionError(f"{what} source {source} has {len(problems)} problem(s); nothing was written:\n"
-                          f"  {listed}{more}")
+    more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    raise ConversionError(f"{what} source {source} has {len(problems)} problem(s); nothing was written: "
+                          f"{'; '.join(problems[:MAX_LISTED_PROBLEMS])}{more}")
+
+
+def unreadable(path: Path) -> str | None:
+    """A sentence saying why the image or label file ``path`` cannot be used (empty, a NIfTI cut off before
+    its voxel data ends, which SimpleITK reads without complaint, or a header SimpleITK cannot read), or None."""
+    if path.stat().st_size == 0:
+        return f"{path} is empty (0 bytes); copy it again from the release"
+    lacking = nifti_truncation(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
+    if lacking:
+        return f"{path} is truncated ({lacking} missing); copy it again from the release"
+    try:
+        read_header(path)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "ERROR" in line), lines[-1] if lines else "")
+        reason = reason.split("ERROR: ", 1)[-1].replace(f'"{path}"', "it") or type(error).__name__
+        return f"{path} cannot be read ({reason}); copy it again from the release"
+    return None
 
 
 def geometry_problem(image: Path, label: Path) -> str | None:
-    """A sentence saying how the label's grid differs from the image's, or None when they match."""
+    """A sentence saying why the label cannot go with the image: either file unreadable (:func:`unreadable`),
+    the image not 3D, or the label's grid different from the image's; None when they match."""
+    broken = [problem for problem in map(unreadable, (image, label)) if problem]
+    if broken:
+        return "; ".join(broken)
     image_geometry, label_geometry = read_header(image), read_header(label)
     if len(image_geometry[0]) != 3:
         return f"{image} is {len(image_geometry[0])}D; a 3D volume is expected"

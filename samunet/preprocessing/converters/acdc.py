@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from samunet.preprocessing.converters import (ConversionError, geometry_problem, label_values, raise_if_problems,
-                                              read_header, staged_dataset, target_folder, write_splits)
+                                              read_header, staged_dataset, target_folder, unreadable, write_splits)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,10 @@ def _patient_frames(folder: Path, number: int, needs_labels: bool, expected: ran
                 problems.append(f"{folder}: {label.name} (ground truth of the {phase} frame) is missing")
                 continue
             label = None
+        broken = unreadable(image)
+        if broken:
+            problems.append(broken)
+            continue
         dimension = len(read_header(image)[0])
         if dimension != 3:
             problems.append(f"{image} is {dimension}D; ACDC frames are 3D volumes")
