@@ -7,9 +7,11 @@ command refuses is refused by the other in the same words. Every problem found i
 is written, as one :class:`~samunet.errors.InputFilesError` whose one-line message groups them by
 kind, each kind with how to fix it (:func:`raise_if_problems`).
 
-- Names (:func:`files_with_ending`, :func:`channel_suffix_problems`): image files in another
-  format than dataset.json's ``file_ending`` (or the same case in two formats), image files without
-  nnU-Net's 4-digit channel suffix (``CASE_0000<file_ending>``).
+- Names (:func:`files_with_ending`, :func:`channel_suffix_problems`): entries named like images that
+  are no readable regular file (a broken symbolic link, a folder, a fifo: nnunetv2's listing would
+  drop them without a word), image files in another format than dataset.json's ``file_ending`` (or
+  the same case in two formats), image files without nnU-Net's 4-digit channel suffix
+  (``CASE_0000<file_ending>``).
 - Contents (:func:`inspect_case`, one call per case, run for all cases in a process pool by
   :func:`inspect_cases`): every file is read once with the nnunetv2 reader the dataset uses
   (:func:`reader_class_for`), which finds empty and unreadable files (and truncated NIfTI files,
@@ -19,14 +21,21 @@ kind, each kind with how to fix it (:func:`raise_if_problems`).
   reader counts them (an RGB png is 3) against ``channel_names``; non-finite voxels; label values
   that are not whole numbers, negative, or not declared; and size, spacing, origin and direction of
   every channel and of the label against the case's first channel.
+- At prediction, given the model's grid (:class:`ModelGrid`), the size each test image takes once
+  resampled to the model's spacing (as nnunetv2's preprocessor computes it): an axis shrinking below
+  one pixel is refused (a header in the wrong units, e.g. metres); a case growing beyond
+  :data:`LARGE_CASE_FACTOR` times the model's median image size on an axis is a warning naming the
+  sliding-window steps it implies (:data:`WARNING_KINDS`: logged, not raised).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import multiprocessing
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
@@ -35,6 +44,8 @@ import numpy as np
 
 from samunet.errors import DatasetError, InputFilesError
 from samunet.image_io import GEOMETRY_FIELDS, differing_geometry_fields, nifti_truncation, read_image_header
+
+logger = logging.getLogger(__name__)
 
 MAX_LISTED_PER_KIND = 8
 MAX_LISTED_VALUES = 6
@@ -45,6 +56,10 @@ GEOMETRY_RTOL = 1e-5
 # the wrong format (files of any other ending, e.g. a README or Tiff3DIO's spacing .json, are ignored)
 OTHER_IMAGE_ENDINGS = (".nii", ".mhd", ".nhdr", ".jpg", ".jpeg", ".dcm", ".npy", ".npz")
 CHANNEL_SUFFIX = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")
+# a test image resampled to more than this many times the model's median image size on an axis is a
+# warning: 10x per axis is 100x the work of a typical 2D case (1000x in 3D), minutes instead of seconds,
+# and far beyond the sizes the model was trained on (usually a header in the wrong units, e.g. cm)
+LARGE_CASE_FACTOR = 10
 
 # kind -> (what is wrong, how to fix it); the order of first appearance orders the message
 PROBLEM_KINDS: dict[str, tuple[str, str]] = {
@@ -80,6 +95,10 @@ PROBLEM_KINDS: dict[str, tuple[str, str]] = {
     "num_training": (
         "a wrong numTraining",
         "set numTraining in dataset.json to the number of training cases"),
+    "not_a_file": (
+        "entries named like images that are not readable files",
+        "make each a regular, readable image file: point a broken symbolic link at an existing file (or replace "
+        "it by the file), move folders and pipes out of the image folder"),
     "unreadable": (
         "files that cannot be read",
         "replace each with a complete copy (an empty or truncated file is usually an interrupted copy or "
@@ -114,7 +133,30 @@ PROBLEM_KINDS: dict[str, tuple[str, str]] = {
         "images and labels on different grids",
         "resample the label (nearest neighbour) or the channel onto the case's first image, e.g. "
         "sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor), or correct the header"),
+    "spacing_too_fine": (
+        "images that would shrink below one pixel when resampled to the model's spacing",
+        "check the header's units: nnU-Net takes spacing in mm (a header written in metres or micrometres is "
+        "1000x off); correct the spacing (e.g. image.SetSpacing) and save the files again"),
+    "large_case": (
+        "images far larger than the model's cases once resampled to its spacing",
+        f"expect a long run; if this is not a {LARGE_CASE_FACTOR}x larger field of view, check the header's units "
+        "(nnU-Net takes spacing in mm)"),
 }
+# kinds that are reported as warnings and never refuse the input
+WARNING_KINDS = frozenset({"large_case"})
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """What a trained model resamples its inputs to: the configuration's ``spacing`` (after the plans'
+    ``transpose_forward``; 2 values for a 2D configuration), ``transpose_forward``, the configuration's
+    ``median_image_size_in_voxels``, its ``patch_size`` and the predictor's sliding-window step
+    (``tile_step_size``)."""
+    spacing: tuple[float, ...]
+    transpose_forward: tuple[int, ...]
+    median_size: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    tile_step_size: float
 
 
 @dataclass(frozen=True)
@@ -131,6 +173,7 @@ def raise_if_problems(subject: str, problems: Sequence[Problem]) -> None:
     The message is one line: ``<subject> has N problem(s).`` and then, per kind in the order found,
     what is wrong, the first :data:`MAX_LISTED_PER_KIND` details and how to fix it.
     """
+    problems = [problem for problem in problems if problem.kind not in WARNING_KINDS]
     if not problems:
         return
     details: dict[str, list[str]] = {}
@@ -179,16 +222,22 @@ def files_with_ending(folder: Path, file_ending: str, root: Path) -> tuple[list[
     other image file there: a case already present in ``file_ending`` (``duplicate``) or another
     image format (``ending``). Non-image files and sub-folders are ignored, as nnunetv2 does."""
     endings = image_endings()
-    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
+    problems = []
+    names = []
+    for name in sorted(entry.name for entry in os.scandir(folder)):
+        if not name.endswith(file_ending) and not any(name.lower().endswith(e) for e in endings):
+            continue  # not an image: ignored, as nnunetv2 ignores it
+        reason = not_a_readable_file(folder / name)
+        if reason:
+            problems.append(Problem("not_a_file", f"{display_name(folder / name, root)} {reason}"))
+        else:
+            names.append(name)
     matching = [name for name in names if name.endswith(file_ending)]
     stems = {name[:-len(file_ending)] for name in matching}
-    problems = []
     for name in names:
         if name in matching:
             continue
-        ending = next((e for e in endings if name.lower().endswith(e)), None)
-        if ending is None:
-            continue
+        ending = next(e for e in endings if name.lower().endswith(e))
         stem = name[:-len(ending)]
         if stem in stems:
             problems.append(Problem("duplicate", f"{display_name(folder / name, root)} and "
@@ -197,6 +246,24 @@ def files_with_ending(folder: Path, file_ending: str, root: Path) -> tuple[list[
             problems.append(Problem("ending", f"{display_name(folder / name, root)} ends with {name[len(stem):]}, "
                                               f"dataset.json's file_ending is {file_ending}"))
     return matching, problems
+
+
+def not_a_readable_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is no regular file this process can read (a broken symbolic link, a folder, a fifo,
+    socket or device, no read permission), or None when it is one."""
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except OSError as error:
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"cannot be opened ({error.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a fifo, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "is not readable (no read permission)"
+    return None
 
 
 def channel_suffix_problems(names: Iterable[str], file_ending: str, folder: Path,
@@ -225,12 +292,13 @@ def channel_suffix_problems(names: Iterable[str], file_ending: str, folder: Path
 
 def inspect_case(case: str, image_files: Sequence[str], label_file: str | None, reader_class,
                  channel_names: Sequence[str], declared_labels: Collection[int] | None, root: str,
-                 file_ending: str) -> list[Problem]:
+                 file_ending: str, model_grid: ModelGrid | None = None) -> list[Problem]:
     """Read one case's files with ``reader_class`` (nnunetv2's) and return what is wrong with them.
 
     ``channel_names``: dataset.json's, in channel order; ``declared_labels``: the label values
     dataset.json declares (None: not checked, e.g. when the declaration itself is wrong);
-    ``label_file``: None for a case without label (prediction). Problems are named relative to
+    ``label_file``: None for a case without label (prediction); ``model_grid``: the model a test case
+    is predicted with (:func:`resampling_problems` on its first channel). Problems are named relative to
     ``root``. Runs in a worker process of :func:`inspect_cases`.
     """
     problems: list[Problem] = []
@@ -252,16 +320,55 @@ def inspect_case(case: str, image_files: Sequence[str], label_file: str | None, 
                                problems)
         if label is not None:
             _compare_grids(case, f"image {reference.name}", reference, f"its label {label.name}", label, problems)
+        if model_grid is not None and images[0] is not None and reference.spacing is not None:
+            problems += resampling_problems(reference.name, reference.shape, reference.spacing, model_grid)
     return problems
+
+
+def resampling_problems(name: str, shape: Sequence[int], spacing: Sequence[float],
+                        grid: ModelGrid) -> list[Problem]:
+    """What resampling an image of ``shape`` and ``spacing`` (as nnunetv2's reader returns them, before
+    ``transpose_forward``) to the model's ``grid`` would do wrong, computed as nnunetv2's preprocessor
+    computes the new shape: a ``spacing_too_fine`` problem when an axis would shrink below one pixel
+    (nnunetv2 would fail on a zero-size array), a ``large_case`` warning when an axis would grow beyond
+    :data:`LARGE_CASE_FACTOR` times the model's median image size, with the sliding-window steps implied."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    order = list(grid.transpose_forward)
+    shape = [int(shape[i]) for i in order]
+    spacing = [float(spacing[i]) for i in order]
+    target = list(grid.spacing)
+    if len(target) < len(shape):  # a 2D configuration keeps the slice axis' own spacing, as nnunetv2 does
+        target = spacing[:len(shape) - len(target)] + target
+    exact = [size * old / new for size, old, new in zip(shape, spacing, target)]
+    shown = f"spacing {_rounded(spacing)} mm, the model's {_rounded(grid.spacing)} mm"
+    if min(exact) < 1:
+        return [Problem("spacing_too_fine", f"{name} ({shown}) would be {_rounded(exact)} pixels (axes in the "
+                                            f"model's order)")]
+    new_shape = [int(round(size)) for size in exact]
+    compared = new_shape[len(new_shape) - len(grid.median_size):]
+    if not any(size > LARGE_CASE_FACTOR * median for size, median in zip(compared, grid.median_size)):
+        return []
+    patch = list(grid.patch_size)
+    windows = new_shape[len(new_shape) - len(patch):]
+    steps = compute_steps_for_sliding_window([max(s, p) for s, p in zip(windows, patch)], patch,
+                                             grid.tile_step_size)
+    count = int(np.prod([len(axis) for axis in steps])) * int(np.prod(new_shape[:len(new_shape) - len(patch)]))
+    return [Problem("large_case", f"{name} ({shown}) resamples to {new_shape} voxels, more than {LARGE_CASE_FACTOR}x "
+                                  f"the model's median image size {[int(round(m)) for m in grid.median_size]}: "
+                                  f"{count} sliding-window steps")]
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [float(f"{float(v):.4g}") for v in values]
 
 
 def inspect_cases(cases: Sequence[tuple[str, Sequence[str], str | None]], reader_class, channel_names: Sequence[str],
                   declared_labels: Collection[int] | None, root: str | os.PathLike, file_ending: str,
-                  num_processes: int) -> list[Problem]:
+                  num_processes: int, model_grid: ModelGrid | None = None) -> list[Problem]:
     """:func:`inspect_case` for each (case, image files, label file or None), in a pool of
     ``num_processes`` spawned processes (in this process when it is 1 or less, or for one case)."""
-    tasks = [(case, list(images), label, reader_class, list(channel_names), declared_labels, str(root), file_ending)
-             for case, images, label in cases]
+    tasks = [(case, list(images), label, reader_class, list(channel_names), declared_labels, str(root), file_ending,
+              model_grid) for case, images, label in cases]
     if num_processes <= 1 or len(tasks) <= 1:
         results = [inspect_case(*task) for task in tasks]
     else:
@@ -277,20 +384,24 @@ def channel_names_of(dataset_json: dict) -> list[str]:
 
 
 def prediction_cases(folder: str | os.PathLike, dataset_json: dict, *, reader_class=None,
-                     num_processes: int = 0) -> list[list[str]]:
+                     num_processes: int = 0, model_grid: ModelGrid | None = None) -> list[list[str]]:
     """The cases of a prediction input folder, each the list of its channel files (nnunetv2's
     ``create_lists_from_splitted_dataset_folder``), after checking every file.
 
     ``dataset_json``: the model's; ``reader_class``: the model's reader (its plans'
     ``image_reader_writer``; default chosen from dataset.json as the planner does);
-    ``num_processes``: processes reading the files (<= 1: this process). Raises
-    :class:`DatasetError` for a missing folder and :class:`InputFilesError` listing every problem:
-    no images, other endings, missing channel suffixes, missing or extra channels, and everything
-    :func:`inspect_case` finds in the images.
+    ``num_processes``: processes reading the files (<= 1: this process); ``model_grid``: the model's
+    (:func:`resampling_problems`; warnings are logged). Raises :class:`DatasetError` for a missing
+    folder or a file given as the folder and :class:`InputFilesError` listing every problem: no images,
+    entries that are no readable file, other endings, missing channel suffixes, missing or extra
+    channels, and everything :func:`inspect_case` finds in the images.
     """
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
     folder = Path(folder)
     if not folder.is_dir():
+        if folder.exists():
+            raise DatasetError(f"input {folder} is a file, not a folder: -i takes the folder holding the images "
+                               f"(CASE_0000{dataset_json['file_ending']}, ...); give its folder {folder.parent}")
         raise DatasetError(f"input folder {folder} does not exist")
     ending = dataset_json["file_ending"]
     names, problems = files_with_ending(folder, ending, folder)
@@ -306,7 +417,11 @@ def prediction_cases(folder: str | os.PathLike, dataset_json: dict, *, reader_cl
             reader_class = reader_class_for(dataset_json, cases[0][0])
         tasks = [(os.path.basename(files[0])[:-len(ending) - 5], files, None) for files in cases]
         problems += inspect_cases(tasks, reader_class, channel_names_of(dataset_json), None, folder, ending,
-                                  num_processes)
+                                  num_processes, model_grid)
+    for problem in problems:
+        if problem.kind in WARNING_KINDS:
+            what, advice = PROBLEM_KINDS[problem.kind]
+            logger.warning("%s: %s; %s", what[0].upper() + what[1:], problem.detail, advice)
     raise_if_problems(f"input folder {folder}", problems)
     return cases
 
@@ -317,6 +432,7 @@ class _FileFacts:
     channels: int                   # as nnunetv2's reader counts them
     shape: tuple[int, ...]          # of the reader's array, without the channel axis
     header: tuple | None            # (size, spacing, origin, direction), None when SimpleITK cannot read it
+    spacing: tuple[float, ...] | None = None  # as the reader returns it (its axis order), None when not given
 
 
 @contextlib.contextmanager
@@ -374,7 +490,7 @@ def _inspect_file(path: str, reader_class, root: str, problems: list[Problem], *
     try:
         with _silenced():
             reader = reader_class()
-            array, _ = reader.read_seg(path) if is_label else reader.read_images((path,))
+            array, properties = reader.read_seg(path) if is_label else reader.read_images((path,))
     except Exception as error:  # any failure of a reader means the file cannot be used
         reason = _short_error(error).replace(str(path), name)
         problems.append(Problem("unreadable", f"{name} ({reader_class.__name__}: {reason})"))
@@ -384,8 +500,10 @@ def _inspect_file(path: str, reader_class, root: str, problems: list[Problem], *
         problems.append(Problem("non_finite", f"{name} has {non_finite} of {array.size}"))
     if is_label:
         _check_label_values(name, array, declared_labels, problems)
+    spacing = properties.get("spacing") if isinstance(properties, dict) else None
     return _FileFacts(name, int(array.shape[0]), tuple(array.shape[1:]),
-                      tuple(header[:4]) if header is not None else None)
+                      tuple(header[:4]) if header is not None else None,
+                      tuple(float(s) for s in spacing) if spacing is not None else None)
 
 
 def _check_label_values(name: str, array: np.ndarray, declared: Collection[int] | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 
 from samunet.cli.plan_and_preprocess import main as plan_main
 from samunet.errors import DatasetError, InputFilesError
-from samunet.input_checks import prediction_cases
+from samunet.input_checks import ModelGrid, prediction_cases
 from samunet.preprocessing.dataset_checks import validate_raw_dataset
 
 LABELS = {"background": 0, "organ": 1}
@@ -297,7 +298,11 @@ def _predict_error(tmp_path, monkeypatch, capsys, folder, model=MODEL) -> str:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     from samunet.cli import predict
-    stand_in = SimpleNamespace(dataset_json=model, plans_manager=SimpleNamespace(image_reader_writer_class=SimpleITKIO))
+    stand_in = SimpleNamespace(
+        dataset_json=model, tile_step_size=0.5,
+        plans_manager=SimpleNamespace(image_reader_writer_class=SimpleITKIO, transpose_forward=[0, 1, 2]),
+        configuration_manager=SimpleNamespace(spacing=[1.0, 1.0], median_image_size_in_voxels=[16.0, 16.0],
+                                              patch_size=[16, 16]))
     monkeypatch.setattr(predict, "build_predictor", lambda *args, **kwargs: stand_in)
     monkeypatch.setattr(predict, "prepare_environment", lambda: None)
     monkeypatch.setattr("samunet.preprocessing.dataset_checks.resolve_dataset_name", lambda dataset: "Dataset991_X")
@@ -440,3 +445,72 @@ def test_every_problem_is_listed_up_to_a_limit_per_kind(tmp_path):
 
 def test_a_good_dataset_passes(tmp_path):
     assert validate_raw_dataset(_dataset(tmp_path, _good_cases(2, channels=2), channel_names=("T1", "T2")))
+
+
+# ---- entries named like images that are no readable file; -i given a file ---------------------------
+
+def _not_files(folder: Path, prefix: str = "") -> None:
+    """A broken symbolic link, a folder and a fifo, each named like an image, in ``folder``."""
+    (folder / f"{prefix}link_0000.nii.gz").symlink_to(folder / "nowhere" / "x.nii.gz")
+    (folder / f"{prefix}folder_0000.nii.gz").mkdir()
+    os.mkfifo(folder / f"{prefix}pipe_0000.nii.gz")
+
+
+def test_entries_that_are_not_readable_files_are_named_at_prediction(tmp_path):
+    folder = _input_folder(tmp_path, ["case_0000_0000.nii.gz"])
+    _not_files(folder)
+    with pytest.raises(InputFilesError) as raised:
+        prediction_cases(folder, {**MODEL, "channel_names": {"0": "CT"}})
+    message = str(raised.value)
+    assert _kinds(raised.value) == ["not_a_file"] * 3 and message.count("\n") == 0
+    assert f"link_0000.nii.gz is a broken symbolic link (to {folder / 'nowhere' / 'x.nii.gz'}, which does not " \
+           "exist)" in message
+    assert "folder_0000.nii.gz is a folder, not a file" in message
+    assert "pipe_0000.nii.gz is not a regular file (a fifo, socket or device)" in message
+
+
+def test_entries_that_are_not_readable_files_are_named_at_planning(tmp_path):
+    folder = _dataset(tmp_path, _good_cases(2))
+    _not_files(folder / "imagesTr")
+    (folder / "labelsTr" / "gone.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    error = _problems(folder)
+    assert _kinds(error).count("not_a_file") == 4
+    assert "imagesTr/folder_0000.nii.gz is a folder, not a file" in str(error)
+    assert "labelsTr/gone.nii.gz is a broken symbolic link" in str(error)
+
+
+def test_an_input_file_given_as_the_folder_is_named_as_a_file(tmp_path):
+    image = _write(np.zeros(SHAPE, np.float32), tmp_path / "case_0000_0000.nii.gz")
+    with pytest.raises(DatasetError, match=f"input {image} is a file, not a folder: -i takes the folder holding the "
+                                           f"images .* give its folder {tmp_path}$"):
+        prediction_cases(image, MODEL)
+
+
+# ---- test images whose spacing does not fit the model's --------------------------------------------
+
+GRID = ModelGrid(spacing=(1.0, 1.0), transpose_forward=(0, 1, 2), median_size=(16.0, 16.0), patch_size=(16, 16),
+                 tile_step_size=0.5)
+
+
+def test_a_test_image_that_would_resample_below_one_pixel_is_refused(tmp_path):
+    folder = tmp_path / "in"
+    _write(np.zeros(SHAPE, np.float32), folder / "case_0000_0000.nii.gz", spacing=(0.0015, 0.0015, 0.003))
+    _write(np.zeros(SHAPE, np.float32), folder / "case_0001_0000.nii.gz")
+    with pytest.raises(InputFilesError) as raised:
+        prediction_cases(folder, {**MODEL, "channel_names": {"0": "CT"}}, model_grid=GRID)
+    assert _kinds(raised.value) == ["spacing_too_fine"]
+    assert "case_0000_0000.nii.gz (spacing [0.003, 0.0015, 0.0015] mm, the model's [1.0, 1.0] mm) would be " \
+           "[4.0, 0.024, 0.024] pixels" in str(raised.value) and "check the header's units" in str(raised.value)
+
+
+def test_a_test_image_far_larger_than_the_models_cases_is_a_warning_with_its_work(tmp_path, caplog):
+    folder = tmp_path / "in"
+    _write(np.zeros(SHAPE, np.float32), folder / "case_0000_0000.nii.gz", spacing=(20.0, 20.0, 1.0))
+    _write(np.zeros(SHAPE, np.float32), folder / "case_0001_0000.nii.gz", spacing=(10.0, 10.0, 1.0))  # 10x: fine
+    with caplog.at_level("WARNING", logger="samunet.input_checks"):
+        cases = prediction_cases(folder, {**MODEL, "channel_names": {"0": "CT"}}, model_grid=GRID)
+    assert len(cases) == 2 and len(caplog.records) == 1
+    # 320 px at step 8 with a 16-px patch: 39 windows per axis, 39 * 39 * 4 slices
+    assert "case_0000_0000.nii.gz (spacing [1.0, 20.0, 20.0] mm, the model's [1.0, 1.0] mm) resamples to " \
+           "[4, 320, 320] voxels, more than 10x the model's median image size [16, 16]: 6084 sliding-window " \
+           "steps" in caplog.text

@@ -144,3 +144,50 @@ def test_the_slice_stack_predictor_goes_through_the_same_path(tmp_path):
     assert isinstance(predictor, SliceStackPredictor)
     assert _outputs(tmp_path / "out") == ["case_0000.nii.gz", "case_0002.nii.gz", "dataset.json", "plans.json"]
     assert sitk.ReadImage(str(tmp_path / "out" / "case_0002.nii.gz")).GetSize() == SHAPE[::-1]
+
+
+def test_continue_redoes_cut_off_outputs_and_names_them(model, caplog):
+    """--continue_prediction keeps a case only when its outputs are complete: a cut-off label map or .npz
+    (a copy interrupted, a disk that filled up under another program) is predicted again, with a warning."""
+    predictor = _predictor()
+    predict_folder(predictor, model["images"], model["out"], save_probabilities=True)
+    label, npz = model["out"] / "case_0001.nii.gz", model["out"] / "case_0003.npz"
+    label.write_bytes(label.read_bytes()[:60])
+    npz.write_bytes(npz.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="samunet.inference.predict_cases"):
+        written = predict_folder(predictor, model["images"], model["out"], save_probabilities=True,
+                                 continue_prediction=True)
+    assert [p.name for p in written] == ["case_0001.nii.gz", "case_0003.nii.gz"]
+    assert f"predicting case_0001 again: {label} is incomplete (EOFError" in caplog.text
+    assert f"predicting case_0003 again: {npz} is incomplete (BadZipFile" in caplog.text
+    assert sitk.ReadImage(str(label)).GetSize() == SHAPE[::-1] and np.load(npz)["probabilities"].ndim == 4
+
+
+@pytest.mark.parametrize("change, differ", [("dataset", "another data set"), ("labels", "other labels"),
+                                            ("plans", "other plans")])
+def test_an_output_folder_of_another_model_is_refused_before_anything_is_written(model, capsys, change, differ):
+    """OUT holding another model's plans.json/dataset.json (another data set, other labels, other plans) is
+    refused in one line naming both models, and nothing in OUT is skipped, replaced or added."""
+    import copy
+    import json
+    predictor = _predictor()
+    plans, dataset = copy.deepcopy(predictor.plans_manager.plans), copy.deepcopy(predictor.dataset_json)
+    if change == "dataset":
+        plans["dataset_name"] = "Dataset902_Other"
+    elif change == "labels":
+        dataset["labels"] = {**dataset["labels"], "tumour": len(dataset["labels"])}
+    else:
+        plans["configurations"]["2d"]["patch_size"] = [32, 32]
+    model["out"].mkdir()
+    (model["out"] / "plans.json").write_text(json.dumps(plans))
+    (model["out"] / "dataset.json").write_text(json.dumps(dataset))
+    (model["out"] / "case_0000.nii.gz").write_bytes(b"their prediction")
+    before = {p.name: p.read_bytes() for p in model["out"].iterdir()}
+    assert predict_main(["-i", str(model["images"]), "-o", str(model["out"]), "-d", DATASET_NAME, "-f", "0",
+                         "-device", "cpu", "--disable_tta", "--continue_prediction", "--disable_progress_bar"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {model['out']} holds the predictions of another model, ") and error.count("\n") == 1
+    assert f": {differ}; predict into another folder (-o)" in error
+    assert f"not of this one, {DATASET_NAME} (plans" in error
+    assert (change != "dataset") or "model, Dataset902_Other (plans" in error
+    assert {p.name: p.read_bytes() for p in model["out"].iterdir()} == before

@@ -119,27 +119,42 @@ def predict_folder(predictor, input_folder: str | os.PathLike, output_folder: st
     """Predict the cases of ``input_folder`` into ``output_folder``; returns the label maps written.
 
     Every input file is checked first (:func:`samunet.input_checks.prediction_cases`: names, channels,
-    contents), so bad input is refused before anything is written.
+    contents, spacing against the model's, see :func:`model_grid`), and an output folder holding another
+    model's predictions is refused (:func:`samunet.inference.predict_cases.check_output_folder_model`),
+    so bad input is refused before anything is written.
 
     Each case is written as soon as it is done, atomically. With ``save_probabilities`` each case's
     softmax probabilities (``CASE.npz``) and geometry (``CASE.pkl``) are written too (input of
     ``samunet_ensemble``). The model's ``dataset.json`` and ``plans.json`` are always written next to
     the predictions, as nnunetv2 does (``samunet_apply_postprocessing`` and ensembling read them).
-    ``continue_prediction`` skips cases whose outputs exist; ``num_parts`` / ``part_id`` predict
-    ``cases[part_id::num_parts]``.
+    ``continue_prediction`` skips cases whose outputs exist and are complete (cut-off ones are redone);
+    ``num_parts`` / ``part_id`` predict ``cases[part_id::num_parts]``.
     """
-    from samunet.inference.predict_cases import predict_cases, select_cases, write_model_files
+    from samunet.inference.predict_cases import (check_output_folder_model, predict_cases, select_cases,
+                                                 write_model_files)
     from samunet.input_checks import prediction_cases
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     cases = prediction_cases(input_folder, predictor.dataset_json,
                              reader_class=predictor.plans_manager.image_reader_writer_class,
-                             num_processes=num_processes_preprocessing)
+                             num_processes=num_processes_preprocessing, model_grid=model_grid(predictor))
+    check_output_folder_model(predictor, output_folder)
     write_model_files(predictor, output_folder)
     files, outputs = select_cases(predictor, cases, output_folder, continue_prediction=continue_prediction,
                                   num_parts=num_parts, part_id=part_id, save_probabilities=save_probabilities)
     return predict_cases(predictor, files, outputs, save_probabilities=save_probabilities,
                          num_processes_preprocessing=num_processes_preprocessing,
                          num_processes_export=num_processes_export, progress=progress)
+
+
+def model_grid(predictor):
+    """The grid ``predictor`` resamples its inputs to (:class:`samunet.input_checks.ModelGrid`): its
+    configuration's spacing, median image size and patch size, the plans' axis order, its step size."""
+    from samunet.input_checks import ModelGrid
+    configuration = predictor.configuration_manager
+    return ModelGrid(spacing=tuple(configuration.spacing),
+                     transpose_forward=tuple(predictor.plans_manager.transpose_forward),
+                     median_size=tuple(configuration.median_image_size_in_voxels),
+                     patch_size=tuple(configuration.patch_size), tile_step_size=predictor.tile_step_size)
 
 
 def build_parser() -> argparse.ArgumentParser:

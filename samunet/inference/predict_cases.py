@@ -3,8 +3,9 @@
 This is nnunetv2's ``nnUNetPredictor.predict_from_files`` with one change: every case's outputs are
 written atomically as soon as that case is done. The pieces are nnunetv2's own:
 
-- which cases: ``predictor._manage_input_and_output_lists`` (``cases[part_id::num_parts]``, and with
-  ``overwrite=False`` the cases whose outputs exist are skipped: ``--continue_prediction``);
+- which cases: ``predictor._manage_input_and_output_lists`` (``cases[part_id::num_parts]``); with
+  ``--continue_prediction`` the cases whose outputs exist are skipped, as nnunetv2 skips them, once each
+  output is verified complete (:func:`incomplete_outputs`): a cut-off one is redone;
 - preprocessing: ``preprocessing_iterator_fromfiles`` with ``-npp`` worker processes (0: in this
   process, with the configuration's preprocessor);
 - the network: ``predictor.predict_logits_from_preprocessed_data`` (sliding window over the case,
@@ -41,7 +42,8 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from tqdm import tqdm
 
 from samunet.atomic_files import write_json_atomically
-from samunet.staged_writes import remove_stale_scratch, scratch_prefix, verify_written
+from samunet.errors import DatasetError
+from samunet.staged_writes import incomplete_label_map, remove_stale_scratch, scratch_prefix, verify_written
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +56,64 @@ def select_cases(predictor, case_files: list[list[str]], output_folder: str | os
     """(input files, output path without ending) of the cases this process predicts.
 
     nnunetv2's rule: ``cases[part_id::num_parts]``; with ``continue_prediction`` the cases whose label
-    map (and, with ``save_probabilities``, ``.npz``) exist are left out.
+    map (and, with ``save_probabilities``, ``.npz`` and ``.pkl``) exist and are complete
+    (:func:`incomplete_outputs`) are left out; a case with an incomplete output is predicted again, and a
+    warning names the file.
     """
     from samunet.errors import ConfigurationError
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise ConfigurationError(f"-part_id must be in 0..num_parts-1 (num_parts {num_parts}), got {part_id}")
     files, outputs, _ = predictor._manage_input_and_output_lists(
-        case_files, str(output_folder), None, overwrite=not continue_prediction, part_id=part_id,
-        num_parts=num_parts, save_probabilities=save_probabilities)
-    return files, list(outputs)
+        case_files, str(output_folder), None, overwrite=True, part_id=part_id, num_parts=num_parts,
+        save_probabilities=save_probabilities)
+    if not continue_prediction:
+        return files, list(outputs)
+    ending = predictor.dataset_json["file_ending"]
+    suffixes = (ending, ".npz", ".pkl") if save_probabilities else (ending,)
+    reader_writer = predictor.plans_manager.image_reader_writer_class()
+    kept = []
+    for case_files_, output in zip(files, outputs):
+        if not all(os.path.isfile(output + suffix) for suffix in suffixes):
+            kept.append((case_files_, output))
+            continue
+        problems = incomplete_outputs(output, suffixes, reader_writer)
+        if problems:
+            logger.warning("predicting %s again: %s", os.path.basename(output), "; ".join(problems))
+            kept.append((case_files_, output))
+    logger.info("--continue_prediction: %d of %d case(s) already predicted, %d to do", len(files) - len(kept),
+                len(files), len(kept))
+    return [f for f, _ in kept], [o for _, o in kept]
+
+
+def incomplete_outputs(output_truncated: str, suffixes: Sequence[str], reader_writer) -> list[str]:
+    """Why the existing outputs ``output_truncated + suffix`` are not complete, one entry per such file
+    naming it: a label map that :func:`samunet.staged_writes.incomplete_label_map` finds cut off or
+    unreadable, an ``.npz`` whose arrays do not all load, a ``.pkl`` that does not unpickle."""
+    import pickle
+    import zipfile
+    found = []
+    for suffix in suffixes:
+        path = output_truncated + suffix
+        if suffix == ".npz":
+            try:
+                with np.load(path) as archive:
+                    for key in archive.files:
+                        archive[key]
+                problem = None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                problem = f"{type(error).__name__}: {error}"
+        elif suffix == ".pkl":
+            try:
+                with open(path, "rb") as stream:
+                    pickle.load(stream)
+                problem = None
+            except Exception as error:  # any failure to unpickle: the file is not usable
+                problem = f"{type(error).__name__}: {error}"
+        else:
+            problem = incomplete_label_map(path, reader_writer)
+        if problem is not None:
+            found.append(f"{path} is incomplete ({problem})")
+    return found
 
 
 def _preprocess_here(predictor, case_files: list[list[str]], outputs: list[str]) -> Iterator[dict]:
@@ -173,6 +224,59 @@ def predict_cases(predictor, case_files: Sequence[Sequence[str]], outputs: Seque
         bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return written
+
+
+def check_output_folder_model(predictor, output_folder: str | os.PathLike) -> None:
+    """Refuse an output folder whose ``plans.json`` / ``dataset.json`` (written by an earlier prediction)
+    belong to another model than ``predictor``'s: another data set, other labels, or plans with another
+    fingerprint (:func:`samunet.trainers.run_identity.plans_fingerprint`, per configuration). Its
+    predictions would be mixed with this model's (and ``--continue_prediction`` would keep them). Raises
+    :class:`DatasetError` naming both models, before anything is written."""
+    import json
+
+    from samunet.trainers.run_identity import plans_fingerprint
+    folder = Path(output_folder)
+    ours_plans, ours_dataset = predictor.plans_manager.plans, predictor.dataset_json
+    found: dict[str, dict] = {}
+    for name in ("plans.json", "dataset.json"):
+        if (folder / name).is_file():
+            try:
+                found[name] = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise DatasetError(f"{folder / name} cannot be read ({type(error).__name__}), so whose predictions "
+                                   f"{folder} holds is unknown: predict into another folder (-o) or empty "
+                                   f"{folder} first") from None
+    theirs_plans, theirs_dataset = found.get("plans.json"), found.get("dataset.json")
+    differences = []
+    if theirs_plans is not None:
+        if theirs_plans.get("dataset_name") != ours_plans.get("dataset_name"):
+            differences.append("another data set")
+        configurations = set(ours_plans.get("configurations", {})) | set(theirs_plans.get("configurations", {}))
+        if any(plans_fingerprint(ours_plans, c) != _fingerprint_or_none(theirs_plans, c) for c in configurations):
+            differences.append("other plans")
+    labels_differ = theirs_dataset is not None and theirs_dataset.get("labels") != ours_dataset.get("labels")
+    if labels_differ:
+        differences.append("other labels")
+    if not differences:
+        return
+
+    def named(plans: dict | None, dataset: dict | None) -> str:
+        plans, dataset = plans or {}, dataset or {}
+        labels = f", labels {dataset.get('labels', '?')}" if labels_differ else ""
+        return (f"{plans.get('dataset_name', dataset.get('name', 'an unknown data set'))} (plans "
+                f"{plans.get('plans_name', '?')}{labels})")
+    raise DatasetError(f"{folder} holds the predictions of another model, {named(theirs_plans, theirs_dataset)}, "
+                       f"not of this one, {named(ours_plans, ours_dataset)}: {' and '.join(differences)}; predict "
+                       f"into another folder (-o), or empty {folder} first")
+
+
+def _fingerprint_or_none(plans: dict, configuration: str) -> str | None:
+    """:func:`~samunet.trainers.run_identity.plans_fingerprint`, None for plans nnunetv2 cannot resolve."""
+    from samunet.trainers.run_identity import plans_fingerprint
+    try:
+        return plans_fingerprint(plans, configuration)
+    except Exception:  # malformed plans (edited by hand): not this model's either way
+        return None
 
 
 def write_model_files(predictor, output_folder: str | os.PathLike) -> None:
