@@ -42,7 +42,7 @@ from typing import Collection, Iterable, Sequence
 
 import numpy as np
 
-from samunet.errors import DatasetError, InputFilesError
+from samunet.errors import DatasetError, InputFilesError, problems_in_one_line
 from samunet.image_io import GEOMETRY_FIELDS, differing_geometry_fields, nifti_truncation, read_image_header
 
 logger = logging.getLogger(__name__)
@@ -170,21 +170,14 @@ class Problem:
 def raise_if_problems(subject: str, problems: Sequence[Problem]) -> None:
     """Raise one :class:`InputFilesError` for ``problems`` (nothing when there are none).
 
-    The message is one line: ``<subject> has N problem(s).`` and then, per kind in the order found,
-    what is wrong, the first :data:`MAX_LISTED_PER_KIND` details and how to fix it.
+    The message is one line (:func:`samunet.errors.problems_in_one_line`): ``<subject> has N problem(s).``
+    and then, per kind, what is wrong, the first :data:`MAX_LISTED_PER_KIND` details and how to fix it.
     """
     problems = [problem for problem in problems if problem.kind not in WARNING_KINDS]
     if not problems:
         return
-    details: dict[str, list[str]] = {}
-    for problem in problems:
-        details.setdefault(problem.kind, []).append(problem.detail)
-    parts = []
-    for kind, found in details.items():
-        what, fix = PROBLEM_KINDS[kind]
-        more = f"; and {len(found) - MAX_LISTED_PER_KIND} more" if len(found) > MAX_LISTED_PER_KIND else ""
-        parts.append(f"{what[0].upper()}{what[1:]}: {'; '.join(found[:MAX_LISTED_PER_KIND])}{more}. Fix: {fix}.")
-    raise InputFilesError(f"{subject} has {len(problems)} problem(s). {' '.join(parts)}", problems)
+    raise InputFilesError(problems_in_one_line(subject, ((p.kind, p.detail) for p in problems), PROBLEM_KINDS,
+                                               max_listed=MAX_LISTED_PER_KIND), problems)
 
 
 def display_name(path: str | os.PathLike, root: str | os.PathLike) -> str:

@@ -82,7 +82,7 @@ def test_undeclared_prediction_values_are_named_for_every_case(case_folders, cap
         _write(array, pred / f"{case}.nii.gz")
     assert _evaluate(tmp_path, ref, pred) == 2
     error = _one_line_error(capsys)
-    assert "2 problem(s)" in error and "label values that dataset.json does not declare" in error
+    assert "2 problem(s)" in error and "Label values that dataset.json does not declare" in error
     assert "case_0000.nii.gz has [5] (declared: [0, 1, 2])" in error and "case_0001.nii.gz has [7]" in error
     assert _written(pred) == []
 
@@ -103,9 +103,9 @@ def test_predictions_in_another_format_than_file_ending(case_folders, capsys):
 
 @pytest.mark.parametrize("kind,array,expected", [
     ("nan", np.where(_label_map() == 2, np.nan, _label_map()).astype(np.float32),
-     "non-finite values (NaN or inf) in label files: {path} has 12 of 480"),
+     "Non-finite values (NaN or inf) in label files: {path} has 12 of 480"),
     ("fraction", np.where(_label_map() == 2, 1.5, _label_map()).astype(np.float32),
-     "label values that are not whole numbers: {path} has 1.5"),
+     "Label values that are not whole numbers: {path} has 1.5"),
 ])
 def test_non_finite_and_non_integer_label_values(case_folders, capsys, kind, array, expected):
     """In .mha (SimpleITK's NIfTI reader turns NaN into 0)."""
@@ -129,7 +129,7 @@ def test_prediction_holding_the_ignore_label(case_folders, capsys):
     array[3] = 3
     _write(array, pred / "case_0000.nii.gz")
     assert _evaluate(tmp_path, ref, pred) == 2
-    assert "predictions holding the 'ignore' label" in _one_line_error(capsys)
+    assert "Predictions holding the 'ignore' label" in _one_line_error(capsys)
 
 
 @pytest.mark.parametrize("empty", ["ref", "pred"])
@@ -151,8 +151,20 @@ def test_truncated_or_empty_file_is_named(case_folders, capsys, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     assert _evaluate(tmp_path, ref, pred) == 2
     error = _one_line_error(capsys)
-    assert f"files that cannot be read: {path}" in error and "complete copy" in error
+    assert f"Files that cannot be read: {path}" in error and "complete copy" in error
     assert ("is empty (0 bytes)" in error) == (damage == "empty")
+    assert _written(pred) == []
+
+
+def test_an_entry_named_like_a_label_map_that_is_no_file_is_named_not_skipped(case_folders, capsys):
+    """A broken symbolic link among the predictions (or a folder named like a label map) is refused, naming it;
+    skipping it would score the other cases as if it had never been predicted."""
+    tmp_path, ref, pred = case_folders
+    (pred / "case_0001.nii.gz").unlink()
+    (pred / "case_0001.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    assert _evaluate(tmp_path, ref, pred) == 2
+    error = _one_line_error(capsys)
+    assert f"{pred / 'case_0001.nii.gz'} is a broken symbolic link" in error
     assert _written(pred) == []
 
 

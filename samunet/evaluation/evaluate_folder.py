@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from samunet.atomic_files import write_atomically, write_json_atomically
-from samunet.errors import SamunetError
+from samunet.errors import SamunetError, problems_in_one_line
 from samunet.evaluation.metrics import (DEFAULT_HD95, DEFAULT_NSD, EMPTY_MASK_CONVENTION, check_conventions,
                                         evaluate_case, ignore_label, metric_conventions, summarise)
 
@@ -72,13 +72,18 @@ def _listed(names: list[str]) -> str:
 
 
 def _case_files(folder: Path, file_ending: str) -> dict[str, Path]:
+    """``{case: file}`` of the visible ``*file_ending`` entries of ``folder``; an entry named like a label map
+    that is no readable file (a broken symbolic link, a folder, a fifo) is refused, not skipped."""
+    from samunet.input_checks import not_a_readable_file
     if not folder.is_dir():
         raise EvaluationError(f"folder {folder} does not exist; check the path")
-    return {
-        path.name[: -len(file_ending)]: path
-        for path in sorted(folder.iterdir())
-        if path.is_file() and path.name.endswith(file_ending) and not path.name.startswith(".")
-    }
+    entries = [path for path in sorted(folder.iterdir())
+               if path.name.endswith(file_ending) and not path.name.startswith(".")]
+    broken = [f"{path} {why}" for path in entries if (why := not_a_readable_file(path))]
+    if broken:
+        raise EvaluationError(f"{len(broken)} entries of {folder} are named like label maps but cannot be read: "
+                              f"{_listed(broken)}; replace them with the files, or remove them")
+    return {path.name[: -len(file_ending)]: path for path in entries}
 
 
 def _other_files(folder: Path, file_ending: str) -> list[str]:
@@ -241,13 +246,8 @@ def _evaluate_pair(case: str, reference_file: Path, prediction_file: Path, label
 
 
 def _raise_problems(prediction_dir: Path, reference_dir: Path, problems: list[tuple[str, str]]) -> None:
-    details: dict[str, list[str]] = {}
-    for kind, detail in problems:
-        details.setdefault(kind, []).append(detail)
-    parts = [f"{PROBLEM_KINDS[kind][0]}: {_listed(found)} (fix: {PROBLEM_KINDS[kind][1]})"
-             for kind, found in details.items()]
-    raise EvaluationError(f"evaluating {prediction_dir} against {reference_dir}: {len(problems)} problem(s), "
-                          f"nothing was written; {'; '.join(parts)}")
+    raise EvaluationError(problems_in_one_line(f"evaluating {prediction_dir} against {reference_dir}", problems,
+                                               PROBLEM_KINDS, max_listed=MAX_LISTED, nothing_written=True))
 
 
 def json_safe(value):

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from samunet.errors import DatasetError
+from samunet.errors import DatasetError, problems_in_one_line
 from samunet.staged_writes import staged_outputs
 
 logger = logging.getLogger(__name__)
@@ -54,15 +54,9 @@ PROBABILITY_PROBLEMS = {
 def _raise_problems(subject: str, problems: Sequence[tuple[str, str]]) -> None:
     """One :class:`DatasetError` in one line for ``(kind, detail)`` problems, grouped by kind (the kinds of
     :data:`PROBABILITY_PROBLEMS`), each kind with how to fix it; nothing when there are none."""
-    if not problems:
-        return
-    found: dict[str, list[str]] = {kind: [] for kind in PROBABILITY_PROBLEMS}
-    for kind, detail in problems:
-        found[kind].append(detail)
-    parts = [f"{PROBABILITY_PROBLEMS[kind][0].capitalize()}: {'; '.join(details[:MAX_LISTED])}"
-             f"{f'; and {len(details) - MAX_LISTED} more' if len(details) > MAX_LISTED else ''}. "
-             f"Fix: {PROBABILITY_PROBLEMS[kind][1]}." for kind, details in found.items() if details]
-    raise DatasetError(f"{subject} has {len(problems)} problem(s); nothing was written. {' '.join(parts)}")
+    if problems:
+        raise DatasetError(problems_in_one_line(subject, problems, PROBABILITY_PROBLEMS, max_listed=MAX_LISTED,
+                                                nothing_written=True))
 
 
 def probability_cases(folder: Path) -> set[str]:

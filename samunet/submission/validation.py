@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from samunet.errors import problems_in_one_line
 from samunet.image_io import GEOMETRY_FIELDS, geometry_difference, nifti_truncation, read_header
 from samunet.submission import SubmissionError
 from samunet.submission.challenges import Challenge
@@ -92,18 +93,9 @@ def _value_problem(prediction: Path, challenge: Challenge) -> tuple[str, str] | 
 
 def _raise_problems(subject: str, problems: list[tuple[str, str]]) -> None:
     """One :class:`SubmissionError` in one line: the problems grouped by kind, each kind with its fix."""
-    if not problems:
-        return
-    found: dict[str, list[str]] = {kind: [] for kind in PROBLEM_KINDS}
-    for kind, detail in problems:
-        found[kind].append(detail)
-    parts = []
-    for kind, details in found.items():
-        if details:
-            more = f"; and {len(details) - MAX_LISTED_PROBLEMS} more" if len(details) > MAX_LISTED_PROBLEMS else ""
-            what, fix = PROBLEM_KINDS[kind]
-            parts.append(f"{what.capitalize()}: {'; '.join(details[:MAX_LISTED_PROBLEMS])}{more}. Fix: {fix}.")
-    raise SubmissionError(f"{subject} has {len(problems)} problem(s); nothing was written. {' '.join(parts)}")
+    if problems:
+        raise SubmissionError(problems_in_one_line(subject, problems, PROBLEM_KINDS, max_listed=MAX_LISTED_PROBLEMS,
+                                                   nothing_written=True))
 
 
 def _cases(folder: Path, suffix: str) -> dict[str, Path]:
