@@ -22,6 +22,7 @@ from typing import Sequence
 from samunet.atomic_files import write_atomically
 from samunet.cli.common import (add_common_arguments, prepare_environment, run_cli,
                                  select_device, setup_logging)
+from samunet.cli.train import add_precision_option
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"default {DEMO_HYPERPARAMETERS['batch_size']} (slice-stack trainers: stacks)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack (slice-stack trainers)")
+    add_precision_option(parser)
     add_common_arguments(parser)
     return parser
 
@@ -164,10 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    select_device(args.device)
+    device = select_device(args.device)
+    from samunet.trainers.precision import choose_precision
+    choose_precision(device.type, args.precision)  # refuse e.g. fp16 on a CPU before the phantom is written
     overrides = {k: v for k, v in (("num_epochs", args.num_epochs),
                                    ("num_iterations_per_epoch", args.iters_per_epoch),
-                                   ("batch_size", args.batch_size), ("initial_lr", args.lr)) if v is not None}
+                                   ("batch_size", args.batch_size), ("initial_lr", args.lr),
+                                   ("precision", args.precision)) if v is not None}
     started = time.perf_counter()
     summary = run_demo(Path(args.output), trainer=args.trainer, backbone=args.backbone,
                        image_size=args.image_size, device=args.device, hyperparameters=overrides,

@@ -9,6 +9,9 @@ What it adds to nnunetv2's trainer:
 - one training step for every method (:meth:`SAMTrainerBase.train_step`): a method changes only
   what its network is given and how the loss is computed (:meth:`SAMTrainerBase.forward_and_loss`),
   and the forward always goes through ``self.network``, the (compiled, DDP-wrapped) module that trains;
+- the precision of the training and validation steps is a hyper-parameter (:mod:`samunet.trainers.precision`:
+  nnU-Net's float16 autocast with its GradScaler on CUDA, float32 elsewhere, or bfloat16 autocast on CUDA
+  and CPU), applied by one context, :meth:`SAMTrainerBase.autocast`; the loss always sees float32 outputs;
 - training phases (:meth:`SAMTrainerBase.training_phase_starts`): a method whose modules start
   learning later (Self-Prompt-SAM) keeps them frozen until their phase begins;
 - the final validation runs with the predictor the trainer names (``predictor_class``), on
@@ -33,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -41,7 +43,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 from torch.amp import GradScaler
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -54,6 +56,7 @@ from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.registry import TRAINERS
 from samunet.trainers.checkpoints import LATEST, read_checkpoint, save_checkpoint_atomically
 from samunet.trainers.distributed import process_device
+from samunet.trainers.precision import Precision, choose_precision, float32_loss_inputs
 from samunet.trainers.progress_png import AtomicProgressLogger
 from samunet.trainers.run_identity import CheckpointMismatchError, check_checkpoint_identity, run_identity
 from samunet.trainers.validation import run_final_validation
@@ -62,7 +65,7 @@ from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoi
 logger = logging.getLogger(__name__)
 
 HYPERPARAMETERS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
-                   "initial_lr", "weight_decay", "batch_size", "weights")
+                   "initial_lr", "weight_decay", "batch_size", "weights", "precision")
 
 
 def plain_data(value: Any) -> Any:
@@ -102,10 +105,10 @@ class SAMTrainerBase(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp:  # nnunetv2 assumes CUDA and the global rank as device index; CPUs and nodes differ
             self.device = process_device(device.type)
-            self.grad_scaler = GradScaler("cuda") if self.device.type == "cuda" else None
         self.enable_deep_supervision = self.uses_deep_supervision
         self.pretrained_weights: str | None = None
         self.hyperparameters: dict = {}
+        self.precision: Precision  # set with the hyper-parameters
         self.set_hyperparameters({})
         self._epoch_progress: tqdm | None = None
         self.current_phase: int | None = None  # the training phase the network is set up for
@@ -115,19 +118,27 @@ class SAMTrainerBase(nnUNetTrainer):
 
     def set_hyperparameters(self, overrides: dict) -> None:
         """Apply the class defaults plus ``overrides`` (names in ``HYPERPARAMETERS``); call before
-        ``initialize()``. They are stored in every checkpoint and restored by ``--c``."""
+        ``initialize()``. They are stored in every checkpoint and restored by ``--c``.
+
+        ``precision`` (:func:`samunet.trainers.precision.choose_precision`) also decides whether the trainer
+        has a GradScaler; a precision the device cannot run raises ConfigurationError."""
         if self.was_initialized:
             raise RuntimeError("set hyper-parameters before the trainer is initialised")
         merged = {**self.default_hyperparameters, **self.hyperparameters, **overrides}
         unknown = sorted(set(merged) - set(HYPERPARAMETERS))
         if unknown:
             raise ConfigurationError(f"unknown hyper-parameters {unknown}; known: {list(HYPERPARAMETERS)}")
+        self.precision = choose_precision(self.device.type, merged.get("precision"))
         self.hyperparameters = merged
         for name, value in merged.items():
             if name == "weights":
                 self.pretrained_weights = value
-            elif name != "batch_size":
+            elif name not in ("batch_size", "precision"):
                 setattr(self, name, value)
+        if not self.precision.uses_grad_scaler:
+            self.grad_scaler = None
+        elif self.grad_scaler is None:
+            self.grad_scaler = GradScaler("cuda")
 
     # ---- network --------------------------------------------------------------------------
     @classmethod
@@ -180,6 +191,7 @@ class SAMTrainerBase(nnUNetTrainer):
             # samunet's trainable parts have no BatchNorm (TinyViT's frozen ones stay in eval mode), so no SyncBatchNorm
             self.network = DDP(self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.loss = self._build_loss()
+        self.loss.register_forward_pre_hook(float32_loss_inputs)  # float32 losses under autocast on every device
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
         self.logger.update_config({"hparas": {
@@ -194,7 +206,8 @@ class SAMTrainerBase(nnUNetTrainer):
         trainable = sum(p.numel() for p in self.network_module.trainable_parameters())
         total = sum(p.numel() for p in self.network_module.parameters())
         self.print_to_log_file(f"{self.__class__.__name__}: backbone {self.network_module.backbone}, "
-                               f"{trainable:,} of {total:,} parameters train ({trainable / 1e6:.2f} M)")
+                               f"{trainable:,} of {total:,} parameters train ({trainable / 1e6:.2f} M), "
+                               f"precision {self.precision.name}")
 
     def load_pretrained_backbone(self) -> None:
         """Load the released SAM weights named by ``weights`` (default: the backbone's default)."""
@@ -274,14 +287,20 @@ class SAMTrainerBase(nnUNetTrainer):
         still calls ``self.network`` (the module that trains: compiled, DDP-wrapped)."""
         return self.loss(self.network(data), target)
 
+    def autocast(self):
+        """The autocast context of this trainer's precision around forward and loss (backward runs outside
+        it, as torch recommends: autograd gives each gradient its forward's dtype); fp32: no autocast."""
+        return self.precision.autocast()
+
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step (autocast on CUDA, grad scaler, clipping at norm 12), around :meth:`forward_and_loss`."""
+        """nnU-Net's step (grad scaler for fp16, clipping at norm 12) around :meth:`forward_and_loss`, which runs
+        under :meth:`autocast`."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast():
             loss = self.forward_and_loss(data, target)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -298,6 +317,13 @@ class SAMTrainerBase(nnUNetTrainer):
             self._epoch_progress.update(1)
             self._epoch_progress.set_postfix(loss=f"{float(value):.3f}")
         return {"loss": value}
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step (loss and pseudo Dice) under :meth:`autocast`. nnU-Net enters its own
+        autocast on CUDA inside; it takes the dtype entered here, so bf16 stays bf16. (With fp32 on CUDA,
+        nnU-Net's float16 autocast still applies to this step, as to nnU-Net's predictor.)"""
+        with self.autocast():
+            return super().validation_step(batch)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         run_final_validation(self, save_probabilities)
