@@ -77,6 +77,7 @@ def _folders(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def _dataset_json(args: argparse.Namespace) -> dict:
     from samunet.evaluation.evaluate_folder import EvaluationError
+    from samunet.preprocessing.dataset_checks import check_dataset_json_fields
     if (args.d is None) == (args.djfile is None):
         raise ConfigurationError("give the labels either with -d DATASET or with -djfile dataset.json")
     path = Path(args.djfile) if args.djfile else find_dataset_json(args.d)
@@ -94,6 +95,7 @@ def _dataset_json(args: argparse.Namespace) -> dict:
         raise EvaluationError(f"{path} lacks {', '.join(missing)}, so it is not a data set's dataset.json "
                               f"(plans.json and summary.json are not); give the dataset.json of the data set "
                               f"(nnUNet_raw/DatasetXXX_Name/dataset.json) with -djfile, or -d DATASET")
+    check_dataset_json_fields(content, path, training=False)
     return content
 
 

@@ -10,13 +10,16 @@ A run killed at any moment is repaired by running the command again: plans and t
 ``dataset.json`` are written atomically, an existing fingerprint that is unreadable or was taken of
 other cases is extracted again (saying so), temporary files of killed runs are removed, and the
 preprocessed data are marked complete only after nnunetv2's preprocessing has returned
-(:mod:`samunet.preprocessing.completeness`).
+(:mod:`samunet.preprocessing.completeness`); a preprocessing that fails on a full disk says so in one line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -74,6 +77,35 @@ def remove_partial_files(folder: Path) -> None:
         logger.info("removed %s, left by an interrupted planning run", partial)
 
 
+# below this much free space (or twice the largest file written so far, if more), a failed write is a full disk
+MIN_FREE_BYTES = 1 << 20
+
+
+def disk_is_full(folder: Path) -> bool:
+    """Whether the disk holding ``folder`` has too little space left for another preprocessed case: less than
+    twice the largest file under ``folder`` and less than :data:`MIN_FREE_BYTES` at least."""
+    existing = next(path for path in (folder, *folder.parents, Path(".")) if path.exists())
+    largest = max((entry.stat().st_size for entry in folder.rglob("*") if entry.is_file()),
+                  default=0) if folder.is_dir() else 0
+    return shutil.disk_usage(existing).free < max(MIN_FREE_BYTES, 2 * largest)
+
+
+@contextlib.contextmanager
+def reporting_full_disk(folder: Path):
+    """Turn a failure of nnunetv2's preprocessing on a full disk (blosc2 says only "Error while creating the
+    NDArray", from a worker process) into ``OSError(ENOSPC)`` naming ``folder``, which the CLI reports in one
+    line; other failures pass unchanged. The data folder stays marked incomplete, so training refuses it."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC and error.filename is not None:
+            raise
+        if not disk_is_full(folder):
+            raise
+        raise OSError(errno.ENOSPC, f"no space left while preprocessing into {folder} "
+                                    f"({type(error).__name__}: {error})", str(folder)) from error
+
+
 def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", image_size: int | None = None,
                         depth: int | None = None, num_processes: int = 2, verify_dataset_integrity: bool = False,
                         gpu_memory_gb: float = 8.0, fingerprint_processes: int | None = None,
@@ -128,8 +160,9 @@ def plan_and_preprocess(dataset: str | int, *, backbone: str = "litemedsam", ima
     if preprocess:
         logger.info("preprocessing %s (configuration 2d)", dataset_name)
         start_preprocessing(dataset_name, plans_name, "2d")
-        preprocess_dataset(dataset_id, plans_name, configurations=("2d",), num_processes=(num_processes,),
-                           verbose=verbose, show_progress_bar=progress_bar)
+        with reporting_full_disk(preprocessed_folder):
+            preprocess_dataset(dataset_id, plans_name, configurations=("2d",), num_processes=(num_processes,),
+                               verbose=verbose, show_progress_bar=progress_bar)
         finish_preprocessing(dataset_name, plans_name, "2d")
     return plans_file
 

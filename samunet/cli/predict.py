@@ -65,6 +65,7 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from samunet.preprocessing.dataset_checks import check_dataset_json_fields
     from samunet.registry import TRAINERS
     from samunet.trainers.base import check_network_fits
     from samunet.trainers.run_identity import check_checkpoint_identity
@@ -76,6 +77,7 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     check_model_folder(folder, folds, checkpoint_name)
     plans = json.loads((folder / "plans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
+    check_dataset_json_fields(dataset_json, folder / "dataset.json", training=False)
     plans_manager = PlansManager(plans)
     configuration_manager = trainer_class.inference_configuration(plans_manager.get_configuration(configuration))
     num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)

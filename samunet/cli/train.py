@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -100,12 +101,15 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     checkpoint that can be read (:func:`samunet.trainers.checkpoints.checkpoint_to_continue`) with the settings
     it was started with; options given again win.
     """
+    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     from samunet.preprocessing.completeness import check_preprocessed_dataset
     from samunet.preprocessing.dataset_checks import resolve_dataset_name
     from samunet.registry import TRAINERS
-    from samunet.trainers.checkpoints import remove_stale_partials
+    from samunet.trainers.checkpoints import CheckpointUnreadableError, read_checkpoint, remove_stale_partials
+    from samunet.trainers.finetune import read_pretrained_weights
+    from samunet.trainers.plans_checks import check_model_folder_plans, check_plans_configuration
     from samunet.trainers.run_lock import hold_fold_folder, takes_the_lock
 
     if continue_training and only_validate:
@@ -119,24 +123,28 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     trainer_class = TRAINERS.get(trainer_name)
     dataset_name = resolve_dataset_name(dataset)
     plans, dataset_json = load_plans(dataset_name, plans_identifier)
+    check_plans_configuration(plans, configuration, trainer_class,
+                              source=str(Path(nnUNet_preprocessed) / dataset_name / f"{plans_identifier}.json"))
     check_preprocessed_dataset(dataset_name, plans_identifier, configuration)
     check_fold_possible(dataset_name, dataset_json, fold)
     fold_folder = Path(get_output_folder(dataset_name, trainer_class.__name__, plans["plans_name"], configuration,
                                          fold))
+    pretrained = read_pretrained_weights(pretrained_weights) if pretrained_weights is not None else None
+    if not (continue_training or only_validate):
+        planned = copy.deepcopy(plans)
+        apply_backbone_override(planned, configuration, backbone, (hyperparameters or {}).get("weights"))
+        apply_depth_override(planned, configuration, depth, trainer_class)
+        check_model_folder_plans(fold_folder, planned, configuration, plans_identifier)
     owner = takes_the_lock()
     with hold_fold_folder(fold_folder) if owner else contextlib.nullcontext():
         if owner:
             remove_stale_partials(fold_folder)
         trainer = _set_up_trainer(trainer_class, plans, dataset_json, configuration, fold, fold_folder,
                                   continue_training=continue_training, only_validate=only_validate, device=device,
-                                  hyperparameters=dict(hyperparameters or {}), backbone=backbone, depth=depth)
+                                  hyperparameters=dict(hyperparameters or {}), backbone=backbone, depth=depth,
+                                  pretrained=pretrained)
         if disable_checkpointing:
             trainer.disable_checkpointing = True
-        if pretrained_weights is not None:
-            from samunet.trainers.finetune import load_pretrained_weights
-            trainer.initialize()
-            for line in load_pretrained_weights(trainer.network, pretrained_weights).lines():
-                trainer.print_to_log_file(line)
         if not only_validate:
             trainer.run_training()
         if val_best:
@@ -144,17 +152,24 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
             if not best.is_file():
                 raise DatasetError(f"--val_best: {best} does not exist (it is written during training, unless "
                                    f"--disable_checkpointing was set)")
-            trainer.load_checkpoint(str(best))
+            try:
+                checkpoint = read_checkpoint(best, map_location=trainer.device)
+            except CheckpointUnreadableError as error:
+                raise CheckpointUnreadableError(f"--val_best: {error}; or validate with the final weights: --val "
+                                                f"without --val_best") from error
+            trainer.load_checkpoint(checkpoint, source=str(best))
         trainer.perform_actual_validation(save_probabilities)
     return trainer
 
 
 def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, configuration: str, fold: int | str,
                     fold_folder: Path, *, continue_training: bool, only_validate: bool, device: str | None,
-                    hyperparameters: dict, backbone: str | None, depth: int | None):
+                    hyperparameters: dict, backbone: str | None, depth: int | None, pretrained=None):
     """The trainer of one fold, with the settings and checkpoint ``--c`` / ``--val`` continue from (the
     recorded settings, then the checkpoint's hyper-parameters, then the options given); for a training, the
-    settings are recorded in the fold folder before it starts."""
+    settings are recorded in the fold folder before it starts. ``pretrained``: the ``-pretrained_weights``
+    (:class:`samunet.trainers.finetune.PretrainedWeights`) a new training starts from; ``--c`` without a
+    checkpoint starts again from those recorded in the settings."""
     from samunet.trainers.base import plain_data
     from samunet.trainers.checkpoints import checkpoint_to_continue, checkpoint_to_validate
     from samunet.trainers.run_identity import check_identity
@@ -195,13 +210,23 @@ def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, config
     elif continue_training and settings is not None:
         trainer.print_to_log_file(f"WARNING: no checkpoint in {fold_folder} to continue from; starting at epoch 0 "
                                   f"with the settings recorded in {SETTINGS_FILE}: {settings.describe()}")
+        if settings.pretrained_weights:
+            from samunet.trainers.finetune import read_pretrained_weights
+            pretrained = read_pretrained_weights(settings.pretrained_weights)
     elif continue_training:
         trainer.print_to_log_file(f"WARNING: no checkpoint or recorded settings in {fold_folder} to continue "
                                   f"from; starting a new training with the options given")
+    if pretrained is not None and not only_validate:
+        from samunet.trainers.finetune import load_pretrained_weights
+        trainer.initialize()
+        for line in load_pretrained_weights(trainer.network, pretrained).lines():
+            trainer.print_to_log_file(line)
+    recorded_pretrained = (os.path.abspath(pretrained.path) if pretrained is not None
+                           else settings.pretrained_weights if settings is not None else None)
     if not only_validate and takes_the_lock():
         write_run_settings(fold_folder, RunSettings(
             trainer=trainer_class.__name__, hyperparameters=plain_data(trainer.hyperparameters),
-            backbone=backbone, depth=depth, identity=trainer.run_identity()))
+            backbone=backbone, depth=depth, identity=trainer.run_identity(), pretrained_weights=recorded_pretrained))
     return trainer
 
 
@@ -240,7 +265,20 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                                           "random init (see -pretrained_weights for a trained samunet model)")
     parser.add_argument("--depth", type=int, help="slices per stack for slice-stack trainers "
                                                   "(SelfPromptSAMTrainer); default: the plans' depth")
+    add_precision_option(parser)
     add_common_arguments(parser)
+
+
+# samunet.trainers.precision.PRECISIONS, spelled out so that parsing the command line imports no torch
+PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (samunet_train, samunet_train_cv, samunet_demo): the ``precision`` hyper-parameter."""
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="training and validation steps: fp16 = autocast float16 with a GradScaler (CUDA "
+                             "only; nnU-Net's default there), bf16 = autocast bfloat16 (CUDA, CPU), fp32 = no "
+                             "autocast (nnU-Net's default on CPU and MPS); stored in the checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def hyperparameters_from_args(args: argparse.Namespace) -> dict:
     pairs = {"num_epochs": args.num_epochs, "num_iterations_per_epoch": args.iters_per_epoch,
              "num_val_iterations_per_epoch": args.val_iters, "initial_lr": args.lr,
-             "batch_size": args.batch_size, "weights": args.weights}
+             "batch_size": args.batch_size, "weights": args.weights, "precision": args.precision}
     return {k: v for k, v in pairs.items() if v is not None}
 
 

@@ -27,6 +27,13 @@ def resolve_dataset_name(dataset: str | int) -> str:
     text = str(dataset)
     if not text.startswith("Dataset") and not text.isdigit():
         raise UnknownNameError(f"dataset {text!r} is neither an ID (e.g. 218) nor a name like Dataset218_AMOS")
+    if text.isdigit():
+        several = _folders_of_dataset_id(int(text))
+        if len(several) > 1:
+            found = "; ".join(f"{name} (in {', '.join(places)})" for name, places in several.items())
+            raise UnknownNameError(f"dataset ID {text} names {len(several)} folders: {found}; an ID must name one "
+                                   f"data set: rename or move the others (or give the full name, e.g. "
+                                   f"{next(iter(several))})")
     try:
         return maybe_convert_to_dataset_name(int(text) if text.isdigit() else text)
     except RuntimeError:
@@ -34,6 +41,17 @@ def resolve_dataset_name(dataset: str | int) -> str:
                              ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
         raise UnknownNameError(f"no dataset {text} found (searched {searched}); a raw dataset lives in "
                                f"nnUNet_raw/DatasetXXX_Name with XXX its three-digit ID") from None
+
+
+def _folders_of_dataset_id(dataset_id: int) -> dict[str, list[str]]:
+    """The folder names nnunetv2 finds for ``dataset_id`` (``find_candidate_datasets``), each with the
+    variables (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) it lies under."""
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+    places = {}
+    for name in (str(candidate) for candidate in find_candidate_datasets(dataset_id)):
+        places[name] = [variable for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+                        if os.environ.get(variable) and (Path(os.environ[variable]) / name).is_dir()]
+    return places
 
 
 def _read_dataset_json(folder: Path) -> dict:
@@ -50,11 +68,54 @@ def _read_dataset_json(folder: Path) -> dict:
     if missing:
         raise DatasetError(f"{path} lacks the required field(s) {missing}; see nnU-Net's dataset_format.md "
                            f"(channel_names, labels with background 0, numTraining, file_ending)")
-    labels = dataset_json["labels"]
-    if not isinstance(labels, dict) or labels.get("background") != 0:
-        raise DatasetError(f"{path}: 'labels' must map names to values and include \"background\": 0, "
-                           f"got {labels!r}")
+    check_dataset_json_fields(dataset_json, path)
     return dataset_json
+
+
+def dataset_json_field_problems(dataset_json: dict, *, training: bool = True) -> list[str]:
+    """What is wrong with the form of dataset.json's fields, before any of them is used: ``file_ending`` a
+    string with its leading dot (``.nii.gz``), ``channel_names`` (or ``modality``) a non-empty mapping of
+    the channel numbers 0..C-1 to names, ``labels`` a mapping with ``"background": 0`` and, for a raw
+    training data set (``training``), ``numTraining`` a non-negative integer. Fields that are absent are
+    not reported here (the caller says which it requires)."""
+    problems = []
+    if not isinstance(dataset_json, dict):
+        return [f"it holds a {type(dataset_json).__name__}, not an object of fields"]
+    ending = dataset_json.get("file_ending")
+    if "file_ending" in dataset_json:
+        if not isinstance(ending, str) or not ending.strip(".").strip():
+            problems.append(f"file_ending is {ending!r}; write the image files' ending as a string with its dot, "
+                            f"e.g. \".nii.gz\"")
+        elif not ending.startswith("."):
+            problems.append(f"file_ending is {ending!r} without its leading dot; write \".{ending}\"")
+    field = "channel_names" if "channel_names" in dataset_json else "modality" if "modality" in dataset_json else None
+    if field is not None:
+        channels = dataset_json[field]
+        if not isinstance(channels, dict) or not channels:
+            problems.append(f"{field} is {channels!r}; it must name every image channel by its number, e.g. "
+                            f"{{\"0\": \"CT\"}} for one channel (images named CASE_0000<file_ending>)")
+        elif sorted(str(key) for key in channels) != sorted(str(n) for n in range(len(channels))):
+            problems.append(f"{field} has the keys {sorted(channels)}; they must be the channel numbers "
+                            f"{[str(n) for n in range(len(channels))]} (the _0000, _0001, ... of the image names)")
+    if "labels" in dataset_json:
+        labels = dataset_json["labels"]
+        if not isinstance(labels, dict) or labels.get("background") != 0:
+            problems.append(f"labels must map names to values and include \"background\": 0, got {labels!r}")
+    if training and "numTraining" in dataset_json:
+        count = dataset_json["numTraining"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            problems.append(f"numTraining is {count!r} ({type(count).__name__}); it must be the number of training "
+                            f"cases as a JSON integer, e.g. 4 (not \"4\")")
+    return problems
+
+
+def check_dataset_json_fields(dataset_json: dict, path: str | os.PathLike, *, training: bool = True) -> None:
+    """Raise :class:`DatasetError` naming ``path`` and every problem of :func:`dataset_json_field_problems`;
+    planning, prediction and evaluation call it on each dataset.json they read, before using its fields
+    (``training=False`` for a model's or an evaluation's dataset.json, where ``numTraining`` is not used)."""
+    problems = dataset_json_field_problems(dataset_json, training=training)
+    if problems:
+        raise DatasetError(f"{path}: {'; '.join(problems)} (see nnU-Net's dataset_format.md)")
 
 
 def label_declaration_problems(dataset_json: dict) -> list[Problem]:

@@ -77,14 +77,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     except (OSError, MemoryError):
         raise
     except Exception as error:  # zip, pickle and weights_only refusals all mean: this file is not usable
-        first_line = (str(error).splitlines() or [""])[0][:160]
-        reason = "it is empty" if path.stat().st_size == 0 else f"{type(error).__name__}: {first_line}".rstrip(": ")
-        raise CheckpointUnreadableError(f"{path} cannot be read ({reason}); it is truncated or not a samunet "
-                                        f"checkpoint") from error
+        reason = "it is empty" if path.stat().st_size == 0 else f"{type(error).__name__}: {_first_sentence(error)}"
+        raise CheckpointUnreadableError(f"{path} cannot be read ({reason.rstrip(': ')}); it is truncated or not a "
+                                        f"samunet checkpoint: restore it from a copy, or delete it (--c then "
+                                        f"continues from the newest other checkpoint)") from error
     missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointUnreadableError(f"{path} is not a training checkpoint (it lacks {missing})")
     return checkpoint
+
+
+def _first_sentence(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, cut after a whole sentence when it is longer than ``limit``."""
+    line = (str(error).strip().splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[:end + 1] if end > 0 else line
 
 
 def checkpoint_to_continue(folder: str | os.PathLike) -> tuple[ChosenCheckpoint | None, list[str]]:

@@ -59,8 +59,19 @@ def _named(keys: list[str]) -> str:
     return ", ".join(keys[:MAX_NAMED]) + (" ..." if len(keys) > MAX_NAMED else "")
 
 
-def read_network_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(network_weights, samunet metadata) of a samunet training checkpoint, loaded with weights_only."""
+@dataclass
+class PretrainedWeights:
+    """A samunet training checkpoint read for ``-pretrained_weights``: its file, network weights and metadata."""
+
+    path: str
+    weights: dict[str, torch.Tensor]
+    meta: dict
+
+
+def read_pretrained_weights(path: str | os.PathLike) -> PretrainedWeights:
+    """Read a samunet training checkpoint for ``-pretrained_weights`` (``weights_only=True``); samunet_train
+    calls it before it writes anything into the fold folder. Raises :class:`ConfigurationError` naming the file
+    when it is missing, cannot be loaded (truncated, a pickle) or holds no ``network_weights``."""
     path = str(path)
     if not os.path.isfile(path):
         raise ConfigurationError(f"-pretrained_weights {path} does not exist; give a samunet checkpoint such as "
@@ -70,22 +81,26 @@ def read_network_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     except Exception as error:  # pickle, zip or weights_only refusals all mean: not a usable checkpoint
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise ConfigurationError(f"-pretrained_weights {path} cannot be loaded with weights_only=True "
-                                 f"({type(error).__name__}: {first_line})") from error
+                                 f"({type(error).__name__}: {first_line}); it is truncated or not a samunet "
+                                 f"training checkpoint: give an intact checkpoint_final.pth") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
         raise ConfigurationError(f"-pretrained_weights {path} is not a samunet/nnU-Net training checkpoint (it has no "
                                  f"'network_weights'); a released SAM checkpoint goes to --weights instead")
-    return checkpoint["network_weights"], dict(checkpoint.get("samunet") or {})
+    return PretrainedWeights(path, checkpoint["network_weights"], dict(checkpoint.get("samunet") or {}))
 
 
-def load_pretrained_weights(network: nn.Module, path: str | os.PathLike) -> PretrainedWeightsReport:
-    """Load the trained network weights in ``path`` into ``network`` (nnU-Net's ``-pretrained_weights``).
+def load_pretrained_weights(network: nn.Module,
+                            path: str | os.PathLike | PretrainedWeights) -> PretrainedWeightsReport:
+    """Load the trained network weights in ``path`` (a file, or one already read by
+    :func:`read_pretrained_weights`) into ``network`` (nnU-Net's ``-pretrained_weights``).
 
     Tensors with the same name and shape are copied; the others are reported (and logged as a
     warning naming them). A checkpoint of another backbone, input size or stack depth is refused, as
     is one that shares no tensor with the network.
     """
     module = unwrap(network)
-    weights, meta = read_network_weights(path)
+    pretrained = path if isinstance(path, PretrainedWeights) else read_pretrained_weights(path)
+    weights, meta, path = pretrained.weights, pretrained.meta, pretrained.path
     check_network_fits(meta, module, str(path))
     own = module.state_dict()
     report = PretrainedWeightsReport(source=str(path))

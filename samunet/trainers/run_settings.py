@@ -1,10 +1,11 @@
 """The settings a fold's training was started with, kept next to its checkpoints.
 
 ``samunet_train`` writes ``samunet_settings.json`` into the fold folder (atomically) before the first
-epoch: the trainer, the hyper-parameters, the ``--backbone`` / ``--depth`` given, and the data set / plans
-identity (:mod:`samunet.trainers.run_identity`). ``--c`` reads it, so a run killed before its first
-checkpoint was complete continues with its own settings instead of the trainer's defaults, and options
-that change the plans (``--backbone``, ``--depth``) need not be repeated.
+epoch: the trainer, the hyper-parameters, the ``--backbone`` / ``--depth`` / ``-pretrained_weights`` given,
+and the data set / plans identity (:mod:`samunet.trainers.run_identity`). ``--c`` reads it, so a run killed
+before its first checkpoint was complete continues with its own settings (and starts again from its
+pretrained weights) instead of the trainer's defaults, and options that change the plans (``--backbone``,
+``--depth``) need not be repeated.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class RunSettings:
     backbone: str | None = None
     depth: int | None = None
     identity: dict = field(default_factory=dict)
+    pretrained_weights: str | None = None  # -pretrained_weights of the run, loaded again by --c before a checkpoint
 
     def describe(self) -> str:
         """The settings in one line, for the log."""
