@@ -24,11 +24,15 @@ TINY = ["-device", "cpu", "--iters-per-epoch", "1", "--val-iters", "1", "--batch
 
 @pytest.fixture
 def tiny(tiny_dataset_root, tmp_path, monkeypatch) -> dict[str, Path]:
-    """A private copy of the tiny planned phantom (its plans may be edited), the variables pointing at it."""
+    """A private copy of the tiny planned phantom (its plans may be edited) with an empty nnUNet_results (the
+    shared one holds what other tests trained), the variables pointing at it."""
     folders = {}
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         folders[name] = tmp_path / name
-        shutil.copytree(tiny_dataset_root / name, folders[name])
+        if name == "nnUNet_results":
+            folders[name].mkdir()
+        else:
+            shutil.copytree(tiny_dataset_root / name, folders[name])
         monkeypatch.setenv(name, str(folders[name]))
     return folders
 

@@ -110,6 +110,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     from samunet.trainers.checkpoints import CheckpointUnreadableError, read_checkpoint, remove_stale_partials
     from samunet.trainers.finetune import read_pretrained_weights
     from samunet.trainers.plans_checks import check_model_folder_plans, check_plans_configuration
+    from samunet.trainers.precision import choose_precision
     from samunet.trainers.run_lock import hold_fold_folder, takes_the_lock
 
     if continue_training and only_validate:
@@ -130,6 +131,8 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     fold_folder = Path(get_output_folder(dataset_name, trainer_class.__name__, plans["plans_name"], configuration,
                                          fold))
     pretrained = read_pretrained_weights(pretrained_weights) if pretrained_weights is not None else None
+    if (hyperparameters or {}).get("precision") is not None:  # refused (fp16 off CUDA) before the fold folder is used
+        choose_precision(select_device(device).type, hyperparameters["precision"])
     if not (continue_training or only_validate):
         planned = copy.deepcopy(plans)
         apply_backbone_override(planned, configuration, backbone, (hyperparameters or {}).get("weights"))
