@@ -43,17 +43,28 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     """Call ``write(stream)`` on a temporary file next to ``path`` (named ``prefix...suffix``), flush it to the
     disk, then move it over ``path``. Raises what ``write`` raises, and ``OSError`` naming ``path`` when the
     disk is full or not writable; ``path`` is then unchanged and the temporary file is gone."""
+    def write_stream(name: str) -> None:
+        with open(name, "wb") as stream:
+            write(stream)
+    return write_atomically_by_name(path, write_stream, prefix=prefix, suffix=suffix)
+
+
+def write_atomically_by_name(path: str | os.PathLike, write: Callable[[str], None], *,
+                             prefix: str = PARTIAL_PREFIX, suffix: str = "") -> Path:
+    """:func:`write_atomically` for writers that take a file name (nnunetv2's ``save_summary_json``, a
+    ``zipfile.ZipFile``): ``write(temporary_name)`` on an empty file next to ``path``, then flushed and moved
+    over it."""
     path = Path(path)
     with naming_the_file(path, prefix=prefix):
         handle, temporary = _create_temporary(path.parent, prefix, suffix)
+        os.close(handle)
         try:
-            with os.fdopen(handle, "wb") as stream:
-                write(stream)
-                stream.flush()
-                os.fsync(stream.fileno())  # a full disk may only show here, and the rename must not outrun the data
+            write(os.fspath(temporary))
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())  # a full disk may only show here, and the rename must not outrun the data
             os.replace(temporary, path)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
     return path
 
@@ -70,7 +81,13 @@ def _create_temporary(folder: Path, prefix: str, suffix: str) -> tuple[int, Path
             continue
 
 
+def write_text_atomically(path: str | os.PathLike, text: str, *, prefix: str = PARTIAL_PREFIX) -> Path:
+    """``text`` (UTF-8) into ``path`` atomically, creating its folder; the temporary file starts with ``prefix``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")), prefix=prefix, suffix=path.suffix)
+
+
 def write_json_atomically(path: str | os.PathLike, content, *, prefix: str = PARTIAL_PREFIX) -> Path:
     """``json.dump(content)`` (indented) into ``path`` atomically; the temporary file starts with ``prefix``."""
-    text = json.dumps(content, indent=2)
-    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")), prefix=prefix, suffix=".json")
+    return write_text_atomically(path, json.dumps(content, indent=2), prefix=prefix)

@@ -190,17 +190,17 @@ def test_a_failed_write_leaves_the_previous_summary(case_folders, capsys, monkey
     assert _evaluate(tmp_path, ref, pred) == 0
     before = {name: (pred / name).read_bytes() for name in _written(pred)}
     _write(np.roll(_label_map(), 1, axis=2), pred / "case_0001.nii.gz")
-    real_fdopen = atomic_files.os.fdopen
+    real_open = open
 
-    def full_disk(handle, *args, **kwargs):
-        stream = real_fdopen(handle, *args, **kwargs)
+    def full_disk(file, *args, **kwargs):
+        stream = real_open(file, *args, **kwargs)
 
         def write(data):
             stream.__class__.write(stream, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         stream.write = write
         return stream
-    monkeypatch.setattr(atomic_files.os, "fdopen", full_disk)
+    monkeypatch.setattr(atomic_files, "open", full_disk, raising=False)  # the temporary file's stream
     assert _evaluate(tmp_path, ref, pred) == 2
     error = _one_line_error(capsys)
     assert "no space left" in error and "summary_samunet.json" in error

@@ -279,7 +279,7 @@ def test_the_demo_report_on_a_full_disk_keeps_the_previous_report(tmp_path, monk
         summary["foreground_mean"]["Dice"] += 0.01
         with monkeypatch.context() as patched:
             patched.setattr(demo, "write_atomically", write_half, raising=False)
-            patched.setattr("samunet.evaluation.evaluate_folder.write_atomically", write_half)
+            patched.setattr("samunet.atomic_files.write_atomically", write_half)
             assert run_cli(lambda argv: write(), []) == 2
         _one_line(capsys, report / full)
         current = _snapshot(report)

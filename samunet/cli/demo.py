@@ -72,7 +72,8 @@ def write_report(report: Path, raw: Path, predictions: Path, training_folder: Pa
                  dataset_json: dict, timings: dict, settings: dict) -> None:
     """The report folder: an overlay per test case, progress.png, metrics.json and metrics.md, each written
     atomically (a full disk raises OSError naming the file and leaves the previous one as it was)."""
-    from samunet.evaluation.evaluate_folder import atomic_write_text, format_table
+    from samunet.atomic_files import write_text_atomically
+    from samunet.evaluation.evaluate_folder import format_table
     from samunet.reporting.overlays import write_overlay
     report.mkdir(parents=True, exist_ok=True)
     ending = dataset_json["file_ending"]
@@ -82,14 +83,14 @@ def write_report(report: Path, raw: Path, predictions: Path, training_folder: Pa
                       report / f"overlay_{case}.png", dataset_json["labels"])
     if (training_folder / "progress.png").is_file():
         _copy_atomically(training_folder / "progress.png", report / "progress.png")
-    atomic_write_text(report / "metrics.json", json.dumps({"summary": summary, "timings_s": timings,
+    write_text_atomically(report / "metrics.json", json.dumps({"summary": summary, "timings_s": timings,
                                                            "settings": settings}, indent=2, default=str))
     lines = ["# samunet demo report", "",
              f"Trainer {settings['trainer']} on backbone {settings['backbone']} "
              f"(weights: {settings['weights']}), input {settings['image_size']} px, device {settings['device']}.", "",
              "Held-out test phantoms:", "", format_table(summary), "",
              "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    atomic_write_text(report / "metrics.md", "\n".join(lines) + "\n")
+    write_text_atomically(report / "metrics.md", "\n".join(lines) + "\n")
 
 
 def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "litemedsam",

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     from samunet.evaluation.best_configuration import candidate_models, find_best
-    from samunet.evaluation.evaluate_folder import atomic_write_text, json_safe
+    from samunet.atomic_files import write_text_atomically
+    from samunet.evaluation.evaluate_folder import json_safe
     from samunet.paths import ensure_nnunet_paths
     from samunet.preprocessing.dataset_checks import resolve_dataset_name
     args = build_parser().parse_args(argv)
@@ -77,7 +78,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                        overwrite=not args.no_overwrite)
     output = Path(args.o) if args.o else results / dataset_name / OUTPUT_NAME
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, json.dumps(json_safe(result), indent=2) + "\n")
+    write_text_atomically(output, json.dumps(json_safe(result), indent=2) + "\n")
     for note in result["left_out_models"]:
         print(f"  (left out: {note})")
     print("All results (cross-validation foreground Dice):")
@@ -100,7 +101,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if postprocess:
         instructions += ["Once inference is completed, postprocess with:", *[f"  {c}" for c in postprocess]]
     print("\n".join(instructions))
-    atomic_write_text(output.with_name(INSTRUCTIONS_NAME), "\n".join(instructions) + "\n")
+    write_text_atomically(output.with_name(INSTRUCTIONS_NAME), "\n".join(instructions) + "\n")
     print(f"Ranking written to {output}")
     return 0
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from samunet.evaluation.evaluate_folder import (EvaluationError, atomic_write_text, json_safe, evaluate_folders)
+from samunet.atomic_files import write_text_atomically
+from samunet.evaluation.evaluate_folder import EvaluationError, evaluate_folders, json_safe
 from samunet.evaluation.metrics import (DEFAULT_HD95, DEFAULT_NSD, EMPTY_MASK_CONVENTION, METRIC_NAMES,
                                         metric_conventions, summarise)
 
@@ -180,7 +181,7 @@ def summarise_cross_validation(model_folder: Path, preprocessed: Path, dataset_j
         "per_case": per_case,
     }
     output_json = output_json or model_folder / OUTPUT_NAME
-    atomic_write_text(output_json, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
-    atomic_write_text(output_json.with_suffix(".md"), _format_markdown(summary))
+    write_text_atomically(output_json, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    write_text_atomically(output_json.with_suffix(".md"), _format_markdown(summary))
     logger.info("wrote %s and %s", output_json, output_json.with_suffix(".md"))
     return summary

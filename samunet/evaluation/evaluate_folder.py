@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from samunet.atomic_files import write_atomically, write_json_atomically
+from samunet.atomic_files import write_json_atomically, write_text_atomically
 from samunet.errors import SamunetError, problems_in_one_line
 from samunet.evaluation.metrics import (DEFAULT_HD95, DEFAULT_NSD, EMPTY_MASK_CONVENTION, check_conventions,
                                         evaluate_case, ignore_label, metric_conventions, summarise)
@@ -261,13 +261,6 @@ def json_safe(value):
     return value
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file in ``path``'s folder, then move it into place
-    (:func:`samunet.atomic_files.write_atomically`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda stream: stream.write(text.encode("utf-8")), suffix=path.suffix)
-
-
 def _format_value(value: float, digits: int) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -297,7 +290,7 @@ def write_summary(output_json: str | os.PathLike, summary: dict) -> Path:
                     f"({conventions['hd95_definition']}).\n"
     output_json.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(output_json, json_safe(summary))
-    atomic_write_text(output_json.with_suffix(".md"), markdown)
+    write_text_atomically(output_json.with_suffix(".md"), markdown)
     logger.info("wrote %s and %s", output_json, output_json.with_suffix(".md"))
     return output_json
 

@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from samunet.atomic_files import write_atomically_by_name
 from samunet.image_io import replace_folder
 from samunet.submission import SubmissionError
 from samunet.submission.challenges import CHALLENGES
@@ -28,21 +29,14 @@ def _naming(error: OSError, output: Path) -> OSError:
 
 
 def _write_zip(files: dict[str, Path], output: Path, folder: str) -> None:
-    temporary = None
+    def write(name: str) -> None:
+        with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_STORED) as archive:
+            for member, source in sorted(files.items()):
+                archive.write(source, folder + member)
     try:
-        handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        os.close(handle)
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, source in sorted(files.items()):
-                archive.write(source, folder + name)
-        with open(temporary, "rb") as stream:  # a full disk may only show when the data reaches it
-            os.fsync(stream.fileno())
-        os.replace(temporary, output)
+        write_atomically_by_name(output, write, prefix=f".{output.name}.", suffix=".tmp")
     except OSError as error:
         raise _naming(error, output) from error
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
 
 
 def _write_folder(files: dict[str, Path], output: Path) -> None:

@@ -28,7 +28,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, 
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch import distributed as dist
 
-from samunet.atomic_files import PARTIAL_PREFIX, naming_the_file
+from samunet.atomic_files import write_atomically_by_name
 from samunet.inference.predict_cases import export_case_atomically
 from samunet.staged_writes import remove_stale_scratch, scratch_prefix
 
@@ -101,15 +101,7 @@ def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = Fal
 
 
 def save_summary_atomically(metrics: dict, path: str) -> None:
-    """nnunetv2's ``save_summary_json`` (its key conversion and layout) into a temporary file next to ``path``,
-    flushed, then renamed over it; an OSError (full disk) names ``path`` and leaves the previous file."""
-    temporary = os.path.join(os.path.dirname(path), f"{PARTIAL_PREFIX}{os.getpid()}_{os.path.basename(path)}")
-    with naming_the_file(path):
-        try:
-            save_summary_json(metrics, temporary)
-            with open(temporary, "rb") as stream:
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+    """nnunetv2's ``save_summary_json`` (its key conversion and layout) written atomically
+    (:func:`samunet.atomic_files.write_atomically_by_name`): a full disk names ``path`` and leaves the
+    previous file."""
+    write_atomically_by_name(path, lambda name: save_summary_json(metrics, name), suffix=".json")
