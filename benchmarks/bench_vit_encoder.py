@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from bench_common import (count_flops, format_table, matmul_peak_gflops, memory_baseline_mib, peak_memory_mib,
+                          synchronize)
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from samunet.backbones.sam_vit import VIT_CONFIGS, build_vit_encoder
 from samunet.sam_import import sam_modeling
@@ -47,17 +49,21 @@ logger = logging.getLogger("bench_vit_encoder")
 IMPLS = ("samunet", "reference")
 
 
+def build_unseeded(impl: str, variant: str, img_size: int) -> nn.Module:
+    """The encoder ``impl`` of ``variant`` with its default initialisation."""
+    if impl == "samunet":
+        return build_vit_encoder(variant, img_size)
+    config = VIT_CONFIGS[variant]
+    return sam_modeling().ImageEncoderViT(
+        img_size=img_size, embed_dim=config.embed_dim, depth=config.depth,
+        num_heads=config.num_heads, global_attn_indexes=list(config.global_attn_indexes),
+        window_size=config.window_size, out_chans=config.out_chans, mlp_ratio=4.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True)
+
+
 def build(impl: str, variant: str, img_size: int) -> nn.Module:
     """The encoder ``impl`` of ``variant`` with seeded random weights (same for both impls)."""
-    if impl == "samunet":
-        model = build_vit_encoder(variant, img_size)
-    else:
-        config = VIT_CONFIGS[variant]
-        model = sam_modeling().ImageEncoderViT(
-            img_size=img_size, embed_dim=config.embed_dim, depth=config.depth,
-            num_heads=config.num_heads, global_attn_indexes=list(config.global_attn_indexes),
-            window_size=config.window_size, out_chans=config.out_chans, mlp_ratio=4.0,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True)
+    model = build_unseeded(impl, variant, img_size)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         # both implementations list the same names in the same order, so the draws match
@@ -67,31 +73,19 @@ def build(impl: str, variant: str, img_size: int) -> nn.Module:
     return model.eval()
 
 
-def rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure_one(impl: str, variant: str, img_size: int, *, device: str, repeats: int,
                 warmup: int, grad: bool, save: Path) -> dict:
     """Time and peak memory of ``repeats`` forwards of one encoder in this process."""
     model = build(impl, variant, img_size).to(device)
     model.requires_grad_(grad)
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1)).to(device)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    else:
-        baseline = rss_mib()
+    baseline = memory_baseline_mib(device)
 
     def forward() -> torch.Tensor:
         with torch.set_grad_enabled(grad):
             out = model(x)
             embedding = out if impl == "reference" else out.embedding
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         return embedding
 
     for _ in range(warmup):
@@ -102,9 +96,20 @@ def measure_one(impl: str, variant: str, img_size: int, *, device: str, repeats:
         start = time.perf_counter()
         embedding = forward()
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mib()
+    peak = peak_memory_mib(device, baseline)
     torch.save(embedding.detach().cpu(), save)
-    return {"seconds": statistics.median(seconds), "peak_mib": peak - baseline}
+    return {"seconds": statistics.median(seconds), "peak_mib": peak}
+
+
+def forward_flops(impl: str, variant: str, img_size: int, device: str) -> int:
+    """FLOPs of one forward of ``impl``, counted on fake tensors of ``device`` (no compute, no memory;
+    the device decides which attention path samunet takes)."""
+    with FakeTensorMode():
+        with torch.device(device):
+            model = build_unseeded(impl, variant, img_size)
+            x = torch.randn(1, 3, img_size, img_size)
+        with torch.no_grad():
+            return count_flops(lambda: model(x))
 
 
 def run_subprocess(impl: str, img_size: int, args: argparse.Namespace, save: Path) -> dict:
@@ -135,12 +140,12 @@ def main() -> None:
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logger.info("torch %s, %d threads, device %s, %s, batch 1, fp32, %s, median of %d (warmup %d)",
-                torch.__version__, torch.get_num_threads(), args.device, args.variant,
-                "autograd" if args.grad else "no_grad", args.repeats, args.warmup)
-    header = (f"{'size':>5} | {'ours s':>8} | {'ref s':>8} | {'time ratio':>10} | "
-              f"{'ours MiB':>9} | {'ref MiB':>9} | {'mem ratio':>9} | {'max diff':>10}")
-    logger.info("%s\n%s", header, "-" * len(header))
+    peak = matmul_peak_gflops(args.device)
+    logger.info("torch %s, %d threads, device %s, %s, batch 1, fp32, %s, median of %d (warmup %d); "
+                "matmul peak %.0f GFLOP/s (fp32 2048^3, best of 5, measured now)", torch.__version__,
+                torch.get_num_threads(), args.device, args.variant, "autograd" if args.grad else "no_grad",
+                args.repeats, args.warmup, peak)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             results = {impl: run_subprocess(impl, size, args, Path(tmp) / f"{impl}_{size}.pt")
@@ -148,10 +153,17 @@ def main() -> None:
             diff = (torch.load(Path(tmp) / f"samunet_{size}.pt")
                     - torch.load(Path(tmp) / f"reference_{size}.pt")).abs().max().item()
             ours, ref = results["samunet"], results["reference"]
-            logger.info(f"{size:>5} | {ours['seconds']:>8.3f} | {ref['seconds']:>8.3f} | "
-                        f"{ours['seconds'] / ref['seconds']:>10.2f} | {ours['peak_mib']:>9.1f} | "
-                        f"{ref['peak_mib']:>9.1f} | {ours['peak_mib'] / ref['peak_mib']:>9.2f} | "
-                        f"{diff:>10.2e}")
+            flops = {impl: forward_flops(impl, args.variant, size, args.device) for impl in IMPLS}
+            gflops = {impl: flops[impl] / results[impl]["seconds"] / 1e9 for impl in IMPLS}
+            rows.append([size, ours["seconds"], ref["seconds"], f"{ref['seconds'] / ours['seconds']:.2f}x",
+                         f"{flops['samunet'] / 1e9:.1f}", f"{gflops['samunet']:.0f}",
+                         f"{100 * gflops['samunet'] / peak:.0f}%", f"{gflops['reference']:.0f}",
+                         f"{100 * gflops['reference'] / peak:.0f}%", f"{ours['peak_mib']:.0f}",
+                         f"{ref['peak_mib']:.0f}", f"{diff:.1e}"])
+    peak_after = matmul_peak_gflops(args.device)
+    logger.info("%s\nmatmul peak after the runs: %.0f GFLOP/s", format_table(
+        ["size", "ours s", "ref s", "speed-up", "ours GFLOP", "ours GFLOP/s", "of peak", "ref GFLOP/s",
+         "of peak", "ours MiB", "ref MiB", "max diff"], rows), peak_after)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def test_windowed_blocks_see_the_prompts_in_every_window():
 
 
 def test_prompt_tokens_get_zero_relative_position_bias():
-    from samunet.backbones.sam_vit import decomposed_rel_pos_bias
+    from samunet.sam_import import sam_modeling
+    add_decomposed_rel_pos = sam_modeling().image_encoder.add_decomposed_rel_pos
 
     encoder = tiny_encoder("vit_test")
     attention = encoder.blocks[1].attn  # global block over the 4x4 grid
@@ -184,8 +185,9 @@ def test_prompt_tokens_get_zero_relative_position_bias():
     qkv = attention.qkv(torch.cat([x.reshape(1, 16, 32), prompts], dim=1)).reshape(1, 19, 3, heads, head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     scores = q @ k.transpose(-1, -2) * head_dim ** -0.5
-    grid_q = q[:, :, :16].reshape(1, heads, 4, 4, head_dim)
-    scores[..., :16, :16] += decomposed_rel_pos_bias(grid_q, attention.rel_pos_h, attention.rel_pos_w)
+    grid_q = q[:, :, :16].reshape(heads, 16, head_dim)
+    scores[0, :, :16, :16] = add_decomposed_rel_pos(scores[0, :, :16, :16], grid_q, attention.rel_pos_h,
+                                                    attention.rel_pos_w, (4, 4), (4, 4))
     out = attention.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 19, 32))
     assert torch.allclose(image, out[:, :16].reshape(1, 4, 4, 32), atol=1e-5)
     assert torch.allclose(extra, out[:, 16:], atol=1e-5)

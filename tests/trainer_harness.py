@@ -153,9 +153,11 @@ def in_memory_dataset_class(*, num_classes: int, img_size: int, seed: int = 0) -
 
 
 def build_trainer(name: str, *, backbone: str, num_classes: int, img_size: int, depth: int = 1,
-                  seed: int = 0):
+                  seed: int = 0, batch_size: int = 2, device: str = "cpu", hyperparameters: dict | None = None):
     """Trainer ``name`` from ``TRAINERS`` for a 1-channel, ``num_classes``-class data set at ``img_size``
-    px (``depth`` slices per stack for slice-stack trainers), constructed on the CPU and initialised by
+    px (``depth`` slices per stack for slice-stack trainers, ``batch_size`` in the plans), constructed on
+    ``device`` (benchmarks/gpu_check.py builds them on CUDA), given ``hyperparameters`` (as
+    ``samunet_train`` overrides them) and initialised by
     its own ``initialize()`` with torch seeded by ``seed``.
 
     nnunetv2's ``initialize()`` does, without data: the network from the trainer's own static
@@ -166,8 +168,10 @@ def build_trainer(name: str, *, backbone: str, num_classes: int, img_size: int, 
     :func:`nnunet_environment`).
     """
     cls = TRAINERS.get(name)
-    trainer = cls(synthetic_plans(backbone=backbone, img_size=img_size, depth=depth), "2d", 0,
-                  synthetic_dataset_json(num_classes), torch.device("cpu"))
+    trainer = cls(synthetic_plans(backbone=backbone, img_size=img_size, depth=depth, batch_size=batch_size), "2d",
+                  0, synthetic_dataset_json(num_classes), torch.device(device))
+    if hyperparameters:
+        trainer.set_hyperparameters(hyperparameters)
     os.makedirs(trainer.preprocessed_dataset_folder_base, exist_ok=True)  # nnU-Net writes its split file there
     dataset_class = in_memory_dataset_class(num_classes=num_classes, img_size=img_size, seed=seed)
     torch.manual_seed(seed)

@@ -60,7 +60,9 @@ class AttentionAdapters(NamedTuple):
     plain tuple, like :class:`BlockAdapters`, so the encoder's state_dict is unchanged).
 
     ``qkv`` maps (the fused ``qkv`` linear's input (..., C), its output (..., 3C')) to the output
-    the layer uses instead; LoRA adds its low-rank update to q and v this way.
+    the layer uses instead; LoRA adds its low-rank update to q and v this way. It must be token-wise
+    (each output token depends on its own input token only): the ViT projects the real tokens of a
+    windowed block and pads the windows with the projection of one zero token.
     """
 
     qkv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

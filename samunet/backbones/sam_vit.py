@@ -4,8 +4,10 @@ Same architecture and state-dict layout as segment-anything's ``ImageEncoderViT`
 checkpoints load with ``strict=True``): a 16x16 patch embedding, an absolute position embedding
 on the (S/16, S/16) token grid, transformer blocks that attend within 14x14 windows except for a
 few global-attention blocks, decomposed relative position biases (MViTv2), and a
-1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d neck. Attention runs through
-``F.scaled_dot_product_attention`` with the relative position bias as a float mask.
+1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d neck. The relative position bias is never
+built as an (N, N) mask (:mod:`samunet.backbones.rel_pos_attention`), and windowed blocks project
+only the real tokens, not the padding (:meth:`Block._windowed_attention`); both are equal to
+segment-anything's encoder to float rounding.
 
 Optional prompt tokens (HSP-SAM's Q prompts): prompt level j is the run of blocks that ends with
 the j-th global-attention block. Its c_j tokens join every attention call of those blocks as
@@ -27,6 +29,7 @@ from torch import nn
 from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
                                     SAMImageEncoder, batch_prompt_tokens, check_block_indices)
 from samunet.backbones.neck import sam_neck
+from samunet.backbones.rel_pos_attention import attention_with_rel_pos
 
 logger = logging.getLogger(__name__)
 
@@ -79,34 +82,12 @@ class MLP(nn.Module):
         return self.lin2(self.act(self.lin1(x)))
 
 
-def _relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
-    """Rows of ``table`` (2*size-1, head_dim) for every (query, key) offset: (size, size, head_dim)."""
-    if table.shape[0] != 2 * size - 1:
-        raise ValueError(f"relative position table has {table.shape[0]} rows, expected "
-                         f"{2 * size - 1} for {size} positions; resize it with adapt_state_dict")
-    positions = torch.arange(size, device=table.device)
-    return table[positions[:, None] - positions[None, :] + (size - 1)]
-
-
-def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor,
-                            rel_pos_w: torch.Tensor) -> torch.Tensor:
-    """Decomposed relative position bias of MViTv2 as SAM computes it (from the unscaled query).
-
-    q: (B, heads, H, W, head_dim); rel_pos_h: (2H-1, head_dim); rel_pos_w: (2W-1, head_dim).
-    Returns the additive attention bias (B, heads, H*W, H*W), keys ordered row-major.
-    """
-    batch, heads, height, width, _ = q.shape
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q, _relative_table(rel_pos_h, height))
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q, _relative_table(rel_pos_w, width))
-    bias = bias_h[..., :, None] + bias_w[..., None, :]
-    return bias.reshape(batch, heads, height * width, height * width)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over a (B, H, W, dim) token grid with decomposed rel-pos bias.
 
     ``qkv`` outputs [q | k | v], each ``dim`` wide with the heads side by side. ``rel_pos_h`` /
     ``rel_pos_w`` have 2 * grid_size - 1 rows, where grid_size is the side the layer attends over.
+    The bias is never built as an (N, N) tensor (:mod:`samunet.backbones.rel_pos_attention`).
     """
 
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool, use_rel_pos: bool,
@@ -129,18 +110,25 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         return qkv if self.adapters.qkv is None else self.adapters.qkv(x, qkv)
 
+    def attend(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """qkv: (B, H*W + c, 3 * dim) from :meth:`project_qkv`, the grid's tokens row-major, then c
+        tokens without a position (prompts) -> the heads' outputs (B, H*W + c, dim), before ``proj``.
+
+        SDPA's and the chunked path's scale is head_dim ** -0.5, the same as SAM's.
+        """
+        batch, tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.use_rel_pos:
+            out = attention_with_rel_pos(q, k, v, self.rel_pos_h, self.rel_pos_w, grid)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, dim) -> (B, H, W, dim)."""
         batch, height, width, dim = x.shape
-        qkv = self.project_qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W, head_dim)
-        bias = None
-        if self.use_rel_pos:
-            q_grid = q.reshape(batch, self.num_heads, height, width, self.head_dim)
-            bias = decomposed_rel_pos_bias(q_grid, self.rel_pos_h, self.rel_pos_w).to(q.dtype)
-        # SDPA's default scale is head_dim ** -0.5, the same as SAM's
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
+        qkv = self.project_qkv(x.reshape(batch, height * width, dim))
+        return self.proj(self.attend(qkv, (height, width))).reshape(batch, height, width, dim)
 
     def forward_with_prompts(self, x: torch.Tensor,
                              prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,27 +137,25 @@ class Attention(nn.Module):
         The relative position bias applies between image tokens; pairs with a prompt get 0.
         """
         batch, height, width, dim = x.shape
-        count, num_prompts = height * width, prompts.shape[1]
-        tokens = torch.cat([x.reshape(batch, count, dim), prompts], dim=1)
-        qkv = self.project_qkv(tokens).reshape(batch, count + num_prompts, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W + c, head_dim)
-        bias = None
-        if self.use_rel_pos:
-            q_grid = q[:, :, :count].reshape(batch, self.num_heads, height, width, self.head_dim)
-            bias = decomposed_rel_pos_bias(q_grid, self.rel_pos_h, self.rel_pos_w).to(q.dtype)
-            bias = F.pad(bias, (0, num_prompts, 0, num_prompts))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = self.proj(out.transpose(1, 2).reshape(batch, count + num_prompts, dim))
+        count = height * width
+        qkv = self.project_qkv(torch.cat([x.reshape(batch, count, dim), prompts], dim=1))
+        out = self.proj(self.attend(qkv, (height, width)))
         return out[:, :count].reshape(batch, height, width, dim), out[:, count:]
 
 
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W up to multiples of
-    ``window``; also returns the padded (Hp, Wp)."""
+def window_partition(x: torch.Tensor, window: int,
+                     fill: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nW, window, window, C), padding H and W up to multiples of ``window``
+    with ``fill`` (C,) (default zeros); also returns the padded (Hp, Wp)."""
     batch, height, width, channels = x.shape
     pad_h, pad_w = -height % window, -width % window
-    if pad_h or pad_w:
+    if fill is None:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    else:
+        if pad_w:
+            x = torch.cat([x, fill.expand(batch, height, pad_w, channels)], dim=2)
+        if pad_h:
+            x = torch.cat([x, fill.expand(batch, pad_h, width + pad_w, channels)], dim=1)
     padded_h, padded_w = height + pad_h, width + pad_w
     x = x.reshape(batch, padded_h // window, window, padded_w // window, window, channels)
     windows = x.transpose(2, 3).reshape(-1, window, window, channels)
@@ -211,12 +197,37 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
-        if self.is_global:
-            y = self.attn(y)
-        else:
-            windows, padded_hw = window_partition(y, self.window_size)
-            y = window_unpartition(self.attn(windows), self.window_size, padded_hw, x.shape[1:3])
+        y = self.attn(y) if self.is_global else self._windowed_attention(y)[0]
         return self._attention_then_mlp(x, y)
+
+    def _windowed_attention(self, y: torch.Tensor,
+                            prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention within windows of the normed tokens y (B, H, W, dim) -> (B, H, W, dim); with
+        prompts (B, c, dim), every window attends with its own copy of them and their outputs are
+        averaged over the windows -> (B, c, dim).
+
+        SAM zero-pads the normed tokens to whole windows before the attention. Here only the real
+        tokens are projected and the padding gets the projection of a zero token, which is equal
+        (the ``qkv`` adapter slot is token-wise) and saves the padded tokens' projections: a third
+        of them at 256 px. The output projection likewise runs on the real tokens only.
+        """
+        batch, height, width, dim = y.shape
+        window = self.window_size
+        qkv = self.attn.project_qkv(y)
+        zero_token = self.attn.project_qkv(y.new_zeros(1, dim))[0]
+        windows, padded_hw = window_partition(qkv, window, fill=zero_token)
+        windows = windows.reshape(windows.shape[0], window * window, 3 * dim)
+        per_image = windows.shape[0] // batch
+        if prompts is not None:
+            prompt_qkv = self.attn.project_qkv(prompts).repeat_interleave(per_image, dim=0)
+            windows = torch.cat([windows, prompt_qkv], dim=1)
+        out = self.attn.attend(windows, (window, window))
+        grid_out = out[:, :window * window].reshape(-1, window, window, dim)
+        attended = self.attn.proj(window_unpartition(grid_out, window, padded_hw, (height, width)))
+        if prompts is None:
+            return attended, None
+        prompt_out = out[:, window * window:].reshape(batch, per_image, prompts.shape[1], dim).mean(dim=1)
+        return attended, self.attn.proj(prompt_out)
 
     def _attention_then_mlp(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residual add of the (un-windowed) attention output, then the MLP, with the block's adapters."""
@@ -234,14 +245,7 @@ class Block(nn.Module):
         """x: (B, H, W, dim), prompts: (B, c, dim) -> both updated. In a windowed block every
         window attends with its own copy of the prompts; the copies' updates are averaged."""
         y, p = self.norm1(x), self.norm1(prompts)
-        if self.is_global:
-            y, p = self.attn.forward_with_prompts(y, p)
-        else:
-            windows, padded_hw = window_partition(y, self.window_size)
-            per_image = windows.shape[0] // x.shape[0]
-            y, p = self.attn.forward_with_prompts(windows, p.repeat_interleave(per_image, dim=0))
-            y = window_unpartition(y, self.window_size, padded_hw, x.shape[1:3])
-            p = p.reshape(x.shape[0], per_image, *p.shape[1:]).mean(dim=1)
+        y, p = self.attn.forward_with_prompts(y, p) if self.is_global else self._windowed_attention(y, p)
         prompts = prompts + p
         return self._attention_then_mlp(x, y), prompts + self.mlp(self.norm2(prompts))
 
