@@ -434,6 +434,35 @@ def test_teacher_targets_come_from_the_frozen_prompt_encoder_fed_with_the_ground
     assert float(joint.terms[0]) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_several_classes_per_image_are_decoded_from_one_encoding_image_major():
+    """class_labels (B, m): each image is encoded once, and row i * m + j is what prompting image i with its
+    j-th class alone gives."""
+    network = tiny_network(num_classes=4)
+    images = torch.randn(2, 1, IMG_SIZE, IMG_SIZE)
+    labels = torch.tensor([[1, 3, 3], [2, 1, 3]])
+    encoder_inputs = []
+    hook = network.image_encoder.register_forward_hook(lambda module, args, output: encoder_inputs.append(args[0]))
+    try:
+        together = predict(network, images, labels)
+    finally:
+        hook.remove()
+    assert [tuple(x.shape[:1]) for x in encoder_inputs] == [(2,)]
+    assert together.mask_logits.shape == (6, 1, IMG_SIZE, IMG_SIZE)
+    for i in range(2):
+        for j in range(3):
+            alone = predict(network, images[i:i + 1], labels[i, j:j + 1])
+            assert torch.allclose(together.mask_logits[i * 3 + j], alone.mask_logits[0], atol=1e-5)
+            assert torch.allclose(together.dense[i * 3 + j], alone.dense[0], atol=1e-5)
+
+
+def test_the_trainer_prompts_each_image_with_three_classes_and_the_one_class_variant_with_one(nnunet_root):
+    assert AutoMedSAMTrainer.classes_per_image == 3
+    trainer = real_trainer("AutoMedSAMTrainer_one_class")
+    target = torch.zeros(4, 1, TRAINER_IMG_SIZE, TRAINER_IMG_SIZE)
+    target[..., 8:20, 10:24] = 1
+    assert trainer.class_targets(target)["labels"].shape == (4,)
+
+
 def test_training_learns_the_present_class_and_an_empty_mask_for_the_absent_one():
     """Class-index prompting learned: after training on two images (class 1 present, class 2 absent),
     prompting class 2 gives an empty mask and prompting class 1 finds the square, in the per-class
@@ -564,9 +593,11 @@ def test_trainer_loss_is_the_uncertainty_weighted_sum_of_mse_ce_dice_and_shape_d
         torch.manual_seed(7)
         loss = trainer.forward_and_loss(data, target)
         torch.manual_seed(7)  # the same class draws and the same diffusion noise
+        per_image = trainer.classes_per_image
+        target = target.repeat_interleave(per_image, dim=0)  # image-major: each image's draws together
         labels, present = sample_prompt_classes(target[:, 0], num_classes=3)
-        prediction = network(data, class_labels=labels)
-    assert bool(present.all())  # the harness's batches hold every class
+        prediction = network(data, class_labels=labels.view(2, per_image))
+    assert per_image == 3 and bool(present.all())  # the harness's batches hold every class
     mask = (target == labels.view(-1, 1, 1, 1)).float()
     boxes = []
     for m in mask[:, 0]:
@@ -596,6 +627,7 @@ def test_trainer_prompts_a_present_class_80_percent_of_the_time_and_an_absent_on
     target[..., 8:20, 10:24] = 1  # class 1 present, class 2 absent
     torch.manual_seed(0)
     targets = trainer.class_targets(target)
+    target = target.repeat_interleave(trainer.classes_per_image, dim=0)  # the draws, image-major
     present, labels = targets["present"], targets["labels"]
     assert float(present.float().mean()) == pytest.approx(0.8, abs=0.04)
     assert bool((labels[present] == 1).all()) and bool((labels[~present] == 2).all())
@@ -645,7 +677,7 @@ def test_train_step_runs_the_training_forward_through_the_wrapped_network(nnunet
     args, kwargs, output = wrapper.calls[0]
     assert args[0].shape == batch["data"].shape and isinstance(output, ClassPrediction)
     labels = kwargs["class_labels"]
-    assert labels.shape == (2,) and bool(((labels >= 1) & (labels <= 2)).all())
+    assert labels.shape == (2, trainer.classes_per_image) and bool(((labels >= 1) & (labels <= 2)).all())
     assert len(wrapper.mask_gradients) == 1 and bool((wrapper.mask_gradients[0] != 0).any())
     assert np.isfinite(result["loss"])
 

@@ -505,7 +505,7 @@ def test_the_papers_recipe_on_the_real_trainer(harness):
     """Appendix D: SGD lr 0.01, momentum 0.99, nesterov, weight decay 3e-5, poly LR (exponent 0.9) over
     the epochs; CE + Dice on the generator's levels with weights halving per halving of resolution and
     summing to 1, plus CE + Dice on the output in phase 2 (from epoch ceil(0.2 * epochs))."""
-    trainer = harness("SelfPromptSAMTrainer")
+    trainer = harness("SelfPromptSAMTrainer_sgd")
     optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
     assert type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
     group = optimizer.param_groups[0]
@@ -543,13 +543,14 @@ def test_the_papers_recipe_on_the_real_trainer(harness):
             (generator_loss + criterion(outputs[0], targets[0])).item(), rel=1e-5)
 
 
-def test_the_adamw_variant_changes_only_the_optimiser(harness):
-    trainer = harness("SelfPromptSAMTrainer_adamw")
+def test_the_default_differs_from_the_papers_recipe_only_in_the_optimiser(harness):
+    trainer = harness("SelfPromptSAMTrainer")
     assert type(trainer.optimizer) is torch.optim.AdamW
     group = trainer.optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (1e-3, 0.01)
     assert isinstance(trainer.lr_scheduler, PolyLRScheduler) and trainer.lr_scheduler.exponent == 0.9
-    assert type(trainer).network_kwargs == SelfPromptSAMTrainer.network_kwargs
+    paper = TRAINERS.get("SelfPromptSAMTrainer_sgd")
+    assert paper.network_kwargs == SelfPromptSAMTrainer.network_kwargs and paper.__bases__ == (SelfPromptSAMTrainer,)
     assert trainer.training_phase_starts() == (0, 200)
 
 
@@ -683,7 +684,7 @@ def test_sliding_over_depth_gives_every_slice_both_sides_and_returns_the_volumes
             self.centres = []
 
         def forward(self, x):
-            self.centres.append(x[0, 0, x.shape[2] // 2, 0, 0].item())
+            self.centres.extend(x[:, 0, x.shape[2] // 2, 0, 0].tolist())
             return torch.cat([torch.zeros_like(x), x], dim=1)
 
     assert SelfPromptSAMTrainer.predictor_class() is SliceStackPredictor

@@ -13,8 +13,8 @@
 - ``uncertainty``: the loss's learnable s_i, kept here so checkpoints, ``--c`` and fold loading carry
   them; inference never uses them.
 
-``forward(x, class_labels=k)`` is the training path (one prompted class per image, returning a
-:class:`ClassPrediction`); trainers call it through the (possibly DDP-wrapped or compiled) network.
+``forward(x, class_labels=k)`` is the training path (one or several prompted classes per image, each
+image encoded once, returning a :class:`ClassPrediction`); trainers call it through the (possibly DDP-wrapped or compiled) network.
 ``forward(x)`` runs every foreground class (or the ones set with :meth:`set_predict_classes`) and
 returns K-channel log-probabilities for nnU-Net:
 p_k = sigmoid(logit_k) for k >= 1 (0 for unselected classes), p_0 = 1 - max_k p_k, normalised to
@@ -65,7 +65,7 @@ def parse_class_selection(selection: str, labels: dict[str, int | list[int]]) ->
 
 
 class AutoMedSAMNetwork(SAMSegmentationNetwork):
-    """Train: ``forward(x, class_labels=k)`` (B, C, S, S), k (B,) -> :class:`ClassPrediction`. Eval:
+    """Train: ``forward(x, class_labels=k)`` (B, C, S, S), k (B,) or (B, m) -> :class:`ClassPrediction`. Eval:
     ``forward(x)`` (B, C, S, S) -> log-probabilities (B, K, S, S)."""
 
     def __init__(self, config: SAMNetworkConfig, *, num_sparse_tokens: int = 2, num_timesteps: int = 1000,
@@ -133,12 +133,15 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
         return self.prompt_encoder(points=None, boxes=boxes[:, None], masks=None)
 
     def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor | ClassPrediction:
-        """x: (B, C_in, S, S). With label values ``class_labels`` (B,) in 1..K-1: the binary mask logits of
-        those classes and their prompts (training). Without: log-probabilities (B, K, S, S) of every
-        selected class, merged as the module docstring says."""
+        """x: (B, C_in, S, S). With label values ``class_labels`` (B,) or (B, m) in 1..K-1: the binary mask
+        logits of those classes and their prompts, (B * m) rows image-major, each image encoded once
+        (training). Without: log-probabilities (B, K, S, S) of every selected class, merged as the module
+        docstring says."""
         embedding = self.encode(x)
         if class_labels is not None:
-            return self.decode_class(embedding, class_labels, x.shape[-2:])
+            if class_labels.ndim == 2:  # several classes per image: one encoding, decoded once per class
+                embedding = embedding.repeat_interleave(class_labels.shape[1], dim=0)
+            return self.decode_class(embedding, class_labels.reshape(-1), x.shape[-2:])
         classes = self.predict_classes or list(range(1, self.num_classes))
         probabilities = x.new_zeros(x.shape[0], self.num_classes, *x.shape[-2:], dtype=torch.float32)
         for label in classes:

@@ -3,9 +3,13 @@
 Network: ``samunet.networks.automedsam.AutoMedSAMNetwork``. What the trainer adds (see
 docs/methods/automedsam.md):
 
-- Class sampling per training sample: with probability 0.8 a foreground class present in the
-  patch (uniformly among those present), otherwise one absent from it, whose target is an empty
-  mask (a patch with no foreground always gets an absent class; one holding every class a present one).
+- Class sampling: every training image is prompted with ``classes_per_image`` (default 3) classes,
+  decoded from its one encoding; each is drawn independently: with probability 0.8 a foreground class
+  present in the patch (uniformly among those present), otherwise one absent from it, whose target is
+  an empty mask (a patch with no foreground always gets an absent class; one holding every class a
+  present one). The paper does not say how many classes a training image is prompted with; one per
+  image (``AutoMedSAMTrainer_one_class``) left two of the demo phantom's three organs unlearned within
+  SAMed's time budget, three per image learn all three at about 1.3x the cost of a step (docs/demo.md).
 - Targets for class k: the binary mask, its signed distance map, and its bounding box
   (x_min, y_min, x_max, y_max in the encoder's input pixels) for the frozen original prompt
   encoder, the knowledge-transfer teacher. Absent classes have no box: their MSE term is skipped.
@@ -33,6 +37,7 @@ from samunet.registry import TRAINERS
 from samunet.trainers.base import SAMTrainerBase
 
 PRESENT_CLASS_PROBABILITY = 0.8
+CLASSES_PER_IMAGE = 3
 UNCERTAINTY_LOG_KEY = "uncertainty_s"
 
 
@@ -82,6 +87,7 @@ class AutoMedSAMTrainer(SAMTrainerBase):
     optimizer_name = "adamw"
     default_hyperparameters = {"initial_lr": 1e-4, "weight_decay": 0.01, "num_epochs": 100}
     present_class_probability = PRESENT_CLASS_PROBABILITY
+    classes_per_image = CLASSES_PER_IMAGE
 
     def initialize(self):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
@@ -111,9 +117,11 @@ class AutoMedSAMTrainer(SAMTrainerBase):
                               dice_class=MemoryEfficientSoftDiceLoss)
 
     def class_targets(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Label maps (B, 1, H, W) -> sampled labels (B,), present (B,), mask (B, 1, H, W), distance maps
-        (B, 1, H, W) and boxes (B, 4) in the encoder's input pixels."""
+        """Label maps (B, 1, H, W) -> for m = ``classes_per_image`` draws per image, image-major: sampled
+        labels (B * m,), present (B * m,), mask (B * m, 1, H, W), distance maps (B * m, 1, H, W) and boxes
+        (B * m, 4) in the encoder's input pixels."""
         module = self.network_module
+        target = target.repeat_interleave(self.classes_per_image, dim=0)
         labels, present = sample_prompt_classes(target[:, 0], num_classes=module.num_classes,
                                                 present_probability=self.present_class_probability)
         mask = (target == labels.view(-1, 1, 1, 1)).float()
@@ -125,10 +133,11 @@ class AutoMedSAMTrainer(SAMTrainerBase):
                 "boxes": boxes}
 
     def forward_and_loss(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """One sampled class per image, decoded through ``self.network`` (the module that trains), and the
-        uncertainty-weighted joint loss against that class's mask and the frozen teacher's prompts."""
+        """``classes_per_image`` sampled classes per image, decoded from one encoding through ``self.network``
+        (the module that trains), and the uncertainty-weighted joint loss against each class's mask and the
+        frozen teacher's prompts."""
         targets = self.class_targets(target)
-        prediction = self.network(data, class_labels=targets["labels"])
+        prediction = self.network(data, class_labels=targets["labels"].view(data.shape[0], self.classes_per_image))
         teacher_sparse, teacher_dense = self.network_module.teacher_prompts(targets["boxes"])
         return self.joint_loss(mask_logits=prediction.mask_logits, target=targets["mask"],
                                distance_maps=targets["distance_maps"], sparse=prediction.sparse,
@@ -156,3 +165,10 @@ class AutoMedSAMTrainer_plateau(AutoMedSAMTrainer):
         super().on_validation_epoch_end(val_outputs)
         self.lr_scheduler.report(float(self.logger.get_value("val_losses", step=self.current_epoch)))
 
+
+@TRAINERS.register()
+class AutoMedSAMTrainer_one_class(AutoMedSAMTrainer):
+    """One sampled class per training image (samunet's AutoMedSAMTrainer before it prompted three): slower to
+    learn small classes within a short budget (docs/demo.md)."""
+
+    classes_per_image = 1
