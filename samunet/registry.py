@@ -77,5 +77,6 @@ def _same_definition(first: object, second: object) -> bool:
     return getattr(first, "__qualname__", None) == getattr(second, "__qualname__", None) and files[0] == files[1]
 
 
-TRAINERS: Registry = Registry("trainer", ("samunet.trainers",))
+# samunet.trainers.nnunet_unet: nnU-Net's own trainer and 2d U-Net on samunet's plans (comparisons)
+TRAINERS: Registry = Registry("trainer", ("samunet.trainers", "samunet.trainers.nnunet_unet"))
 BACKBONES: Registry = Registry("backbone", ("samunet.backbones",))

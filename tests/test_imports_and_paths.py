@@ -12,7 +12,8 @@ from samunet.paths import ensure_nnunet_paths, weights_folder
 ALL_COMMAND_MODULES = ["samunet.cli.plan_and_preprocess", "samunet.cli.train", "samunet.cli.predict",
                        "samunet.cli.evaluate", "samunet.cli.weights", "samunet.cli.demo", "samunet.cli.convert",
                        "samunet.cli.cv_summary", "samunet.cli.export_submission", "samunet.cli.find_best",
-                       "samunet.cli.ensemble", "samunet.cli.train_cv", "samunet.cli.postprocessing"]
+                       "samunet.cli.ensemble", "samunet.cli.train_cv", "samunet.cli.postprocessing",
+                       "samunet.cli.overlays"]
 
 
 def test_importing_and_building_everything_never_imports_torchvision_or_timm():

@@ -22,7 +22,7 @@ from typing import Sequence
 from samunet.atomic_files import write_atomically
 from samunet.cli.common import (add_common_arguments, prepare_environment, run_cli,
                                  select_device, setup_logging)
-from samunet.cli.train import add_precision_option
+from samunet.cli.train import add_labelled_subset_options, add_max_minutes_option, add_precision_option
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ def _copy_atomically(source: Path, target: Path) -> None:
         write_atomically(target, lambda copy: shutil.copyfileobj(stream, copy), suffix=target.suffix)
 
 
+CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU shown black and white in the report's overlays (the phantom is CT)
+
+
 def write_report(report: Path, raw: Path, predictions: Path, training_folder: Path, summary: dict,
                  dataset_json: dict, timings: dict, settings: dict) -> None:
     """The report folder: an overlay per test case, progress.png, metrics.json and metrics.md, each written
@@ -80,7 +83,8 @@ def write_report(report: Path, raw: Path, predictions: Path, training_folder: Pa
     for label_file in sorted((raw / "labelsTs").glob(f"*{ending}")):
         case = label_file.name[:-len(ending)]
         write_overlay(raw / "imagesTs" / f"{case}_0000{ending}", label_file, predictions / label_file.name,
-                      report / f"overlay_{case}.png", dataset_json["labels"])
+                      report / f"overlay_{case}.png", dataset_json["labels"], window=CT_SOFT_TISSUE_WINDOW,
+                      dataset_json=dataset_json)
     if (training_folder / "progress.png").is_file():
         _copy_atomically(training_folder / "progress.png", report / "progress.png")
     write_text_atomically(report / "metrics.json", json.dumps({"summary": summary, "timings_s": timings,
@@ -126,6 +130,8 @@ def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "lite
 
     start = time.perf_counter()
     settings = {**DEMO_HYPERPARAMETERS, **(hyperparameters or {}), "weights": weights}
+    if "max_minutes" in settings and "num_epochs" not in (hyperparameters or {}):
+        del settings["num_epochs"]  # --max-minutes alone: the budget decides, not the demo's 10 epochs
     fitted = train(DEMO_DATASET_ID, "2d", 0, trainer, device=device, hyperparameters=settings, depth=depth)
     timings["train_and_validate"] = time.perf_counter() - start
 
@@ -160,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"default {DEMO_HYPERPARAMETERS['batch_size']} (slice-stack trainers: stacks)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack (slice-stack trainers)")
     add_precision_option(parser)
+    add_max_minutes_option(parser)
+    add_labelled_subset_options(parser)
     add_common_arguments(parser)
     return parser
 
@@ -173,7 +181,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in (("num_epochs", args.num_epochs),
                                    ("num_iterations_per_epoch", args.iters_per_epoch),
                                    ("batch_size", args.batch_size), ("initial_lr", args.lr),
-                                   ("precision", args.precision)) if v is not None}
+                                   ("precision", args.precision), ("max_minutes", args.max_minutes),
+                                   ("labelled_fraction", args.labelled_fraction),
+                                   ("labelled_unit", args.labelled_unit), ("labelled_seed", args.labelled_seed))
+                 if v is not None}
+    from samunet.trainers.labelled_subset import check_labelled_options
+    check_labelled_options(overrides)  # e.g. --labelled-fraction 0, before the phantom is written
     started = time.perf_counter()
     summary = run_demo(Path(args.output), trainer=args.trainer, backbone=args.backbone,
                        image_size=args.image_size, device=args.device, hyperparameters=overrides,

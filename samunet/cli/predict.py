@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                   reason="samunet plans one 2d configuration and no cascade, so there is no previous stage")
     parser.add_argument("--classes", help="comma-separated class names or label values to predict "
                                           "(class-prompted trainers such as AutoMedSAMTrainer); default: all")
+    parser.add_argument("--overlays", action="store_true",
+                        help="also draw each prediction on its image into OUTPUT/overlays/CASE.png (the slices with "
+                             "the most foreground; samunet_overlays draws existing folders; docs/overlays.md)")
     add_common_arguments(parser)
     return parser
 
@@ -252,6 +255,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                              part_id=args.part_id, num_processes_preprocessing=npp, num_processes_export=nps,
                              progress=not args.disable_progress_bar)
     logger.info("wrote %d label maps to %s", len(written), args.output)
+    if args.overlays:
+        from samunet.reporting.overlays import write_prediction_overlays
+        write_prediction_overlays(args.input, args.output, predictor.dataset_json, num_parts=args.num_parts,
+                                  part_id=args.part_id)
     return 0
 
 

@@ -88,8 +88,18 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
           plans_identifier: str = "samunetPlans", continue_training: bool = False, only_validate: bool = False,
           device: str | None = None, hyperparameters: dict | None = None, backbone: str | None = None,
           save_probabilities: bool = False, depth: int | None = None, pretrained_weights: str | None = None,
-          val_best: bool = False, disable_checkpointing: bool = False):
+          val_best: bool = False, disable_checkpointing: bool = False, overlays: bool = False,
+          skip_final_validation: bool = False, val_cases: int | None = None):
     """Train (and validate) one fold; returns the trainer.
+
+    ``skip_final_validation`` (``--disable_validation_inference``): no final validation, said in the log;
+    ``val_cases`` (``--val_cases N``): validate only N of the fold's validation cases, marked as thinned in the
+    log and in validation/summary.json (:mod:`samunet.trainers.validation`). ``--npz`` and ``--val`` keep
+    nnU-Net's meaning (``--val`` validates every case unless ``val_cases`` thins it).
+
+    ``overlays``: after the final validation, draw each validation case (raw image, reference from
+    ``gt_segmentations``, prediction) into ``<fold>/validation/overlays/CASE.png``
+    (:func:`samunet.reporting.overlays.write_validation_overlays`); the raw images must be in $nnUNet_raw.
 
     nnU-Net's options: ``pretrained_weights`` (a samunet checkpoint whose network weights the new
     network starts from, :mod:`samunet.trainers.finetune`), ``val_best`` (validate with
@@ -109,6 +119,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     from samunet.registry import TRAINERS
     from samunet.trainers.checkpoints import CheckpointUnreadableError, read_checkpoint, remove_stale_partials
     from samunet.trainers.finetune import read_pretrained_weights
+    from samunet.trainers.labelled_subset import check_labelled_options
     from samunet.trainers.plans_checks import check_model_folder_plans, check_plans_configuration
     from samunet.trainers.precision import choose_precision
     from samunet.trainers.run_lock import hold_fold_folder, takes_the_lock
@@ -121,6 +132,8 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     if val_best and disable_checkpointing and not only_validate:
         raise ConfigurationError("--val_best validates with checkpoint_best.pth, which --disable_checkpointing "
                                  "never writes; drop one of them")
+    check_final_validation_options(skip_final_validation, val_cases, only_validate=only_validate, val_best=val_best,
+                                   save_probabilities=save_probabilities, overlays=overlays)
     trainer_class = TRAINERS.get(trainer_name)
     dataset_name = resolve_dataset_name(dataset)
     plans, dataset_json = load_plans(dataset_name, plans_identifier)
@@ -128,11 +141,16 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
                               source=str(Path(nnUNet_preprocessed) / dataset_name / f"{plans_identifier}.json"))
     check_preprocessed_dataset(dataset_name, plans_identifier, configuration)
     check_fold_possible(dataset_name, dataset_json, fold)
+    if overlays:  # the raw images are needed after training: refused now, not after hours
+        from samunet.reporting.overlays import training_images
+        training_images(dataset_name, dataset_json)
     fold_folder = Path(get_output_folder(dataset_name, trainer_class.__name__, plans["plans_name"], configuration,
                                          fold))
     pretrained = read_pretrained_weights(pretrained_weights) if pretrained_weights is not None else None
     if (hyperparameters or {}).get("precision") is not None:  # refused (fp16 off CUDA) before the fold folder is used
         choose_precision(select_device(device).type, hyperparameters["precision"])
+    check_labelled_options(hyperparameters or {}, uses_slice_stacks=getattr(trainer_class, "uses_slice_stacks",
+                                                                             False))
     if not (continue_training or only_validate):
         planned = copy.deepcopy(plans)
         apply_backbone_override(planned, configuration, backbone, (hyperparameters or {}).get("weights"))
@@ -148,6 +166,8 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
                                   pretrained=pretrained)
         if disable_checkpointing:
             trainer.disable_checkpointing = True
+        trainer.final_validation_cases = val_cases
+        trainer.skip_final_validation = skip_final_validation  # the --max-minutes estimate then has no validation
         if not only_validate:
             trainer.run_training()
         if val_best:
@@ -162,7 +182,30 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
                                                 f"without --val_best") from error
             trainer.load_checkpoint(checkpoint, source=str(best))
         trainer.perform_actual_validation(save_probabilities)
+        if overlays and trainer.local_rank == 0:
+            from samunet.reporting.overlays import write_validation_overlays
+            write_validation_overlays(trainer.output_folder, dataset_name, trainer.dataset_json,
+                                      Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations")
     return trainer
+
+
+def check_final_validation_options(skip_final_validation: bool, val_cases: int | None, *, only_validate: bool,
+                                   val_best: bool, save_probabilities: bool, overlays: bool) -> None:
+    """Refuse ``--val_cases`` below 1, a bad ``$SAMUNET_TILES_PER_BATCH`` (before training, not after it), and
+    ``--disable_validation_inference`` with an option that asks for the final validation or its outputs
+    (``--val``, ``--val_best``, ``--npz``, ``--val_cases``, ``--overlays``)."""
+    from samunet.inference.batched_predictor import requested_tiles_per_batch
+    from samunet.trainers.validation import check_val_cases
+    check_val_cases(val_cases)
+    requested_tiles_per_batch(None)
+    if not skip_final_validation:
+        return
+    asked = [option for option, given in (("--val", only_validate), ("--val_best", val_best),
+                                          ("--npz", save_probabilities), ("--val_cases", val_cases is not None),
+                                          ("--overlays", overlays)) if given]
+    if asked:
+        raise ConfigurationError(f"--disable_validation_inference skips the final validation, which "
+                                 f"{' and '.join(asked)} ask(s) for; drop one of them")
 
 
 def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, configuration: str, fold: int | str,
@@ -258,6 +301,14 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable_checkpointing", "--disable-checkpointing", dest="disable_checkpointing",
                         action="store_true", help="write no checkpoints (for trying things out)")
     parser.add_argument("--npz", action="store_true", help="also save validation softmax probabilities")
+    parser.add_argument("--disable_validation_inference", "--skip-final-validation", dest="skip_final_validation",
+                        action="store_true",
+                        help="skip the final validation after training (nnU-Net v1's flag): no validation/ "
+                             "predictions or summary.json; the log says so")
+    parser.add_argument("--val_cases", "--val-cases", dest="val_cases", type=int, default=None, metavar="N",
+                        help="thin the final validation (also --val) to N of the fold's validation cases, spread "
+                             "evenly over their sorted names; validation/summary.json and the log mark it as "
+                             "thinned (default: every case)")
     parser.add_argument("--num-epochs", type=int, help="override the trainer's epoch count")
     parser.add_argument("--iters-per-epoch", type=int, help="override training iterations per epoch")
     parser.add_argument("--val-iters", type=int, help="override validation iterations per epoch")
@@ -269,11 +320,36 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, help="slices per stack for slice-stack trainers "
                                                   "(SelfPromptSAMTrainer); default: the plans' depth")
     add_precision_option(parser)
+    add_max_minutes_option(parser)
+    add_labelled_subset_options(parser)
+    parser.add_argument("--overlays", action="store_true",
+                        help="after the final validation, draw each validation case (image, reference, "
+                             "prediction) into <fold>/validation/overlays/CASE.png (docs/overlays.md)")
     add_common_arguments(parser)
 
 
 # samunet.trainers.precision.PRECISIONS, spelled out so that parsing the command line imports no torch
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def positive_minutes(text: str) -> float:
+    """argparse type of ``--max-minutes``: a positive, finite number."""
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not 0 < minutes < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
+    return minutes
+
+
+def add_max_minutes_option(parser: argparse.ArgumentParser) -> None:
+    """``--max-minutes`` (samunet_train, samunet_train_cv, samunet_demo): the ``max_minutes`` hyper-parameter
+    (:mod:`samunet.trainers.time_budget`, docs/time_budget.md)."""
+    parser.add_argument("--max-minutes", type=positive_minutes, default=None, metavar="M",
+                        help="wall-clock budget of the training of a fold, its final validation included: the "
+                             "epochs that fit (at most --num-epochs), with the poly lr stretched over them; "
+                             "recorded in the checkpoint, --c continues within the remaining minutes")
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
@@ -282,6 +358,20 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
                         help="training and validation steps: fp16 = autocast float16 with a GradScaler (CUDA "
                              "only; nnU-Net's default there), bf16 = autocast bfloat16 (CUDA, CPU), fp32 = no "
                              "autocast (nnU-Net's default on CPU and MPS); stored in the checkpoint")
+
+
+def add_labelled_subset_options(parser: argparse.ArgumentParser) -> None:
+    """``--labelled-fraction`` / ``--labelled-unit`` / ``--labelled-seed`` (samunet_train, samunet_train_cv,
+    samunet_demo): few labels, :mod:`samunet.trainers.labelled_subset`."""
+    parser.add_argument("--labelled-fraction", type=float, default=None, metavar="F",
+                        help="train on a seeded fraction 0 < F <= 1 of the fold's training slices (H-SAM's "
+                             "few-shot setting: 0.1) or cases (--labelled-unit cases); the draw is written next "
+                             "to splits_final.json and reused; validation stays the fold's full set")
+    parser.add_argument("--labelled-unit", choices=("slices", "cases"), default=None,
+                        help="what --labelled-fraction draws: 2d slices pooled over the training cases "
+                             "(default, H-SAM) or whole cases")
+    parser.add_argument("--labelled-seed", type=int, default=None, metavar="N",
+                        help="seed of the --labelled-fraction draw (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,8 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
 def hyperparameters_from_args(args: argparse.Namespace) -> dict:
     pairs = {"num_epochs": args.num_epochs, "num_iterations_per_epoch": args.iters_per_epoch,
              "num_val_iterations_per_epoch": args.val_iters, "initial_lr": args.lr,
-             "batch_size": args.batch_size, "weights": args.weights, "precision": args.precision}
-    return {k: v for k, v in pairs.items() if v is not None}
+             "batch_size": args.batch_size, "weights": args.weights, "precision": args.precision,
+             "labelled_fraction": args.labelled_fraction, "labelled_unit": args.labelled_unit,
+             "labelled_seed": args.labelled_seed, "max_minutes": args.max_minutes}
+    chosen = {k: v for k, v in pairs.items() if v is not None}
+    from samunet.trainers.labelled_subset import check_labelled_options
+    check_labelled_options(chosen)  # a bad --labelled-fraction stops the command before anything is written
+    return chosen
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -306,14 +401,39 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     prepare_environment()
-    run = functools.partial(
-        train, args.dataset, args.configuration, args.fold, args.trainer, plans_identifier=args.plans,
-        continue_training=args.continue_training, only_validate=args.only_validate, device=args.device,
-        hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
-        depth=args.depth, pretrained_weights=args.pretrained_weights, val_best=args.val_best,
-        disable_checkpointing=args.disable_checkpointing)
+    run = fold_training(args, args.fold, args.device)
     train_on_processes(run, num_gpus=args.num_gpus, device=args.device, under_torchrun=launched_by_torchrun())
     return 0
+
+
+def fold_training(args: argparse.Namespace, fold: int | str, device: str | None) -> Callable[[], object]:
+    """:func:`train` of ``fold`` on ``device`` with every option of :func:`add_training_options` in ``args``
+    (samunet_train, and samunet_train_cv for each of its folds)."""
+    return functools.partial(
+        train, args.dataset, args.configuration, fold, args.trainer, plans_identifier=args.plans,
+        continue_training=args.continue_training, only_validate=args.only_validate, device=device,
+        hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
+        depth=args.depth, pretrained_weights=args.pretrained_weights, val_best=args.val_best,
+        disable_checkpointing=args.disable_checkpointing, overlays=args.overlays,
+        skip_final_validation=args.skip_final_validation, val_cases=args.val_cases)
+
+
+def training_options_as_arguments(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_training_options` that ``args`` sets, as samunet_train arguments (each
+    option's first spelling), except ``-tr`` and ``-device``: what a worker process is started with. Read
+    from the parser itself, so every option samunet_train has is passed on."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_training_options(parser)
+    arguments = []
+    for action in parser._actions:
+        if action.dest in ("trainer", "device") or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if isinstance(action, argparse._StoreTrueAction):
+            arguments += [action.option_strings[0]] if value else []
+        elif value is not None and value != action.default:
+            arguments += [action.option_strings[0], *(str(v) for v in (value if isinstance(value, list) else [value]))]
+    return arguments
 
 
 def train_on_processes(run: Callable[[], object], *, num_gpus: int | None, device: str | None,

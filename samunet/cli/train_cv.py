@@ -10,7 +10,6 @@ The training overrides are those of ``samunet_train``.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import subprocess
@@ -19,19 +18,11 @@ import threading
 from typing import Sequence
 
 from samunet.cli.common import NnunetStyleParser, parse_fold, prepare_environment, run_cli, setup_logging
-from samunet.cli.train import add_training_options, hyperparameters_from_args, train, train_on_processes
+from samunet.cli.train import (add_training_options, fold_training, hyperparameters_from_args,
+                                train_on_processes, training_options_as_arguments)
 from samunet.errors import ConfigurationError, SamunetError
 
 logger = logging.getLogger(__name__)
-
-# samunet_train's options that are passed through unchanged to the per-device workers.
-PASSED_OPTIONS = {"plans": "-p", "num_epochs": "--num-epochs", "iters_per_epoch": "--iters-per-epoch",
-                  "val_iters": "--val-iters", "lr": "--lr", "batch_size": "--batch-size", "backbone": "--backbone",
-                  "weights": "--weights", "depth": "--depth", "pretrained_weights": "-pretrained_weights",
-                  "num_gpus": "-num_gpus"}
-PASSED_FLAGS = {"continue_training": "--c", "only_validate": "--val", "npz": "--npz", "verbose": "-v",
-                "val_best": "--val_best", "disable_checkpointing": "--disable_checkpointing"}
-
 
 class TrainingFailedError(SamunetError, RuntimeError):
     """One or more folds of a multi-device training failed."""
@@ -65,14 +56,9 @@ def device_environment(device: str) -> tuple[str, dict[str, str]]:
 
 def fold_command(args: argparse.Namespace, fold: int | str, device: str) -> list[str]:
     """The ``samunet_train`` command line (run through this Python) for one fold on one device."""
-    command = [sys.executable, "-c", "import sys; from samunet.cli.train import main; sys.exit(main())",
-               str(args.dataset), args.configuration, str(fold), "-tr", args.trainer, "-device", device]
-    for attribute, option in PASSED_OPTIONS.items():
-        value = getattr(args, attribute)
-        if value is not None:
-            command += [option, str(value)]
-    command += [flag for attribute, flag in PASSED_FLAGS.items() if getattr(args, attribute)]
-    return command
+    return [sys.executable, "-c", "import sys; from samunet.cli.train import main; sys.exit(main())",
+            str(args.dataset), args.configuration, str(fold), "-tr", args.trainer, "-device", device,
+            *training_options_as_arguments(args)]
 
 
 def _run_share(commands: list[tuple[int | str, list[str]]], environment: dict, failures: dict) -> None:
@@ -119,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    hyperparameters_from_args(args)  # bad values (--labelled-fraction 0) stop here, before any fold starts
     if args.devices and len(args.devices) > 1:
         if args.device is not None:
             raise ConfigurationError("use either -device or --devices, not both")
@@ -132,12 +119,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
     for fold in args.folds:
         logger.info("training fold %s of %s", fold, ", ".join(str(f) for f in args.folds))
-        run = functools.partial(
-            train, args.dataset, args.configuration, fold, args.trainer, plans_identifier=args.plans,
-            continue_training=args.continue_training, only_validate=args.only_validate, device=device,
-            hyperparameters=hyperparameters_from_args(args), backbone=args.backbone, save_probabilities=args.npz,
-            depth=args.depth, pretrained_weights=args.pretrained_weights, val_best=args.val_best,
-            disable_checkpointing=args.disable_checkpointing)
+        run = fold_training(args, fold, device)
         train_on_processes(run, num_gpus=args.num_gpus, device=device, under_torchrun=False)
     return 0
 

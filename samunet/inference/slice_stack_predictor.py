@@ -5,14 +5,16 @@ inner slices see context on both sides across the overlapping windows, but on it
 and last slices would only ever sit at a window's edge. :class:`SliceStackPredictor` first repeats
 the edge slices D // 2 times on each side, so the outermost slices are the centre of a window too,
 then crops the logits back. Trainers name it as their ``predictor_class``, which both
-``samunet_predict`` and the final validation (:mod:`samunet.trainers.validation`) use.
+``samunet_predict`` and the final validation (:mod:`samunet.trainers.validation`) use. Stacks are predicted
+several per network call (:class:`~samunet.inference.batched_predictor.BatchedPredictor`).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from samunet.inference.batched_predictor import BatchedPredictor
 
 
 def depth_padding(depth: int) -> int:
@@ -20,7 +22,7 @@ def depth_padding(depth: int) -> int:
     return depth // 2
 
 
-class SliceStackPredictor(nnUNetPredictor):
+class SliceStackPredictor(BatchedPredictor):
     """``predict_sliding_window_return_logits`` on (C, Z, Y, X) with the edge slices repeated first."""
 
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> np.ndarray | torch.Tensor:

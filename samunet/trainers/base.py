@@ -24,7 +24,9 @@ What it adds to nnunetv2's trainer:
   written after every epoch (nnU-Net: every 50), the last one included, so a crash loses at most the epoch it
   hit; every checkpoint records its data set and plans (:mod:`samunet.trainers.run_identity`), checked when
   it is loaded;
-- ``progress.png`` is written atomically too (:mod:`samunet.trainers.progress_png`).
+- ``progress.png`` is written atomically too (:mod:`samunet.trainers.progress_png`);
+- a wall-clock budget (``max_minutes``, ``--max-minutes``): :class:`samunet.trainers.time_budget.TimeBudgetMixin`
+  plans the epochs that fit, stretches the lr schedule over them and records the time spent in every checkpoint.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -52,20 +53,25 @@ from tqdm import tqdm
 import samunet
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError
+from samunet.inference.batched_predictor import BatchedPredictor
 from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.registry import TRAINERS
 from samunet.trainers.checkpoints import LATEST, read_checkpoint, save_checkpoint_atomically
 from samunet.trainers.distributed import process_device
+from samunet.trainers.labelled_subset import (LABELLED_SUBSET_HYPERPARAMETERS, check_labelled_options,
+                                              describe_subset, labelled_training_dataset)
 from samunet.trainers.precision import Precision, choose_precision, float32_loss_inputs
 from samunet.trainers.progress_png import AtomicProgressLogger
 from samunet.trainers.run_identity import CheckpointMismatchError, check_checkpoint_identity, run_identity
-from samunet.trainers.validation import run_final_validation
+from samunet.trainers.time_budget import TimeBudget, TimeBudgetMixin, check_max_minutes
+from samunet.trainers.validation import note_skipped_validation, run_final_validation
 from samunet.weights import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
 HYPERPARAMETERS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
-                   "initial_lr", "weight_decay", "batch_size", "weights", "precision")
+                   "initial_lr", "weight_decay", "batch_size", "weights", "precision", "max_minutes",
+                   *LABELLED_SUBSET_HYPERPARAMETERS)
 
 
 def plain_data(value: Any) -> Any:
@@ -88,7 +94,7 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
-class SAMTrainerBase(nnUNetTrainer):
+class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
     """Base of samunet's trainers. Subclasses set ``network_class`` / hyper-parameters and may
     override ``_build_loss`` and ``configure_optimizers``; they stay thin."""
 
@@ -109,11 +115,14 @@ class SAMTrainerBase(nnUNetTrainer):
         self.pretrained_weights: str | None = None
         self.hyperparameters: dict = {}
         self.precision: Precision  # set with the hyper-parameters
+        self.time_budget = TimeBudget()  # --max-minutes (samunet.trainers.time_budget); its clock starts here
         self.set_hyperparameters({})
         self._epoch_progress: tqdm | None = None
         self.current_phase: int | None = None  # the training phase the network is set up for
         # checkpoint_latest.pth after every epoch (nnU-Net: every 50), so a crash loses at most the epoch it hit
         self.save_every = 1
+        self.final_validation_cases: int | None = None  # --val_cases: validate only this many cases (None: all)
+        self.skip_final_validation = False  # --disable_validation_inference
         self.logger.local_logger = AtomicProgressLogger(self.logger.local_logger.verbose)
 
     def set_hyperparameters(self, overrides: dict) -> None:
@@ -129,11 +138,13 @@ class SAMTrainerBase(nnUNetTrainer):
         if unknown:
             raise ConfigurationError(f"unknown hyper-parameters {unknown}; known: {list(HYPERPARAMETERS)}")
         self.precision = choose_precision(self.device.type, merged.get("precision"))
+        self.time_budget.minutes = check_max_minutes(merged.get("max_minutes"))
+        check_labelled_options(merged, uses_slice_stacks=getattr(self, "uses_slice_stacks", False))
         self.hyperparameters = merged
         for name, value in merged.items():
             if name == "weights":
                 self.pretrained_weights = value
-            elif name not in ("batch_size", "precision"):
+            elif name not in ("batch_size", "precision", "max_minutes"):
                 setattr(self, name, value)
         if not self.precision.uses_grad_scaler:
             self.grad_scaler = None
@@ -164,8 +175,9 @@ class SAMTrainerBase(nnUNetTrainer):
 
     @classmethod
     def predictor_class(cls) -> type:
-        """The nnunetv2 predictor class that slides this trainer's network over a volume."""
-        return nnUNetPredictor
+        """The nnunetv2 predictor class that slides this trainer's network over a volume: nnunetv2's, with
+        several tiles per network call (:class:`samunet.inference.batched_predictor.BatchedPredictor`)."""
+        return BatchedPredictor
 
     @property
     def network_module(self) -> SAMSegmentationNetwork:
@@ -208,6 +220,20 @@ class SAMTrainerBase(nnUNetTrainer):
         self.print_to_log_file(f"{self.__class__.__name__}: backbone {self.network_module.backbone}, "
                                f"{trainable:,} of {total:,} parameters train ({trainable / 1e6:.2f} M), "
                                f"precision {self.precision.name}")
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's datasets of the fold, the training one restricted to the labelled subset that
+        ``labelled_fraction`` asks for (:mod:`samunet.trainers.labelled_subset`); validation stays the full fold."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        labelled = labelled_training_dataset(
+            dataset_tr, dataset_class=self.dataset_class, preprocessed_folder=self.preprocessed_dataset_folder,
+            folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage,
+            splits_folder=self.preprocessed_dataset_folder_base,
+            data_identifier=self.configuration_manager.data_identifier, fold=self.fold,
+            hyperparameters=self.hyperparameters, uses_slice_stacks=getattr(self, "uses_slice_stacks", False))
+        if labelled is not dataset_tr:
+            self.print_to_log_file(describe_subset(labelled, len(dataset_tr.identifiers)))
+        return labelled, dataset_val
 
     def load_pretrained_backbone(self) -> None:
         """Load the released SAM weights named by ``weights`` (default: the backbone's default)."""
@@ -326,7 +352,12 @@ class SAMTrainerBase(nnUNetTrainer):
             return super().validation_step(batch)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        run_final_validation(self, save_probabilities)
+        """The final validation (:func:`samunet.trainers.validation.run_final_validation`), thinned to
+        ``final_validation_cases``; with ``skip_final_validation`` only a note in the log."""
+        if self.skip_final_validation:
+            note_skipped_validation(self)
+            return
+        run_final_validation(self, save_probabilities, num_cases=self.final_validation_cases)
 
     def on_epoch_end(self):
         """nnU-Net's epoch end (checkpoint_latest.pth every ``save_every`` epochs, checkpoint_best.pth,
@@ -366,7 +397,8 @@ class SAMTrainerBase(nnUNetTrainer):
         module = self.network_module
         return {"version": samunet.__version__, "backbone": module.backbone, "img_size": module.img_size,
                 "stack_depth": getattr(module, "stack_depth", None),
-                "hyperparameters": plain_data(self.hyperparameters), "identity": plain_data(self.run_identity())}
+                "hyperparameters": plain_data(self.hyperparameters), "identity": plain_data(self.run_identity()),
+                "time_budget": plain_data(self.time_budget.state())}
 
     def run_identity(self) -> dict:
         """The data set and plans this trainer trains on (:mod:`samunet.trainers.run_identity`)."""
@@ -421,6 +453,7 @@ class SAMTrainerBase(nnUNetTrainer):
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]
+        self.time_budget.restore(checkpoint.get("samunet", {}).get("time_budget"))
         mirroring = checkpoint.get("inference_allowed_mirroring_axes")
         self.inference_allowed_mirroring_axes = tuple(mirroring) if mirroring is not None else None
         self.network_module.load_state_dict(checkpoint["network_weights"])

@@ -1,0 +1,218 @@
+"""Seconds per volume: samunet_predict's predictor for each main trainer against nnU-Net's own 2d predictor.
+
+One synthetic data set (2 training cases of ``--slices`` x ``--size`` x ``--size`` voxels at 1 mm, 1 MRI
+channel, ``--labels`` labels) is planned twice in a temporary folder: by samunet's planner (``samunetPlans``,
+``--backbone`` at ``--size`` px, the slice-stack depth D of Self-Prompt-SAM included) and by nnU-Net's own
+``ExperimentPlanner`` (``nnUNetPlans``, whose ``2d`` configuration gives nnU-Net's default 2d U-Net through
+``get_network_from_plans``, as ``nnUNetTrainer`` builds it). Every method then predicts the SAME
+preprocessed-sized volume (random, 1 x slices x size x size) with the predictor ``samunet_predict`` uses
+(``trainer.predictor_class()``: nnunetv2's sliding window, Gaussian weighting, step 0.5), without and with
+mirroring (TTA): batched (``BatchedPredictor``'s default tiles per batch for the device) and unbatched (one
+tile per network call, nnunetv2's own path), and nnU-Net with ``nnUNetPredictor`` as it ships. Networks have
+random weights (a timing needs no training). Each measurement runs in a fresh subprocess (``--one``), so its
+peak memory (peak RSS above the RSS after building the network, CPU; peak allocated, CUDA) is its own; the time
+is the median of ``--repeats`` volumes after one untimed single-slice warm-up.
+
+Columns: ``max tiles/call`` the batched path's tiles per network call (fewer when the volume has fewer
+tiles); ``speed-up`` = unbatched / batched seconds; ``ratio`` = batched seconds / nnU-Net 2d seconds (issue
+14's goal: <= 2).
+
+Run by hand (it takes long at full size), e.g. ``.venv/bin/python benchmarks/bench_predict_volume.py``
+(48 x 256 x 256, litemedsam at 256); ``--slices 4 --size 64 --backbone tinyvit_test`` checks that it runs.
+
+Not yet measured on a quiet machine. A check that the script runs, 2026-11-29, shared 2-core CPU (load average
+4-5 from other jobs, 1 thread; at this size and load the times are noise and only show the layout),
+``--slices 4 --size 64 --backbone tinyvit_test`` (4 tiles per volume):
+
+         method | TTA | unbatched s | ours s | max tiles/call | speed-up | nnU-Net 2d s | ratio | ours MiB | nnU-Net MiB
+----------------+-----+-------------+--------+----------------+----------+--------------+-------+----------+------------
+          SAMed | off |       0.099 |  0.097 |            128 |    1.02x |        0.169 |  0.57 |        0 |           0
+Self-Prompt-SAM | off |       0.182 |  0.290 |             64 |    0.63x |        0.169 |  1.72 |        0 |           0
+          H-SAM | off |       0.061 |  0.110 |            128 |    0.55x |        0.169 |  0.65 |        0 |           0
+        HSP-SAM | off |       0.101 |  0.083 |            128 |    1.22x |        0.169 |  0.49 |        0 |           0
+     AutoMedSAM | off |       0.162 |  0.093 |            128 |    1.75x |        0.169 |  0.55 |        0 |           0
+          SAMed |  on |       0.226 |  0.255 |            128 |    0.88x |        0.352 |  0.72 |        0 |           0
+Self-Prompt-SAM |  on |       1.822 |  1.343 |             64 |    1.36x |        0.352 |  3.81 |        0 |           0
+          H-SAM |  on |       0.500 |  0.297 |            128 |    1.68x |        0.352 |  0.84 |        0 |           0
+        HSP-SAM |  on |       0.421 |  0.327 |            128 |    1.29x |        0.352 |  0.93 |        0 |           0
+     AutoMedSAM |  on |       0.652 |  0.673 |            128 |    0.97x |        0.352 |  1.91 |        0 |           0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_common import format_table, matmul_peak_gflops, memory_baseline_mib, peak_memory_mib, synchronize
+
+logger = logging.getLogger("bench_predict_volume")
+
+METHODS = {"SAMed": "SAMedTrainer", "Self-Prompt-SAM": "SelfPromptSAMTrainer", "H-SAM": "HSAMTrainer",
+           "HSP-SAM": "HSPSAMTrainer", "AutoMedSAM": "AutoMedSAMTrainer"}
+NNUNET = "nnUNetTrainer"
+DATASET_ID = 987
+DATASET_NAME = f"Dataset{DATASET_ID}_BenchVolume"
+
+
+def write_dataset(raw: Path, slices: int, size: int, num_labels: int) -> None:
+    """Two cases of smooth random intensities with ``num_labels`` labels (intensity bands), 1 mm spacing."""
+    import SimpleITK as sitk
+    from scipy.ndimage import gaussian_filter
+
+    folder = raw / DATASET_NAME
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    generator = np.random.default_rng(0)
+    for case in range(2):
+        image = gaussian_filter(generator.normal(size=(slices, size, size)), sigma=(1, 4, 4)).astype(np.float32)
+        labels = np.digitize(image, np.quantile(image, np.linspace(0, 1, num_labels + 1)[1:-1])).astype(np.uint8)
+        for array, path in ((image, folder / "imagesTr" / f"case_{case}_0000.nii.gz"),
+                            (labels, folder / "labelsTr" / f"case_{case}.nii.gz")):
+            itk = sitk.GetImageFromArray(array)
+            itk.SetSpacing((1.0, 1.0, 1.0))
+            sitk.WriteImage(itk, str(path))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, **{f"class_{k}": k for k in range(1, num_labels)}},
+        "numTraining": 2, "file_ending": ".nii.gz"}))
+
+
+def plan(root: Path, args: argparse.Namespace) -> None:
+    """samunetPlans (samunet's planner) and nnUNetPlans (nnU-Net's ExperimentPlanner) for the data set."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+    from samunet.cli.plan_and_preprocess import plan_and_preprocess
+    write_dataset(root / "nnUNet_raw", args.slices, args.size, args.labels)
+    plan_and_preprocess(DATASET_ID, backbone=args.backbone, image_size=args.size, num_processes=1,
+                        preprocess=False, progress_bar=False)
+    plan_experiment_dataset(DATASET_ID)
+
+
+def set_folders(root: Path) -> None:
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir(exist_ok=True)
+        os.environ[name] = str(root / name)
+
+
+def build_predictor(method: str, root: Path, *, mirroring: bool, tiles_per_batch: int | None, device: str):
+    """The predictor (network with random weights) of ``method`` (a samunet trainer name or nnUNetTrainer)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from samunet.registry import TRAINERS
+    import samunet.trainers  # noqa: F401  (registers the trainers)
+
+    folder = root / "nnUNet_preprocessed" / DATASET_NAME
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    torch.manual_seed(0)
+    common = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring, perform_everything_on_device=True,
+                  device=torch.device(device), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    if method == NNUNET:
+        plans_manager = PlansManager(json.loads((folder / "nnUNetPlans.json").read_text()))
+        configuration = plans_manager.get_configuration("2d")
+        heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        network = get_network_from_plans(configuration.network_arch_class_name,
+                                         configuration.network_arch_init_kwargs,
+                                         configuration.network_arch_init_kwargs_req_import, 1, heads,
+                                         deep_supervision=False)
+        predictor, axes = nnUNetPredictor(**common), (0, 1)
+    else:
+        trainer_class = TRAINERS.get(method)
+        plans_manager = PlansManager(json.loads((folder / "samunetPlans.json").read_text()))
+        configuration = trainer_class.inference_configuration(plans_manager.get_configuration("2d"))
+        heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        network = trainer_class.build_network_architecture(plans_manager, configuration, 1, heads, False)
+        predictor = trainer_class.predictor_class()(**common, tiles_per_batch=tiles_per_batch)
+        axes = (1, 2) if getattr(trainer_class, "uses_slice_stacks", False) else (0, 1)
+    predictor.manual_initialization(network.to(device).eval(), plans_manager, configuration, None, dataset_json,
+                                    method, axes)
+    return predictor
+
+
+def measure_one(method: str, root: Path, args: argparse.Namespace, *, mirroring: bool,
+                tiles_per_batch: int | None) -> dict:
+    """Seconds per volume (median), tiles per call and peak memory of one predictor, in this process."""
+    predictor = build_predictor(method, root, mirroring=mirroring, tiles_per_batch=tiles_per_batch,
+                                device=args.device)
+    volume = torch.randn(1, args.slices, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    baseline = memory_baseline_mib(args.device)
+    predictor.predict_sliding_window_return_logits(volume[:, :1])  # warm-up: one slice
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        predictor.predict_sliding_window_return_logits(volume)
+        synchronize(args.device)
+        seconds.append(time.perf_counter() - start)
+    tiles = predictor.effective_tiles_per_batch() if hasattr(predictor, "effective_tiles_per_batch") else 1
+    return {"seconds": statistics.median(seconds), "tiles_per_call": tiles,
+            "peak_mib": peak_memory_mib(args.device, baseline)}
+
+
+def run_subprocess(method: str, root: Path, args: argparse.Namespace, *, mirroring: bool,
+                   tiles_per_batch: int | None) -> dict:
+    command = [sys.executable, __file__, "--one", method, "--root", str(root), "--slices", str(args.slices),
+               "--size", str(args.size), "--device", args.device, "--repeats", str(args.repeats),
+               "--tiles-per-batch", str(tiles_per_batch or 0)] + (["--mirroring"] if mirroring else [])
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=48, help="slices of the volume")
+    parser.add_argument("--size", type=int, default=256, help="in-plane size of the volume and SAM input size")
+    parser.add_argument("--labels", type=int, default=5, help="labels including background")
+    parser.add_argument("--backbone", default="litemedsam", help="samunet backbone (random weights)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tta", choices=("both", "off", "on"), default="both", help="mirroring settings measured")
+    parser.add_argument("--repeats", type=int, default=1, help="timed volumes per measurement (median)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--mirroring", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tiles-per-batch", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:
+        set_folders(args.root)
+        print(json.dumps(measure_one(args.one, args.root, args, mirroring=args.mirroring,
+                                     tiles_per_batch=args.tiles_per_batch or None)))
+        return
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.info("torch %s, %d threads, device %s; volume 1 x %d x %d x %d, %d labels; samunet backbone %s at %d px "
+                "(random weights); matmul peak %.0f GFLOP/s (fp32 2048^3, measured now)", torch.__version__,
+                torch.get_num_threads(), args.device, args.slices, args.size, args.size, args.labels, args.backbone,
+                args.size, matmul_peak_gflops(args.device))
+    mirror_settings = {"both": (False, True), "off": (False,), "on": (True,)}[args.tta]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        set_folders(root)
+        plan(root, args)
+        for mirroring in mirror_settings:
+            reference = run_subprocess(NNUNET, root, args, mirroring=mirroring, tiles_per_batch=None)
+            for name in args.methods:
+                trainer = METHODS[name]
+                unbatched = run_subprocess(trainer, root, args, mirroring=mirroring, tiles_per_batch=1)
+                batched = run_subprocess(trainer, root, args, mirroring=mirroring, tiles_per_batch=None)
+                rows.append([name, "on" if mirroring else "off", unbatched["seconds"], batched["seconds"],
+                             batched["tiles_per_call"], f"{unbatched['seconds'] / batched['seconds']:.2f}x",
+                             reference["seconds"], f"{batched['seconds'] / reference['seconds']:.2f}",
+                             f"{batched['peak_mib']:.0f}", f"{reference['peak_mib']:.0f}"])
+    logger.info("%s", format_table(["method", "TTA", "unbatched s", "ours s", "max tiles/call", "speed-up",
+                                    "nnU-Net 2d s", "ratio", "ours MiB", "nnU-Net MiB"], rows))
+
+
+if __name__ == "__main__":
+    main()
