@@ -9,7 +9,8 @@ docs/methods/automedsam.md):
   an empty mask (a patch with no foreground always gets an absent class; one holding every class a
   present one). The paper does not say how many classes a training image is prompted with; one per
   image (``AutoMedSAMTrainer_one_class``) left two of the demo phantom's three organs unlearned within
-  SAMed's time budget, three per image learn all three at about 1.3x the cost of a step (docs/demo.md).
+  SAMed's time budget (docs/demo.md). Three per image give each encoding three supervised decodings for
+  about 1.15x the cost of a step (LiteMedSAM, 256 px, batch 4; measured beside other jobs).
 - Targets for class k: the binary mask, its signed distance map, and its bounding box
   (x_min, y_min, x_max, y_max in the encoder's input pixels) for the frozen original prompt
   encoder, the knowledge-transfer teacher. Absent classes have no box: their MSE term is skipped.
