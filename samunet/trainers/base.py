@@ -109,6 +109,7 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
         # nnunetv2 records the constructor's arguments from its own locals(), so a subclass
         # cannot add any: hyper-parameter overrides come through set_hyperparameters().
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.configuration_manager = self.inference_configuration(self.configuration_manager)
         if self.is_ddp:  # nnunetv2 assumes CUDA and the global rank as device index; CPUs and nodes differ
             self.device = process_device(device.type)
         self.enable_deep_supervision = self.uses_deep_supervision

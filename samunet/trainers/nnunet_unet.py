@@ -10,7 +10,6 @@ trainer base it gets what every samunet trainer has: ``--max-minutes`` (:mod:`sa
 """
 from __future__ import annotations
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -29,11 +28,6 @@ class nnUNetTrainerSamunetPlans(SAMTrainerBase):
     network_class = "samunet.networks.nnunet_unet.PlainConvUNetForSamunet"  # built by nnU-Net's builder below
     uses_deep_supervision = True
     optimizer_name = "sgd"  # nnU-Net's: momentum 0.99, Nesterov
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.configuration_manager = self.inference_configuration(self.configuration_manager)
 
     @classmethod
     def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:

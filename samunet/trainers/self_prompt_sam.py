@@ -97,11 +97,6 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
     optimizer_name = "adamw"
     default_hyperparameters = {"initial_lr": 1e-3, "weight_decay": 0.01}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.configuration_manager = self.inference_configuration(self.configuration_manager)
-
     @classmethod
     def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:
         return stacked_configuration(configuration_manager)
