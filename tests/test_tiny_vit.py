@@ -244,3 +244,105 @@ def test_builder_refuses_unknown_variants_and_sizes():
         build_tinyvit_encoder("tinyvit_huge", 256)
     with pytest.raises(ValueError, match="multiple of 16"):
         build_tinyvit_encoder("litemedsam", 250)
+
+
+def randomise_batchnorms(encoder: nn.Module, seed: int) -> None:
+    """Running statistics and affine parameters far from identity, so folding them matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.copy_(0.2 * torch.randn(bn.num_features, generator=generator))
+            bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=generator))
+            bn.weight.copy_(1 + 0.2 * torch.randn(bn.num_features, generator=generator))
+            bn.bias.copy_(0.1 * torch.randn(bn.num_features, generator=generator))
+
+
+@pytest.fixture
+def unoptimised(monkeypatch):
+    """A context manager: inside it the encoder runs its plain path (no oneDNN fusion, no bands
+    of rows, no chunks of tokens or images)."""
+    from contextlib import contextmanager
+
+    from samunet.backbones import tiny_vit
+
+    @contextmanager
+    def plain():
+        with monkeypatch.context() as patch:
+            patch.setattr(tiny_vit, "onednn_ready", lambda *tensors: False)
+            patch.setattr(tiny_vit, "BAND_BYTES", 1 << 40)
+            patch.setattr(tiny_vit, "PASS_BYTES", 1 << 40)
+            yield
+    return plain
+
+
+@pytest.fixture
+def small_passes(monkeypatch):
+    """Bands, token chunks and image groups so small that every one of them is split."""
+    from samunet.backbones import tiny_vit
+    monkeypatch.setattr(tiny_vit, "BAND_BYTES", 40_000)
+    monkeypatch.setattr(tiny_vit, "PASS_BYTES", 1_400_000)
+
+
+def all_outputs(output) -> list[torch.Tensor]:
+    return [output.embedding, *output.features, *(output.prompts or []), *output.intermediates]
+
+
+def test_fast_inference_path_equals_the_plain_one(small_passes, unoptimised):
+    # 80 px: odd numbers of bands and rows, window padding in every attention stage, 3 images
+    # in uneven groups; prompts and feature taps split and joined with the batch
+    torch.manual_seed(0)
+    encoder = build_tinyvit_encoder("tinyvit_test", 80).eval()
+    randomise_batchnorms(encoder, 1)
+    assert encoder._images_per_pass(torch.rand(3, 3, 80, 80)) == 2
+    x = torch.rand(3, 3, 80, 80)
+    prompts = [torch.randn(3, 2, dim) for dim in encoder.prompt_level_dims]
+    with torch.no_grad():
+        fast = encoder(x, prompt_tokens=prompts, intermediates=[0, 2])
+        with unoptimised():
+            plain = encoder(x, prompt_tokens=prompts, intermediates=[0, 2])
+    for got, expected in zip(all_outputs(fast), all_outputs(plain), strict=True):
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() < 1e-5
+    assert fast.features[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_lora_training_path_equals_the_plain_one(small_passes, unoptimised):
+    from samunet.modules.lora import add_qv_lora
+    torch.manual_seed(0)
+    encoder = build_tinyvit_encoder("tinyvit_test", 80)
+    randomise_batchnorms(encoder, 2)
+    encoder.requires_grad_(False)
+    lora = add_qv_lora(encoder.qkv_projections(), rank=2)
+    for up in (m for m in lora.modules() if isinstance(m, nn.Linear)):
+        nn.init.normal_(up.weight, std=0.1)  # non-zero updates, so every LoRA tensor gets a gradient
+    encoder.train()
+    x = torch.rand(3, 3, 80, 80)
+
+    def run():
+        lora.zero_grad()
+        output = encoder(x)
+        (output.embedding.square().mean() + output.features[1].square().mean()).backward()
+        return output.embedding.detach(), {name: p.grad.clone() for name, p in lora.named_parameters()}
+
+    fast_embedding, fast_grads = run()
+    with unoptimised():
+        plain_embedding, plain_grads = run()
+    assert (fast_embedding - plain_embedding).abs().max().item() < 1e-5
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_trainable_batchnorms_see_the_whole_batch(small_passes, unoptimised):
+    # a BatchNorm in training mode normalises with the batch's statistics: no groups of images
+    torch.manual_seed(0)
+    encoder = build_tinyvit_encoder("tinyvit_test", 80).train()
+    x = torch.rand(3, 3, 80, 80)
+    assert encoder._images_per_pass(x) == 3
+    output = encoder(x).embedding
+    with unoptimised():
+        expected = encoder(x).embedding
+    assert (output - expected).abs().max().item() < 1e-5
+    # frozen (eval-mode) BatchNorms: images are independent again, and grouped
+    encoder.requires_grad_(False).train()
+    assert encoder._images_per_pass(x) == 2

@@ -15,6 +15,19 @@ BatchNorms in eval mode are folded into their convolutions, GELUs run in place w
 does not need their input, and BatchNorms whose parameters are all frozen stay in eval mode in
 ``train()`` (see :meth:`TinyViTEncoder.train`).
 
+Where autograd needs nothing (inference, and the frozen stages before the first trainable
+parameter, e.g. under LoRA) and the BatchNorms are in eval mode, the convolutions run as fused
+oneDNN primitives (convolution + bias + GELU, or + residual) and the full-resolution stage
+(MBConv blocks and the first patch merging) runs one image and one band of rows at a time.
+Large intermediates are avoided throughout: glibc maps every allocation above 32 MiB afresh,
+and first-touch page faults were a quarter of the encoder's CPU time at 256 px. So bands of
+rows stay below :data:`BAND_BYTES`, MLPs run in chunks of tokens, and a batch runs in groups of
+images (:data:`PASS_BYTES`) wherever images cannot influence each other (all BatchNorms in eval
+mode, no encoder or block adapters; the ``qkv`` adapter slot acts per token). Windowed
+attention pads and reorders the (3x narrower) tokens rather than their qkv, and projects each
+window's output before one copy puts it back on the grid. Every path gives the plain path's
+outputs and gradients (tests/test_tiny_vit.py).
+
 Optional prompt tokens (HSP-SAM's Q prompts): each attention stage (1, 2, 3) is one prompt
 level. Its c_j tokens join every window of every block of the stage as extra queries, keys and
 values (the learned offset biases cover image tokens only; pairs with a prompt get 0), the
@@ -73,8 +86,23 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
 
 
+MKLDNN_AVAILABLE = torch.backends.mkldnn.is_available()
+
+
+def onednn_ready(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolutions (which have no autograd formula and are not on
+    autocast's lists) may run: eager fp32 on the CPU (under torch.compile, Inductor fuses by
+    itself), no autocast, and autograd needs nothing here."""
+    return (not torch.compiler.is_compiling() and MKLDNN_AVAILABLE and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors))))
+
+
 class ConvBN(nn.Module):
-    """Bias-free Conv2d then BatchNorm2d (``c``, ``bn``); (B, C_in, H, W) -> (B, C_out, H', W')."""
+    """Bias-free Conv2d then BatchNorm2d (``c``, ``bn``); (B, C_in, H, W) -> (B, C_out, H', W').
+
+    ``forward(x, activation=True)`` applies a GELU after the BatchNorm.
+    """
 
     def __init__(self, *, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1,
                  groups: int = 1, bn_weight: float = 1.0) -> None:
@@ -84,15 +112,69 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(self.bn.weight, bn_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn.training:
-            return self.bn(self.c(x))
-        # eval-mode BN is affine: fold it into the convolution (recomputed every call, so it
-        # always reflects the current weights and gradients reach both modules)
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode BatchNorm folded into the convolution: (weight, bias). Recomputed at
+        every call, so it always reflects the current tensors and gradients reach both modules."""
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-        bias = self.bn.bias - self.bn.running_mean * scale
-        return F.conv2d(x, self.c.weight * scale[:, None, None, None], bias, self.c.stride,
-                        self.c.padding, self.c.dilation, self.c.groups)
+        return self.c.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
+
+    def forward(self, x: torch.Tensor, activation: bool = False,
+                padding: tuple[int, int] | None = None) -> torch.Tensor:
+        """``padding`` overrides the convolution's own (for bands of rows, see :func:`conv_rows`)."""
+        if self.bn.training:
+            y = self.bn(self.c(x))
+            return gelu(y) if activation else y
+        weight, bias = self.folded()
+        padding = self.c.padding if padding is None else padding
+        if onednn_ready(x, weight, bias):
+            # one oneDNN primitive for convolution, bias and GELU (exact erf form)
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, list(padding), list(self.c.stride), list(self.c.dilation),
+                self.c.groups, "gelu" if activation else "none", [], "none")
+        if self.c.kernel_size == (1, 1) and self.c.groups == 1 and x.is_contiguous(memory_format=torch.channels_last):
+            # a 1x1 convolution of channels-last pixels is a linear map of (B, H, W, C) tokens
+            # (the same GEMM; torch's own conv takes a slow path for it under autograd)
+            y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+        else:
+            y = F.conv2d(x, weight, bias, self.c.stride, padding, self.c.dilation, self.c.groups)
+        return gelu(y) if activation else y
+
+    def fused_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``forward(x) + residual`` in one oneDNN primitive (only where :func:`onednn_ready`)."""
+        weight, bias = self.folded()
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, residual, weight, bias, list(self.c.padding), list(self.c.stride),
+            list(self.c.dilation), self.c.groups, "add", 1.0, None, [], None)
+
+
+# Larger allocations get fresh memory from the OS at every call (glibc maps anything above
+# 32 MiB), and the first touch of each page then costs a page fault: on a 2-core CPU that was
+# a quarter of the encoder's time at 256 px. Bands of rows, chunks of tokens and groups of
+# images stay below these sizes; bands are not smaller, because every operator call is a
+# parallel region whose threads wait for each other (costly on a shared CPU).
+BAND_BYTES = 24 << 20  # the widest intermediate of one band of rows or chunk of tokens
+PASS_BYTES = 24 << 20  # the widest tensor of one group of images
+
+
+def row_bands(out_rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) output rows of consecutive bands whose widest intermediate (``row_bytes`` per
+    row) stays near :data:`BAND_BYTES`."""
+    step = max(1, BAND_BYTES // max(1, row_bytes))
+    return [(start, min(out_rows, start + step)) for start in range(0, out_rows, step)]
+
+
+def conv_rows(conv: ConvBN, band: torch.Tensor, offset: int, height: int, first: int, stop: int, *,
+              activation: bool) -> torch.Tensor:
+    """Output rows ``first:stop`` of a 3x3 ``conv`` (stride s, padding 1) over an input of
+    ``height`` rows, of which ``band`` (B, C, rows, W) holds rows ``offset`` onwards, at least
+    input rows ``s * first - 1`` to ``s * (stop - 1) + 1`` where they exist."""
+    stride = conv.c.stride[0]
+    top, bottom = stride * first - 1, stride * (stop - 1) + 2  # input rows needed, [top, bottom)
+    band = band[:, :, max(0, top) - offset:min(height, bottom) - offset]
+    pad_top, pad_bottom = max(0, -top), max(0, bottom - height)
+    if pad_top or pad_bottom:  # the image's own border: zero rows, as the convolution's padding
+        band = F.pad(band, (0, 0, pad_top, pad_bottom)).contiguous(memory_format=torch.channels_last)
+    return conv(band, activation=activation, padding=(0, conv.c.padding[1]))
 
 
 class PatchEmbed(nn.Module):
@@ -104,7 +186,7 @@ class PatchEmbed(nn.Module):
                                  ConvBN(in_chans=embed_dim // 2, out_chans=embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        return self.seq[2](self.seq[0](x, activation=True))
 
 
 class MBConv(nn.Module):
@@ -122,9 +204,24 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(in_chans=hidden, out_chans=dim, bn_weight=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3(gelu(self.conv2(gelu(self.conv1(x)))))
-        y += x
-        return gelu(y)
+        if self.conv1.bn.training or not onednn_ready(x, *self.conv1.folded(), *self.conv2.folded(),
+                                                      *self.conv3.folded()):
+            y = self.conv3(self.conv2(self.conv1(x, activation=True), activation=True))
+            y += x
+            return gelu(y)
+        # no autograd, eval BatchNorms: fused convolutions, one image and one band of rows at a
+        # time, so that no allocation of the 4x wider hidden tensor is so large that the C
+        # library maps fresh (page-faulting) memory for it (see BAND_BYTES)
+        width, hidden = x.shape[3], self.conv1.c.out_channels
+        out = torch.empty_like(x)
+        for index, image in enumerate(x.split(1)):
+            for first, stop in row_bands(x.shape[2], 4 * width * hidden):
+                top = max(0, first - 1)
+                expanded = self.conv1(image[:, :, top:stop + 1], activation=True)
+                mixed = conv_rows(self.conv2, expanded, top, x.shape[2], first, stop, activation=True)
+                summed = self.conv3.fused_residual(mixed, image[:, :, first:stop])
+                torch.ops.aten.gelu.out(summed, out=out[index:index + 1, :, first:stop])
+        return out
 
 
 class PatchMerging(nn.Module):
@@ -141,7 +238,24 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvBN(in_chans=out_dim, out_chans=out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(gelu(self.conv2(gelu(self.conv1(x)))))
+        height, width = x.shape[2:]
+        hidden_row_bytes = 4 * width * self.conv1.c.out_channels
+        if (self.conv1.bn.training or height * hidden_row_bytes <= BAND_BYTES
+                or not onednn_ready(x, *self.conv1.folded(), *self.conv2.folded())):
+            return self.conv3(self.conv2(self.conv1(x, activation=True), activation=True))
+        # no autograd, eval BatchNorms, a wide first convolution: one image and one band of
+        # output rows at a time (as in MBConv.forward)
+        stride = self.conv2.c.stride[0]
+        out_rows = -(-height // stride)
+        images = []
+        for image in x.split(1):
+            bands = []
+            for first, stop in row_bands(out_rows, stride * hidden_row_bytes):
+                top, bottom = max(0, stride * first - 1), min(height, stride * (stop - 1) + 2)
+                expanded = self.conv1(image[:, :, top:bottom], activation=True)
+                bands.append(conv_rows(self.conv2, expanded, top, height, first, stop, activation=True))
+            images.append(torch.cat(bands, dim=2))
+        return self.conv3(torch.cat(images) if len(images) > 1 else images[0])
 
 
 def offset_index(window: int) -> torch.Tensor:
@@ -195,9 +309,11 @@ class WindowAttention(nn.Module):
         # a 4-d float mask lets SDPA use its fused CPU kernel; the gather runs every forward
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
-        out = out.view(batch, rows, cols, heads, window, window, head_dim)
-        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window, cols * window, dim)
-        return self.proj(out[:, :height, :width])
+        # the projection runs per window (its input is a free view of SDPA's output); one copy
+        # puts the windows back on the grid
+        out = self.proj(out.transpose(1, 2).reshape(-1, window * window, dim))
+        out = out.view(batch, rows, cols, window, window, dim).transpose(2, 3)
+        return out.reshape(batch, rows * window, cols * window, dim)[:, :height, :width]
 
     def forward_with_prompts(self, x: torch.Tensor,
                              prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,25 +339,23 @@ class WindowAttention(nn.Module):
         return self.proj(image[:, :height, :width]), self.proj(extra)
 
     def _window_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """(B, H, W, dim) -> qkv per window (B * windows, heads, window^2, 3 * head_dim), and the
-        number of window rows and columns."""
+        """(B, H, W, dim) -> qkv per window (B * windows, heads, window^2, 3 * head_dim), a view
+        whose memory is (B * windows, window^2, heads, 3 * head_dim); and the number of window
+        rows and columns.
+
+        The tokens (not the 3x wider qkv) are padded with zeros and put in window order, so the
+        padding tokens pass the LayerNorm and projection like the reference's.
+        """
         batch, height, width, dim = x.shape
         window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
         pad_h, pad_w = -height % window, -width % window
         rows, cols = (height + pad_h) // window, (width + pad_w) // window
-        qkv = self.project_qkv(x)
         if pad_h or pad_w:
-            # a zero token normalises to norm.bias; project that once instead of every pad token
-            fill = self.project_qkv(x.new_zeros(1, dim))
-            padded = qkv.new_empty(batch, rows * window, cols * window, 3 * dim)
-            padded[:, :height, :width] = qkv
-            padded[:, height:] = fill
-            padded[:, :height, width:] = fill
-            qkv = padded
-        # (B, rows, window, cols, window, heads, 3 * head_dim) -> (B * windows, heads, window^2, .)
-        qkv = qkv.reshape(batch, rows, window, cols, window, heads, 3 * head_dim)
-        qkv = qkv.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, heads, window * window, 3 * head_dim)
-        return qkv, rows, cols
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        # (B, rows, window, cols, window, dim) -> (B * windows, window^2, dim): one copy
+        x = x.view(batch, rows, window, cols, window, dim).transpose(2, 3)
+        qkv = self.project_qkv(x.reshape(-1, window * window, dim))
+        return qkv.view(-1, window * window, heads, 3 * head_dim).transpose(1, 2), rows, cols
 
 
 class MLP(nn.Module):
@@ -254,7 +368,16 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu(self.fc1(self.norm(x))))
+        hidden_bytes = x.numel() // x.shape[-1] * self.fc1.out_features * x.element_size()
+        # the hidden tensor is 4x wider than the tokens: run it in chunks of tokens below the C
+        # library's threshold for fresh memory (see BAND_BYTES); with autograd every chunk
+        # costs a concatenation forward and backward, so only where it is well above it
+        limit = PASS_BYTES if torch.is_grad_enabled() and x.requires_grad else BAND_BYTES
+        if hidden_bytes <= 2 * limit or torch.compiler.is_compiling():
+            return self.fc2(gelu(self.fc1(self.norm(x))))
+        flat = x.reshape(-1, x.shape[-1])
+        step = -(-len(flat) // -(-hidden_bytes // limit))
+        return torch.cat([self.fc2(gelu(self.fc1(self.norm(chunk)))) for chunk in flat.split(step)]).view(x.shape)
 
 
 class TinyViTBlock(nn.Module):
@@ -279,7 +402,7 @@ class TinyViTBlock(nn.Module):
     def _add_attention(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residual add of the (un-windowed) attention output (B, H, W, dim), through the block's adapter."""
         if self.adapters.after_attention is not None:
-            attended = self.adapters.after_attention(attended)
+            attended = self.adapters.after_attention(attended.contiguous())
         return tokens + attended
 
     def _conv_then_mlp(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -380,16 +503,57 @@ class TinyViTEncoder(SAMImageEncoder):
         """x: (B, 3, S, S); prompt_tokens: None, or per attention stage j = 1, 2, 3 tokens
         (c_j, embed_dims[j]) or (B, c_j, embed_dims[j]) that take part in its attention (None:
         none there); intermediates: indices into :meth:`transformer_blocks` whose outputs
-        (B, dim, h, w) are returned too."""
+        (B, dim, h, w) are returned too.
+
+        Where no image can influence another (every BatchNorm in eval mode, no encoder or block
+        adapters), the batch runs in groups of images whose largest intermediate stays below
+        :data:`PASS_BYTES`; the outputs are the same.
+        """
+        blocks = [block for block, _ in self.transformer_blocks()]
+        check_block_indices(intermediates, len(blocks))
+        levels = (None if prompt_tokens is None else
+                  batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims))
+        step = self._images_per_pass(x)
+        if step >= len(x):
+            return self._forward(x, levels, intermediates)
+        passes = [self._forward(x[start:start + step],
+                                None if levels is None else
+                                [None if t is None else t[start:start + step] for t in levels],
+                                intermediates)
+                  for start in range(0, len(x), step)]
+        return EncoderOutput(
+            embedding=torch.cat([p.embedding for p in passes]),
+            features=[torch.cat(f) for f in zip(*(p.features for p in passes))],
+            prompts=None if levels is None else [None if any(t is None for t in level) else torch.cat(level)
+                                                 for level in zip(*(p.prompts for p in passes))],
+            intermediates=[torch.cat(f) for f in zip(*(p.intermediates for p in passes))])
+
+    def _images_per_pass(self, x: torch.Tensor) -> int:
+        """How many images of ``x`` one pass takes (``len(x)``: all, where images can influence
+        each other through a BatchNorm in training mode or an adapter)."""
+        coupled = (self.adapters.after_patch_embed is not None
+                   or any(any(slot is not None for slot in block.adapters) for block, _ in self.transformer_blocks())
+                   or any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)))
+        if coupled or len(x) == 1 or torch.compiler.is_compiling():
+            return len(x)
+        # the widest tensor left whole: an attention stage's qkv on its window-padded grid
+        widest = 0
+        for stage, stride in zip(self.layers[1:], self.feature_strides[1:]):
+            attention = stage.blocks[0].attn
+            side = -(-x.shape[-1] // stride // attention.window_size) * attention.window_size
+            widest = max(widest, side * side * 3 * attention.num_heads * attention.head_dim * x.element_size())
+        passes = -(-len(x) // max(1, PASS_BYTES // max(1, widest)))
+        return -(-len(x) // passes)
+
+    def _forward(self, x: torch.Tensor, levels: list[torch.Tensor | None] | None,
+                 intermediates: Sequence[int]) -> EncoderOutput:
+        """:meth:`forward` of one group of images, prompt tokens already batched per level."""
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         if self.adapters.after_patch_embed is not None:
             x = self.adapters.after_patch_embed(x)
         blocks = [block for block, _ in self.transformer_blocks()]
-        check_block_indices(intermediates, len(blocks))
         taps = {blocks[i]: None for i in intermediates} if intermediates else None
-        levels = (None if prompt_tokens is None else
-                  dict(zip(self.prompt_level_features,
-                           batch_prompt_tokens(prompt_tokens, x.shape[0], self.prompt_level_dims))))
+        levels = None if levels is None else dict(zip(self.prompt_level_features, levels))
         features = []
         for index, stage in enumerate(self.layers):
             if levels is not None and levels.get(index) is not None:
