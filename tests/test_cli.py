@@ -167,3 +167,82 @@ def test_train_options_reach_the_trainer(monkeypatch):
     assert seen["disable_checkpointing"] and seen["val_best"] and seen["only_validate"]
     monkeypatch.undo()
     assert train_main(["218", "2d", "0", "--disable_checkpointing", "--val_best"]) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "train_cv", "demo"])
+def test_new_options_take_nnunets_underscore_spellings(command):
+    """--max_minutes, --labelled_fraction, --labelled_unit, --labelled_seed, --num_epochs, --iters_per_epoch,
+    --batch_size as nnU-Net users type them (nnU-Net's --val_best, --disable_checkpointing)."""
+    from samunet.cli import demo, train, train_cv
+    parser = {"train": train.build_parser, "train_cv": train_cv.build_parser, "demo": demo.build_parser}[command]()
+    positionals = {"train": ["991", "2d", "0"], "train_cv": ["991", "2d"], "demo": []}[command]
+    underscores = parser.parse_args([*positionals, "--max_minutes", "3", "--labelled_fraction", "0.5",
+                                     "--labelled_unit", "cases", "--labelled_seed", "4", "--num_epochs", "2",
+                                     "--iters_per_epoch", "5", "--batch_size", "3"])
+    dashes = parser.parse_args([*positionals, "--max-minutes", "3", "--labelled-fraction", "0.5",
+                                "--labelled-unit", "cases", "--labelled-seed", "4", "--num-epochs", "2",
+                                "--iters-per-epoch", "5", "--batch-size", "3"])
+    assert vars(underscores) == vars(dashes)
+    assert (dashes.max_minutes, dashes.labelled_fraction, dashes.labelled_unit, dashes.labelled_seed) == \
+        (3.0, 0.5, "cases", 4)
+
+
+def test_demo_help_does_not_mention_continue(capsys):
+    """samunet_demo has no --c, so its --max-minutes help does not promise one; samunet_train's does."""
+    from samunet.cli import demo
+    with pytest.raises(SystemExit):
+        demo.build_parser().parse_args(["--help"])
+    assert "--max_minutes" in capsys.readouterr().out
+    assert "--c" not in demo.build_parser().format_help()
+    assert "--c continues within the remaining minutes" in " ".join(train_parser().format_help().split())
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--backbone", "vit_test"], "--backbone vit_test select(s) a SAM encoder; nnUNetTrainerSamunetPlans trains "
+                                 "nnU-Net's 2d U-Net from scratch: leave --backbone out"),
+    (["--weights", "medsam"], "leave --weights out"),
+])
+def test_sam_options_are_refused_for_the_nnunet_unet_trainer(option, expected, nnunet_folders, capsys):
+    """-tr nnUNetTrainerSamunetPlans with --backbone or --weights: one line, exit 2, as --depth is refused."""
+    assert train_main(["991", "2d", "0", "-tr", "nnUNetTrainerSamunetPlans", *option]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: {expected}" or (error.startswith("error: ") and expected in error and "\n" not in error)
+    assert not any(nnunet_folders["nnUNet_results"].iterdir())
+    assert train_main(["991", "2d", "0", "-tr", "nnUNetTrainerSamunetPlans", "--weights", "none"]) == 2
+    assert "SAM encoder" not in capsys.readouterr().err  # --weights none is accepted (then: not planned)
+
+
+def test_loading_a_checkpoint_does_not_announce_random_backbone_weights(tmp_path, caplog):
+    """--val / --c: the network's weights come from the checkpoint, so no "starts from RANDOM weights" line
+    (which a fresh training of a backbone without released weights does print)."""
+    import contextlib
+    import sys
+    from unittest import mock
+
+    import torch
+
+    from samunet.registry import TRAINERS
+    from trainer_harness import (build_trainer, in_memory_dataset_class, synthetic_dataset_json, synthetic_plans,
+                                 trainer_workdir)
+    with trainer_workdir(tmp_path), caplog.at_level("WARNING"):
+        trained = build_trainer("SAMedTrainer", backbone="vit_test", num_classes=2, img_size=64)
+        assert "starts from RANDOM weights" in caplog.text
+        checkpoint = tmp_path / "checkpoint_final.pth"
+        trained.save_checkpoint(str(checkpoint))
+        caplog.clear()
+        trainer_class = TRAINERS.get("SAMedTrainer")
+        again = trainer_class(synthetic_plans(backbone="vit_test", img_size=64), "2d", 0, synthetic_dataset_json(2),
+                              torch.device("cpu"))
+        dataset_class = in_memory_dataset_class(num_classes=2, img_size=64)
+        with contextlib.ExitStack() as patches:
+            for module in {sys.modules[klass.__module__] for klass in trainer_class.__mro__}:
+                if hasattr(module, "infer_dataset_class"):
+                    patches.enter_context(mock.patch.object(module, "infer_dataset_class", return_value=dataset_class))
+            again.load_checkpoint(str(checkpoint))
+        assert "RANDOM" not in caplog.text
+        log = open(again.log_file).read()  # the same log file as the first trainer's (same second)
+        assert f"network weights from {checkpoint}" in log
+        assert "starts from random weights" not in log.split(f"network weights from {checkpoint}")[0].split(
+            "SAMedTrainer: backbone vit_test")[-1]
+        for name, value in trained.network_module.state_dict().items():
+            assert torch.equal(again.network_module.state_dict()[name], value), name

@@ -224,3 +224,98 @@ def test_demo_takes_the_options_and_refuses_a_bad_fraction_before_writing(tmp_pa
         assert demo.main(["--output", str(tmp_path / "demo"), "-device", "cpu", "--labelled-fraction", "2"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --labelled-fraction must be a number in (0, 1]")
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "train_cv", "demo"])
+@pytest.mark.parametrize("option", [["--labelled-unit", "cases"], ["--labelled_seed", "5"]])
+def test_unit_or_seed_without_a_fraction_is_refused(command, option, nnunet_folders, tmp_path, capsys):
+    """--labelled-unit / --labelled-seed alone would train on all the data: one line, exit 2, nothing written."""
+    from samunet.cli import demo, train, train_cv
+    main = {"train": train.main, "train_cv": train_cv.main, "demo": demo.main}[command]
+    arguments = {"train": ["991", "2d", "0"], "train_cv": ["991", "2d"],
+                 "demo": ["--output", str(tmp_path / "demo"), "-device", "cpu"]}[command]
+    with mock.patch.object(demo, "run_demo", side_effect=AssertionError("the demo started")):
+        assert main([*arguments, *option]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --labelled-") and "need(s) --labelled-fraction F" in error and "\n" not in error
+    assert not any(nnunet_folders["nnUNet_results"].iterdir()) and not (tmp_path / "demo").exists()
+
+
+def _set_up(continue_training: bool, hyperparameters: dict, fold_folder: Path, only_validate: bool = False):
+    from samunet.cli.train import _set_up_trainer, load_plans
+    from samunet.registry import TRAINERS
+    plans, dataset_json = load_plans(TINY_DATASET, "samunetPlans")
+    return _set_up_trainer(TRAINERS.get("SAMedTrainer"), plans, dataset_json, "2d", 0, fold_folder,
+                           continue_training=continue_training, only_validate=only_validate, device="cpu",
+                           hyperparameters=dict(hyperparameters), backbone=None, depth=None)
+
+
+def test_continue_refuses_another_labelled_subset_or_lr_and_accepts_a_longer_training(tiny_copy):
+    """--c with another --labelled-fraction/-unit/-seed (or --lr, --batch-size) than the run recorded is refused
+    in one line naming the run's setting; the recorded values again, more epochs or a new budget are accepted."""
+    fold_folder = tiny_copy["nnUNet_results"] / "fold_continue"
+    _set_up(False, {"labelled_fraction": 0.25, "labelled_seed": 3}, fold_folder)
+    for changed in ({"labelled_fraction": 0.5}, {"labelled_unit": "cases"}, {"labelled_seed": 4},
+                    {"labelled_fraction": 1.0}):
+        with pytest.raises(ConfigurationError) as refused:
+            _set_up(True, changed, fold_folder)
+        message = str(refused.value)
+        assert "trained with --labelled-fraction 0.25 (slices, seed 3); --c continues with it: leave out" in message
+        assert "\n" not in message
+    for changed, recorded in (({"initial_lr": 0.5}, "--lr"), ({"batch_size": 7}, "--batch-size")):
+        with pytest.raises(ConfigurationError, match=f"trained with {recorded} .*--c continues with it"):
+            _set_up(True, changed, fold_folder)
+    resumed = _set_up(True, {"labelled_fraction": 0.25, "labelled_seed": 3, "labelled_unit": "slices",
+                             "num_epochs": 7, "max_minutes": 5.0}, fold_folder)
+    assert resumed.hyperparameters["labelled_fraction"] == 0.25 and resumed.num_epochs == 7
+    full = tiny_copy["nnUNet_results"] / "fold_full"
+    _set_up(False, {}, full)
+    with pytest.raises(ConfigurationError, match="trained with all of the fold's training data"):
+        _set_up(True, {"labelled_fraction": 0.5}, full)
+
+
+def test_val_ignores_training_only_options_and_says_so(tiny_copy, caplog):
+    """--val --labelled-fraction 0.3 --max-minutes 7: the trained run's settings stay, a log line says so."""
+    from samunet.trainers import checkpoints
+    fold_folder = tiny_copy["nnUNet_results"] / "fold_val"
+    _set_up(False, {"labelled_fraction": 0.5, "labelled_unit": "cases"}, fold_folder)
+    with mock.patch.object(checkpoints, "checkpoint_to_validate", return_value=None), caplog.at_level("WARNING"):
+        trainer = _set_up(False, {"labelled_fraction": 0.3, "max_minutes": 7.0, "precision": "fp32"}, fold_folder,
+                          only_validate=True)
+    assert trainer.hyperparameters["labelled_fraction"] == 0.5 and "max_minutes" not in trainer.hyperparameters
+    assert trainer.hyperparameters["precision"] == "fp32"
+    assert "--labelled-fraction, --max-minutes have no effect with --val" in caplog.text
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (["case_9999"], "names 'case_9999', which is not a training case of fold 0; the training cases are"),
+    ("VALIDATION", "which is not a training case of fold 0 (it is a validation case of the fold)"),
+    ([], "must be a list of one or more of the fold's training cases"),
+])
+def test_an_edited_subset_file_names_the_wrong_entry(tiny_copy, edit, expected):
+    """A hand-edited labelled_cases: the error names the entry, the fold's training cases and says to correct
+    the entry (the file may be edited) or delete the file."""
+    trainer = make_trainer({"labelled_fraction": 0.5, "labelled_unit": "cases"})
+    _, validation = trainer.get_tr_and_val_datasets()
+    [written] = subset_files(tiny_copy)
+    content = json.loads(written.read_text())
+    content["labelled_cases"] = [validation.identifiers[0]] if edit == "VALIDATION" else edit
+    written.write_text(json.dumps(content))
+    with pytest.raises(ConfigurationError) as refused:
+        make_trainer({"labelled_fraction": 0.5, "labelled_unit": "cases"}).get_tr_and_val_datasets()
+    message = str(refused.value)
+    assert expected in message and "correct the entry (the file may be edited) or delete the file" in message
+    assert "\n" not in message
+    if edit == "VALIDATION":
+        assert repr(str(validation.identifiers[0])) in message
+
+
+def test_an_edited_slice_outside_its_case_is_named(tiny_copy):
+    first, _ = make_trainer({"labelled_fraction": 0.25}).get_tr_and_val_datasets()
+    [written] = subset_files(tiny_copy)
+    content = json.loads(written.read_text())
+    case = sorted(first.labelled)[0]
+    content["labelled_slices"] = {case: [99]}
+    written.write_text(json.dumps(content))
+    with pytest.raises(ConfigurationError, match=f"labelled_slices of '{case}' holds 99, but {case} has slices 0 to 7"):
+        make_trainer({"labelled_fraction": 0.25}).get_tr_and_val_datasets()

@@ -277,3 +277,80 @@ def test_the_demo_report_draws_each_test_case_in_the_ct_window(tmp_path):
                       settings)
     rgb = _rgb(tmp_path / "report" / "overlay_phantom_000.png")
     assert len(_where(rgb, _blended(1, 1, grey=0.5))) > 200 and len(_where(rgb, np.array([128, 128, 128]))) > 200
+
+
+@pytest.mark.parametrize("spelling", ["references", "predictions", "images", "symlink to references",
+                                      "relative path of predictions"])
+def test_an_output_folder_holding_input_files_is_refused_before_anything_is_written(tmp_path, spelling, capsys,
+                                                                                   monkeypatch):
+    """-o onto the label maps of a .png data set would replace CASE.png by its picture: refused, any spelling
+    of the folder (symbolic link, relative path), exit 2, every input file byte for byte as it was."""
+    from samunet.cli.overlays import main
+    folders = _png_dataset(tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    output = {"references": folders["references"], "predictions": folders["predictions"],
+              "images": folders["images"]}.get(spelling)
+    if spelling == "symlink to references":
+        output = tmp_path / "link"
+        output.symlink_to(folders["references"], target_is_directory=True)
+    elif spelling == "relative path of predictions":
+        monkeypatch.chdir(folders["images"])
+        output = Path("..") / "images" / ".." / "predictions"
+    assert main(["-i", str(folders["images"]), "-p", str(folders["predictions"]), "-r", str(folders["references"]),
+                 "-o", str(output)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and "choose another output folder" in error, error
+    assert str(output) in error
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_prediction_overlays_refuse_an_overlays_file_in_the_output_folder(tmp_path):
+    """samunet_predict --overlays writes into OUTPUT/overlays/: a file of that name is refused, not replaced."""
+    from samunet.errors import DatasetError
+    from samunet.reporting.overlays import write_prediction_overlays
+    folders = _png_dataset(tmp_path)
+    (folders["predictions"] / "overlays").write_bytes(b"a user's file")
+    dataset_json = json.loads((folders["predictions"] / "dataset.json").read_text())
+    with pytest.raises(DatasetError, match="is a file; choose another output folder"):
+        write_prediction_overlays(folders["images"], folders["predictions"], dataset_json)
+    assert (folders["predictions"] / "overlays").read_bytes() == b"a user's file"
+
+
+def test_an_unreadable_case_leaves_no_overlay_written(tmp_path, capsys):
+    """A truncated prediction of the last case: exit 2, the error says nothing was written, and no PNG of the
+    cases before it (nor a staging file) is in the output folder."""
+    from samunet.cli.overlays import main
+    folders = _png_dataset(tmp_path)
+    truncated = folders["predictions"] / "cell_b.png"
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    out = tmp_path / "out"
+    assert main(["-i", str(folders["images"]), "-p", str(folders["predictions"]), "-o", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "cell_b.png cannot be read" in error and "no overlay was written" in error and "\n" not in error, error
+    assert not out.exists()  # the folder the command made is not left behind either
+
+
+@pytest.mark.parametrize("overlays", [False, True])
+def test_a_new_validation_removes_the_overlays_of_the_earlier_one(planned_tiny_dataset, tmp_path, monkeypatch,
+                                                                  overlays):
+    """--val after a --val --overlays: validation/overlays/*.png of the earlier predictions are removed before
+    the new validation (and drawn again with --overlays); a file the user put there stays."""
+    from types import SimpleNamespace
+
+    from samunet.cli import train as train_module
+    fold = tmp_path / "fold_all"
+    stale = fold / "validation" / "overlays"
+    stale.mkdir(parents=True)
+    for name in ("case_0000.png", "case_0002.png"):
+        (stale / name).write_bytes(b"an earlier validation's picture")
+    (stale / "notes.txt").write_text("the user's")
+    seen = {}
+    trainer = SimpleNamespace(output_folder=str(fold), local_rank=0, print_to_log_file=lambda *a, **k: None,
+                              dataset_json={}, preprocessed_dataset_folder_base=str(tmp_path),
+                              perform_actual_validation=lambda *a: seen.update(pngs=sorted(stale.glob("*.png"))))
+    monkeypatch.setattr(train_module, "_set_up_trainer", lambda *a, **k: trainer)
+    drawn = []
+    monkeypatch.setattr("samunet.reporting.overlays.write_validation_overlays", lambda *a: drawn.append(a))
+    train_module.train(991, "2d", "all", "SAMedTrainer", only_validate=True, overlays=overlays)
+    assert seen["pngs"] == [] and sorted(p.name for p in stale.iterdir()) == ["notes.txt"]
+    assert len(drawn) == int(overlays)

@@ -241,3 +241,39 @@ def test_unet_configuration_is_nnunets_2d_topology():
     assert kwargs["n_stages"] == 7 and kwargs["features_per_stage"] == [32, 64, 128, 256, 512, 512, 512]
     assert np.array_equal(np.cumprod(np.array(kwargs["strides"])[:, 0])[-1], 64)  # down to 4-pixel maps
     assert unet_configuration(unet) is unet
+
+
+def test_continuing_a_spent_budget_says_so_in_one_line_and_times_nothing(planned_tiny_dataset, clock, monkeypatch):
+    """--c on a run whose earlier run already spent more than the budget: no further epoch, one line naming the
+    spent minutes and how to train on, no tile timing and no over-budget warning written as a plan."""
+    fold = _fold(planned_tiny_dataset["nnUNet_results"], "SAMedTrainer", "3")
+    shutil.rmtree(fold, ignore_errors=True)
+    clock.step_s = 3600.0
+    common = ["991", "2d", "3", "-tr", "SAMedTrainer", *TINY, "--weights", "none", "--num-epochs", "3",
+              "--max-minutes", "30"]
+    assert train_main(common) == 0
+    measured = []
+    monkeypatch.setattr(time_budget, "validation_tiles", lambda trainer: measured.append(trainer) or 0)
+    assert train_main([*common, "--c"]) == 0
+    assert measured == [] and read_checkpoint(fold / "checkpoint_final.pth")["current_epoch"] == 1
+    logs = sorted(fold.glob("training_log_*.txt"), key=lambda path: path.stat().st_mtime)
+    resumed = logs[-1].read_text().split("loaded ")[-1]
+    assert "time budget: the 30 min were spent by the earlier run(s) (60.0 min); no further epoch after the 1 " \
+           "done, the final validation follows (--c --max-minutes with more than 60.0 min trains on)" in resumed
+    assert "does not hold another epoch" not in resumed
+
+
+def test_a_continued_run_keeps_the_recorded_epoch_cost_until_its_second_epoch_ends():
+    """After --c the first epoch is timed without its end (checkpoint, progress.png): 3.2 s against the
+    recorded 6.8 s all included. The plan keeps 6.8 s until a second epoch measured from epoch end to epoch end
+    (4.7 s) replaces it, instead of swinging 2 -> 4 -> 3 epochs."""
+    clock = FakeClock()
+    budget = TimeBudget(1.2, clock=clock)
+    budget.restore({"spent_s": 30.0, "epoch_s": 6.8, "tile_s": 0.01, "final_validation_s": 20.0})
+    budget.epoch_started()
+    clock.now = 3.2
+    budget.epoch_ended()
+    assert budget.epoch_s == pytest.approx(6.8)
+    clock.now = 7.9
+    budget.epoch_ended()
+    assert budget.epoch_s == pytest.approx(4.7)

@@ -99,3 +99,12 @@ def test_two_folds_in_sequence_then_ensemble_their_predictions(planned_tiny_data
     assert ensemble_main(["-i", str(tmp_path / "p0"), str(tmp_path / "p1"), "-o", str(tmp_path / "ens")]) == 0
     reference = sitk.ReadImage(str(images.parent / "labelsTs" / "case_0005.nii.gz"))
     assert sitk.ReadImage(str(tmp_path / "ens" / "case_0005.nii.gz")).GetSize() == reference.GetSize()
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cpu"], ["cpu:0", "cpu:1"]])
+def test_several_cpu_workers_are_refused_with_the_way_to_train_on_a_cpu(devices, capsys):
+    """--devices cpu cpu / cpu:0 cpu:1: one line, exit 2, saying how the folds train on a CPU."""
+    assert train_cv.main(["991", "2d", "--folds", "2", "3", "--devices", *devices]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    assert "on a CPU, train the folds one after another: leave --devices out and give -device cpu" in error

@@ -158,15 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="samunet_demo", help="demo folder (default ./samunet_demo)")
     parser.add_argument("--trainer", default="SAMedTrainer", help="trainer to demonstrate")
     parser.add_argument("--backbone", default="litemedsam")
-    parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
-    parser.add_argument("--num-epochs", type=int, default=None)
-    parser.add_argument("--iters-per-epoch", type=int, default=None)
+    # each also with underscores, as nnU-Net spells its flags
+    parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=DEMO_IMAGE_SIZE)
+    parser.add_argument("--num-epochs", "--num_epochs", dest="num_epochs", type=int, default=None)
+    parser.add_argument("--iters-per-epoch", "--iters_per_epoch", dest="iters_per_epoch", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="override the trainer's initial learning rate")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                         help=f"default {DEMO_HYPERPARAMETERS['batch_size']} (slice-stack trainers: stacks)")
     parser.add_argument("--depth", type=int, default=None, help="slices per stack (slice-stack trainers)")
     add_precision_option(parser)
-    add_max_minutes_option(parser)
+    add_max_minutes_option(parser, continues=False)  # the demo has no --c
     add_labelled_subset_options(parser)
     add_common_arguments(parser)
     return parser
@@ -185,7 +186,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
                                    ("labelled_fraction", args.labelled_fraction),
                                    ("labelled_unit", args.labelled_unit), ("labelled_seed", args.labelled_seed))
                  if v is not None}
-    from samunet.trainers.labelled_subset import check_labelled_options
+    from samunet.trainers.labelled_subset import check_labelled_options, check_labelled_options_given
+    check_labelled_options_given(overrides)  # --labelled-unit / --labelled-seed alone would do nothing
     check_labelled_options(overrides)  # e.g. --labelled-fraction 0, before the phantom is written
     started = time.perf_counter()
     summary = run_demo(Path(args.output), trainer=args.trainer, backbone=args.backbone,

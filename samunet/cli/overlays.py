@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--predictions", required=True, help="folder with the label maps CASE<ending>")
     parser.add_argument("-r", "--references", default=None,
                         help="folder with the reference label maps CASE<ending> (drawn next to the prediction)")
-    parser.add_argument("-o", "--output", required=True, help="folder for the PNGs (CASE.png)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="folder for the PNGs (CASE.png); not a folder of -i, -p or -r (refused: the PNGs "
+                             "could replace a .png data set's label maps)")
     parser.add_argument("-djfile", "--dataset-json", dest="dataset_json", default=None,
                         help="the data set's dataset.json (default: PREDICTIONS/dataset.json, else "
                              "PREDICTIONS/../../dataset.json)")

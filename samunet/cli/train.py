@@ -74,6 +74,20 @@ def apply_depth_override(plans: dict, configuration: str, depth: int | None, tra
     plans["configurations"][configuration]["architecture"]["arch_kwargs"]["depth"] = int(depth)
 
 
+def check_sam_options(trainer_class: type, *, backbone: str | None, weights: str | None) -> None:
+    """Refuse the options that choose a SAM encoder (``--backbone``, ``--weights`` other than none) for a
+    trainer without one (``uses_sam_backbone = False``: nnUNetTrainerSamunetPlans), as ``--depth`` is refused
+    for trainers without slice stacks (:func:`apply_depth_override`)."""
+    if getattr(trainer_class, "uses_sam_backbone", True):
+        return
+    given = ([f"--backbone {backbone}"] if backbone is not None else []) + \
+        ([f"--weights {weights}"] if weights not in (None, "none", "random") else [])
+    if given:
+        raise ConfigurationError(f"{' and '.join(given)} select(s) a SAM encoder; {trainer_class.__name__} trains "
+                                 f"nnU-Net's 2d U-Net from scratch: leave {' and '.join(g.split()[0] for g in given)} "
+                                 f"out")
+
+
 def check_fold_possible(dataset_name: str, dataset_json: dict, fold: int | str) -> None:
     """nnU-Net's automatic 5-fold split needs at least 5 training cases."""
     from nnunetv2.paths import nnUNet_preprocessed
@@ -135,6 +149,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     check_final_validation_options(skip_final_validation, val_cases, only_validate=only_validate, val_best=val_best,
                                    save_probabilities=save_probabilities, overlays=overlays)
     trainer_class = TRAINERS.get(trainer_name)
+    check_sam_options(trainer_class, backbone=backbone, weights=(hyperparameters or {}).get("weights"))
     dataset_name = resolve_dataset_name(dataset)
     plans, dataset_json = load_plans(dataset_name, plans_identifier)
     check_plans_configuration(plans, configuration, trainer_class,
@@ -181,6 +196,12 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
                 raise CheckpointUnreadableError(f"--val_best: {error}; or validate with the final weights: --val "
                                                 f"without --val_best") from error
             trainer.load_checkpoint(checkpoint, source=str(best))
+        if not skip_final_validation and trainer.local_rank == 0:  # drawn from the predictions this replaces
+            from samunet.reporting.overlays import remove_validation_overlays
+            stale = remove_validation_overlays(trainer.output_folder)
+            if stale:
+                trainer.print_to_log_file(f"removed {len(stale)} overlay(s) of the earlier validation from "
+                                          f"{stale[0].parent}" + ("" if overlays else " (--overlays draws new ones)"))
         trainer.perform_actual_validation(save_probabilities)
         if overlays and trainer.local_rank == 0:
             from samunet.reporting.overlays import write_validation_overlays
@@ -220,7 +241,8 @@ def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, config
     from samunet.trainers.checkpoints import checkpoint_to_continue, checkpoint_to_validate
     from samunet.trainers.run_identity import check_identity
     from samunet.trainers.run_lock import takes_the_lock
-    from samunet.trainers.run_settings import SETTINGS_FILE, RunSettings, read_run_settings, write_run_settings
+    from samunet.trainers.run_settings import (SETTINGS_FILE, RunSettings, check_continue_options, read_run_settings,
+                                               without_training_only, write_run_settings)
 
     settings, chosen, notes = None, None, []
     if continue_training or only_validate:
@@ -229,6 +251,9 @@ def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, config
             chosen = checkpoint_to_validate(fold_folder)
         else:
             chosen, notes = checkpoint_to_continue(fold_folder)
+    if only_validate:
+        hyperparameters, ignored = without_training_only(hyperparameters)
+        notes += [ignored] if ignored else []
     for note in notes:
         logger.warning(note)
     recorded = dict(settings.hyperparameters) if settings else {}
@@ -242,6 +267,10 @@ def _set_up_trainer(trainer_class: type, plans: dict, dataset_json: dict, config
     plans["continue_training"] = continue_training
     trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                             device=select_device(device))
+    if continue_training and (settings is not None or chosen is not None):
+        check_continue_options(recorded, hyperparameters, source=str(fold_folder), defaults={
+            "initial_lr": trainer.initial_lr, "weight_decay": trainer.weight_decay,
+            "batch_size": trainer.configuration_manager.batch_size})
     trainer.set_hyperparameters(overrides)
     for note in notes:
         trainer.print_to_log_file(note, also_print_to_console=False)
@@ -309,11 +338,16 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="thin the final validation (also --val) to N of the fold's validation cases, spread "
                              "evenly over their sorted names; validation/summary.json and the log mark it as "
                              "thinned (default: every case)")
-    parser.add_argument("--num-epochs", type=int, help="override the trainer's epoch count")
-    parser.add_argument("--iters-per-epoch", type=int, help="override training iterations per epoch")
-    parser.add_argument("--val-iters", type=int, help="override validation iterations per epoch")
+    # each also with underscores, as nnU-Net spells its flags (--val_best, --disable_checkpointing)
+    parser.add_argument("--num-epochs", "--num_epochs", dest="num_epochs", type=int,
+                        help="override the trainer's epoch count")
+    parser.add_argument("--iters-per-epoch", "--iters_per_epoch", dest="iters_per_epoch", type=int,
+                        help="override training iterations per epoch")
+    parser.add_argument("--val-iters", "--val_iters", dest="val_iters", type=int,
+                        help="override validation iterations per epoch")
     parser.add_argument("--lr", type=float, help="override the initial learning rate")
-    parser.add_argument("--batch-size", type=int, help="override the planned batch size")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
+                        help="override the planned batch size")
     parser.add_argument("--backbone", help="train with another backbone than planned")
     parser.add_argument("--weights", help="released SAM backbone checkpoint: known name, path, or 'none' for "
                                           "random init (see -pretrained_weights for a trained samunet model)")
@@ -343,13 +377,16 @@ def positive_minutes(text: str) -> float:
     return minutes
 
 
-def add_max_minutes_option(parser: argparse.ArgumentParser) -> None:
-    """``--max-minutes`` (samunet_train, samunet_train_cv, samunet_demo): the ``max_minutes`` hyper-parameter
-    (:mod:`samunet.trainers.time_budget`, docs/time_budget.md)."""
-    parser.add_argument("--max-minutes", type=positive_minutes, default=None, metavar="M",
+def add_max_minutes_option(parser: argparse.ArgumentParser, *, continues: bool = True) -> None:
+    """``--max-minutes`` (also ``--max_minutes``, nnU-Net's spelling; samunet_train, samunet_train_cv,
+    samunet_demo): the ``max_minutes`` hyper-parameter (:mod:`samunet.trainers.time_budget`, docs/time_budget.md).
+    ``continues``: the command has ``--c`` (its help then says how the budget goes on)."""
+    parser.add_argument("--max-minutes", "--max_minutes", dest="max_minutes", type=positive_minutes, default=None,
+                        metavar="M",
                         help="wall-clock budget of the training of a fold, its final validation included: the "
-                             "epochs that fit (at most --num-epochs), with the poly lr stretched over them; "
-                             "recorded in the checkpoint, --c continues within the remaining minutes")
+                             "epochs that fit (at most --num-epochs), with the poly lr stretched over them"
+                             + ("; recorded in the checkpoint, --c continues within the remaining minutes"
+                                if continues else ""))
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
@@ -361,16 +398,19 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_labelled_subset_options(parser: argparse.ArgumentParser) -> None:
-    """``--labelled-fraction`` / ``--labelled-unit`` / ``--labelled-seed`` (samunet_train, samunet_train_cv,
-    samunet_demo): few labels, :mod:`samunet.trainers.labelled_subset`."""
-    parser.add_argument("--labelled-fraction", type=float, default=None, metavar="F",
+    """``--labelled-fraction`` / ``--labelled-unit`` / ``--labelled-seed`` (each also with underscores, nnU-Net's
+    spelling; samunet_train, samunet_train_cv, samunet_demo): few labels, :mod:`samunet.trainers.labelled_subset`."""
+    parser.add_argument("--labelled-fraction", "--labelled_fraction", dest="labelled_fraction", type=float,
+                        default=None, metavar="F",
                         help="train on a seeded fraction 0 < F <= 1 of the fold's training slices (H-SAM's "
                              "few-shot setting: 0.1) or cases (--labelled-unit cases); the draw is written next "
                              "to splits_final.json and reused; validation stays the fold's full set")
-    parser.add_argument("--labelled-unit", choices=("slices", "cases"), default=None,
+    parser.add_argument("--labelled-unit", "--labelled_unit", dest="labelled_unit", choices=("slices", "cases"),
+                        default=None,
                         help="what --labelled-fraction draws: 2d slices pooled over the training cases "
                              "(default, H-SAM) or whole cases")
-    parser.add_argument("--labelled-seed", type=int, default=None, metavar="N",
+    parser.add_argument("--labelled-seed", "--labelled_seed", dest="labelled_seed", type=int, default=None,
+                        metavar="N",
                         help="seed of the --labelled-fraction draw (default 0)")
 
 
@@ -391,7 +431,8 @@ def hyperparameters_from_args(args: argparse.Namespace) -> dict:
              "labelled_fraction": args.labelled_fraction, "labelled_unit": args.labelled_unit,
              "labelled_seed": args.labelled_seed, "max_minutes": args.max_minutes}
     chosen = {k: v for k, v in pairs.items() if v is not None}
-    from samunet.trainers.labelled_subset import check_labelled_options
+    from samunet.trainers.labelled_subset import check_labelled_options, check_labelled_options_given
+    check_labelled_options_given(chosen)  # --labelled-unit / --labelled-seed alone would do nothing
     check_labelled_options(chosen)  # a bad --labelled-fraction stops the command before anything is written
     return chosen
 

@@ -24,6 +24,11 @@ from samunet.errors import ConfigurationError, SamunetError
 
 logger = logging.getLogger(__name__)
 
+# how to train several folds on a CPU: one worker per device would put two trainings on the same cores
+SEQUENTIAL_ON_CPU = ("on a CPU, train the folds one after another: leave --devices out and give -device cpu (or "
+                     "--devices cpu)")
+
+
 class TrainingFailedError(SamunetError, RuntimeError):
     """One or more folds of a multi-device training failed."""
 
@@ -33,7 +38,8 @@ def partition_folds(folds: Sequence[int | str], devices: Sequence[str]) -> dict[
     if not devices:
         raise ConfigurationError("no devices given")
     if len(set(devices)) != len(devices):
-        raise ConfigurationError(f"devices are named more than once: {list(devices)}")
+        raise ConfigurationError(f"devices are named more than once: {list(devices)}; each worker needs a device of "
+                                 f"its own (--devices cuda:0 cuda:1 ...); {SEQUENTIAL_ON_CPU}")
     if len(set(folds)) != len(folds):
         raise ConfigurationError(f"folds are named more than once: {list(folds)}")
     shares: dict[str, list[int | str]] = {device: [] for device in devices}
@@ -49,7 +55,8 @@ def device_environment(device: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(f"device must be cuda:N, cuda, cpu or mps, not {device!r}")
     if index:
         if name != "cuda" or not index.isdigit():
-            raise ConfigurationError(f"only CUDA devices take an index (cuda:0), not {device!r}")
+            raise ConfigurationError(f"only CUDA devices take an index (cuda:0), not {device!r}"
+                                     + (f"; {SEQUENTIAL_ON_CPU}" if name == "cpu" else ""))
         return name, {"CUDA_VISIBLE_DEVICES": index}
     return name, {}
 

@@ -16,8 +16,10 @@ there is a reference), then the prediction overlay, with a legend naming dataset
 
 A PNG is written with :func:`samunet.atomic_files.write_atomically` (a temporary file next to it, flushed,
 then ``os.replace``), so a full disk or a killed run never leaves a cut-off PNG (an existing one stays as it
-was). Missing files, unreadable files and label maps on another grid than their image raise
-:class:`samunet.errors.DatasetError` naming the file.
+was). :func:`write_overlays` (every command's path) is all or nothing: it refuses an output folder that holds
+input files (:func:`check_output_folder`: a .png data set's label map CASE.png would be replaced by its
+picture) and renames the PNGs into place only once every case was drawn. Missing files, unreadable files
+and label maps on another grid than their image raise :class:`samunet.errors.DatasetError` naming the file.
 """
 from __future__ import annotations
 
@@ -169,8 +171,9 @@ def write_overlay(image_file: str | os.PathLike | Sequence[str | os.PathLike],
                   reference_file: str | os.PathLike | None, prediction_file: str | os.PathLike,
                   output_png: str | os.PathLike, label_names: Mapping[str, int | Sequence[int]],
                   window: tuple[float, float] | None = None, num_slices: int = DEFAULT_NUM_SLICES, *,
-                  even_slices: int = 0, dataset_json: Mapping | None = None) -> Path:
-    """Draw one case into ``output_png`` (see the module docstring); returns its path.
+                  even_slices: int = 0, dataset_json: Mapping | None = None, title: str | None = None) -> Path:
+    """Draw one case into ``output_png`` (see the module docstring), titled ``title`` (default: the PNG's
+    name without .png); returns its path.
 
     ``image_file``: the image, or the case's channel files (the first is shown); ``reference_file``: None
     for a prediction alone; ``label_names``: dataset.json's ``labels``; ``dataset_json``: picks the reader
@@ -182,15 +185,15 @@ def write_overlay(image_file: str | os.PathLike | Sequence[str | os.PathLike],
     reader = _reader_for(image_files[0], dataset_json)
     image, spacing = _read(reader, image_files[:1], "image", segmentation=False)
     maps = {}
-    for title, name in (("reference", reference_file), ("prediction", prediction_file)):
+    for role, name in (("reference", reference_file), ("prediction", prediction_file)):
         if name is None:
             continue
-        labels, _ = _read(reader, [os.fspath(name)], title, segmentation=True)
+        labels, _ = _read(reader, [os.fspath(name)], role, segmentation=True)
         if labels.shape[1:] != image.shape[1:]:
-            raise DatasetError(f"{title} {os.fspath(name)} has shape {labels.shape[1:]} but its image "
+            raise DatasetError(f"{role} {os.fspath(name)} has shape {labels.shape[1:]} but its image "
                                f"{image_files[0]} has {image.shape[1:]}; a label map must be on its image's grid "
                                f"(is it another case's, or resampled?)")
-        maps[title] = np.rint(labels[0]).astype(np.int32)  # readers return label maps as floats
+        maps[role] = np.rint(labels[0]).astype(np.int32)  # readers return label maps as floats
     regions = (dataset_json or {}).get("regions_class_order")
     names = legend_names(label_names, regions)
     ignore = label_names.get("ignore")
@@ -200,8 +203,9 @@ def write_overlay(image_file: str | os.PathLike | Sequence[str | os.PathLike],
     lows_highs = intensity_window(shown, window)
     rows = choose_slices(list(maps.values()), num_slices, even_slices)
     aspect = spacing[1] / spacing[2] if len(spacing) == 3 else 1.0
-    figure = _draw(Path(output_png).name, shown, maps, rows, colours, lows_highs,
-                   ignore if isinstance(ignore, int) else None, aspect, names)
+    title = title if title is not None else Path(output_png).name.removesuffix(".png")
+    figure = _draw(title, shown, maps, rows, colours, lows_highs, ignore if isinstance(ignore, int) else None, aspect,
+                   names)
     output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -242,7 +246,7 @@ def _draw(title: str, image: np.ndarray, maps: dict[str, np.ndarray], rows: list
     if legend:
         figure.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                       ncol=min(len(legend), 2 * len(columns)), fontsize=8, frameon=False)
-    figure.suptitle(title.removesuffix(".png"), fontsize=9)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure
 
@@ -312,15 +316,73 @@ def cases_from_folders(images_folder: str | os.PathLike, predictions_folder: str
             for (name, prediction), files in zip(predictions.items(), image_lists)]
 
 
+def _folder_identity(folder: Path) -> tuple:
+    """What makes two spellings of one folder equal: its device and inode when it exists (symbolic links,
+    relative paths, bind mounts), else its resolved path."""
+    try:
+        status = folder.stat()
+        return ("inode", status.st_dev, status.st_ino)
+    except OSError:
+        return ("path", str(folder.resolve()))
+
+
+def check_output_folder(output_folder: str | os.PathLike, cases: Sequence[OverlayCase]) -> None:
+    """Refuse an output folder that is a file, or that holds input files of ``cases`` (their images,
+    predictions or references): ``OUT/CASE.png`` could be a label map or image of a .png data set, which the
+    overlay would replace, and PNGs mixed into an input folder are read as cases later. Folders are compared
+    as the file system sees them (:func:`_folder_identity`). Raises :class:`DatasetError` in one line."""
+    output = Path(output_folder)
+    if output.exists() and not output.is_dir():
+        raise DatasetError(f"the output folder {output} is a file; choose another output folder")
+    identity = _folder_identity(output)
+    roles = (("images (-i)", lambda case: case.images), ("predictions (-p)", lambda case: (case.prediction,)),
+             ("references (-r)", lambda case: (case.reference,) if case.reference else ()))
+    for role, files in roles:
+        folders = {Path(name).parent for case in cases for name in files(case)}
+        for folder in sorted(folders):
+            if _folder_identity(folder) == identity:
+                raise DatasetError(f"the output folder {output} is the folder of the {role} {folder}; the overlays "
+                                   f"CASE.png written there would overwrite or mix with its files; choose another "
+                                   f"output folder")
+
+
 def write_overlays(cases: Sequence[OverlayCase], output_folder: str | os.PathLike, dataset_json: Mapping, *,
                    window: tuple[float, float] | None = None, num_slices: int = DEFAULT_NUM_SLICES,
                    even_slices: int = 0) -> list[Path]:
-    """``output_folder/CASE.png`` for each case (:func:`write_overlay`); returns the PNGs written."""
-    written = []
-    for case in cases:
-        written.append(write_overlay(case.images, case.reference, case.prediction,
-                                     Path(output_folder) / f"{case.name}.png", dataset_json["labels"], window,
-                                     num_slices, even_slices=even_slices, dataset_json=dataset_json))
+    """``output_folder/CASE.png`` for each case (:func:`write_overlay`); returns the PNGs written.
+
+    All or nothing: the output folder is checked first (:func:`check_output_folder`), then every case is drawn
+    into a hidden staging file (``.partial_...``) and only when all were drawn are they renamed to their
+    names; an unreadable input or a failed write then raises (a DatasetError saying that nothing was written)
+    with no new PNG in ``output_folder`` and the PNGs already there as they were."""
+    check_output_folder(output_folder, cases)
+    output = Path(output_folder)
+    created = not output.exists()
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for case in cases:
+            target = output / f"{case.name}.png"
+            staging = output / f"{PARTIAL_PREFIX}staged_{case.name}.png"
+            try:
+                write_overlay(case.images, case.reference, case.prediction, staging, dataset_json["labels"], window,
+                              num_slices, even_slices=even_slices, dataset_json=dataset_json, title=case.name)
+            except OSError as error:  # a full disk: named as the PNG it was writing, not the staging file
+                if error.filename != os.fspath(staging):
+                    raise
+                raise OSError(error.errno, error.strerror, os.fspath(target)) from error
+            staged.append((staging, target))
+    except DatasetError as error:
+        raise DatasetError(f"{error}; no overlay was written to {output}") from error
+    finally:
+        if len(staged) < len(cases):
+            for staging, _ in staged:
+                staging.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    output.rmdir()  # the folder this call made, left empty
+    for staging, target in staged:
+        os.replace(staging, target)
+    written = [target for _, target in staged]
     logger.info("wrote %d overlay(s) to %s", len(written), output_folder)
     return written
 
@@ -338,6 +400,21 @@ def training_images(dataset_name: str, dataset_json: Mapping) -> dict[str, tuple
                            f"--overlays")
     found = get_filenames_of_train_images_and_targets(str(folder), dict(dataset_json))
     return {case: tuple(entry["images"]) for case, entry in found.items()}
+
+
+def remove_validation_overlays(fold_folder: str | os.PathLike) -> list[Path]:
+    """Remove the PNGs (and staging files) of ``<fold>/validation/overlays`` (the folder too, when nothing else
+    is left in it): drawn from an earlier validation, they would not match the predictions a new validation
+    writes. Returns the files removed."""
+    folder = Path(fold_folder) / "validation" / OVERLAY_FOLDER
+    if not folder.is_dir():
+        return []
+    removed = [entry for entry in sorted(folder.iterdir()) if entry.is_file() and entry.name.endswith(".png")]
+    for entry in removed:
+        entry.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # kept when the user put other files there
+    return removed
 
 
 def write_validation_overlays(fold_folder: str | os.PathLike, dataset_name: str, dataset_json: Mapping,

@@ -114,6 +114,7 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
             self.device = process_device(device.type)
         self.enable_deep_supervision = self.uses_deep_supervision
         self.pretrained_weights: str | None = None
+        self.network_weights_source: str | None = None  # a checkpoint load_checkpoint is loading: no SAM weights
         self.hyperparameters: dict = {}
         self.precision: Precision  # set with the hyper-parameters
         self.time_budget = TimeBudget()  # --max-minutes (samunet.trainers.time_budget); its clock starts here
@@ -215,7 +216,11 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
             "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch, "num_epochs": self.num_epochs,
             "enable_deep_supervision": self.enable_deep_supervision,
             "batch_size": self.configuration_manager.batch_size}})
-        self.load_pretrained_backbone()
+        if self.network_weights_source is None:
+            self.load_pretrained_backbone()
+        else:  # --c / --val: every weight comes from the checkpoint (no "starts from RANDOM weights" warning)
+            self.print_to_log_file(f"network weights from {self.network_weights_source} (the released backbone "
+                                   f"weights are not loaded)")
         trainable = sum(p.numel() for p in self.network_module.trainable_parameters())
         total = sum(p.numel() for p in self.network_module.parameters())
         self.print_to_log_file(f"{self.__class__.__name__}: backbone {self.network_module.backbone}, "
@@ -231,7 +236,8 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
             folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage,
             splits_folder=self.preprocessed_dataset_folder_base,
             data_identifier=self.configuration_manager.data_identifier, fold=self.fold,
-            hyperparameters=self.hyperparameters, uses_slice_stacks=getattr(self, "uses_slice_stacks", False))
+            hyperparameters=self.hyperparameters, uses_slice_stacks=getattr(self, "uses_slice_stacks", False),
+            validation_cases=list(dataset_val.identifiers))
         if labelled is not dataset_tr:
             self.print_to_log_file(describe_subset(labelled, len(dataset_tr.identifiers)))
         return labelled, dataset_val
@@ -443,13 +449,15 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint: dict | str, source: str | None = None) -> None:
         """Restore a checkpoint (a file, read with ``weights_only=True``, or one already loaded from ``source``)
         after checking that it belongs to this trainer, network, data set and plans."""
+        named = isinstance(filename_or_checkpoint, (str, os.PathLike))
+        source = str(filename_or_checkpoint) if named else source or "checkpoint"
         if not self.was_initialized:
+            self.network_weights_source = source
             self.initialize()
-        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
+        if named:
             checkpoint = read_checkpoint(filename_or_checkpoint, map_location=self.device)
-            source = str(filename_or_checkpoint)
         else:
-            checkpoint, source = filename_or_checkpoint, source or "checkpoint"
+            checkpoint = filename_or_checkpoint
         self.check_checkpoint_fits(checkpoint, source)
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])

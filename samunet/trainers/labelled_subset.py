@@ -70,6 +70,39 @@ def check_labelled_options(hyperparameters: dict, *, uses_slice_stacks: bool = F
                                  "would hold unlabelled neighbouring slices); use --labelled-unit cases")
 
 
+def check_labelled_options_given(given: dict) -> None:
+    """Refuse ``labelled_unit`` / ``labelled_seed`` given without ``labelled_fraction`` (the options of one
+    command line): they would change nothing, and a user typing ``--labelled-unit cases`` would get a run on
+    all the data. ConfigurationError in one line."""
+    alone = [f"--labelled-{name.removeprefix('labelled_')}" for name in ("labelled_unit", "labelled_seed")
+             if given.get(name) is not None]
+    if alone and given.get("labelled_fraction") is None:
+        raise ConfigurationError(f"{'/'.join(alone)} need(s) --labelled-fraction F (e.g. --labelled-fraction 0.1); "
+                                 f"without it every training slice is used and {' and '.join(alone)} do(es) nothing")
+
+
+def describe_labelled(hyperparameters: dict) -> str:
+    """The labelled subset the hyper-parameters ask for, in the words of the command line."""
+    fraction = hyperparameters.get("labelled_fraction")
+    if fraction is None or fraction >= 1:
+        return "all of the fold's training data (no --labelled-fraction)"
+    return (f"--labelled-fraction {fraction:g} ({hyperparameters.get('labelled_unit', DEFAULT_UNIT)}, seed "
+            f"{hyperparameters.get('labelled_seed', DEFAULT_SEED)})")
+
+
+def check_continued_labelled_subset(recorded: dict, given: dict, source: str) -> None:
+    """``--c``: refuse ``labelled_*`` options ``given`` that ask for another subset than the one the run
+    ``recorded`` (in ``source``) trains on; switching subsets mid-run would leave the run's reported setting
+    wrong. Giving the recorded values again is accepted. ConfigurationError in one line."""
+    asked = {name: given[name] for name in LABELLED_SUBSET_HYPERPARAMETERS if given.get(name) is not None}
+    if not asked or describe_labelled(recorded) == describe_labelled({**recorded, **asked}):
+        return
+    options = " ".join(f"--labelled-{name.removeprefix('labelled_')} {value}" for name, value in asked.items())
+    raise ConfigurationError(f"the run in {source} was trained with {describe_labelled(recorded)}; --c continues "
+                             f"with it: leave out {options}, or train {options} as a new run (without --c, in "
+                             f"another output folder: another nnUNet_results, or move this fold folder away)")
+
+
 def number_to_label(fraction: float, total: int) -> int:
     """``max(1, floor(fraction * total))`` (H-SAM's ``int(total * fraction)``, never none); a product a rounding
     error below an integer (0.7 * 10 = 6.999...) counts as that integer."""
@@ -190,36 +223,65 @@ def _read_subset(path: Path) -> dict:
                                  f"labelled subset again") from error
 
 
+EDIT_OR_DELETE = "correct the entry (the file may be edited) or delete the file to draw the subset again"
+
+
+def _listed(names: Sequence[str], count: int = 8) -> str:
+    return ", ".join(names[:count]) + (f", ... ({len(names)} in all)" if len(names) > count else "")
+
+
+def _wrong_case(path: Path, key: str, case: Any, training_cases: list[str], fold: int | str,
+                validation_cases: Sequence[str]) -> str:
+    """The one-line message for an entry of ``key`` that is not a training case of the fold."""
+    why = " (it is a validation case of the fold)" if case in validation_cases else ""
+    return (f"{path}: {key} names {case!r}, which is not a training case of fold {fold}{why}; the training cases "
+            f"are {_listed(training_cases)}; {EDIT_OR_DELETE}")
+
+
 def _check_subset(content: dict, path: Path, training_cases: list[str], unit: str,
-                  slices_per_case: dict[str, int] | None) -> None:
+                  slices_per_case: dict[str, int] | None, fold: int | str = "?",
+                  validation_cases: Sequence[str] = ()) -> None:
+    """Refuse a subset file that does not fit the fold, naming the wrong entry (a case that is not one of the
+    fold's training cases, a slice index outside its case) and the fix."""
     key = "labelled_cases" if unit == "cases" else "labelled_slices"
-    if sorted(content.get("training_cases") or []) != training_cases or not isinstance(content.get(key), (list, dict)):
+    if sorted(content.get("training_cases") or []) != training_cases:
         raise ConfigurationError(f"{path} was drawn from other training cases than this fold's (splits_final.json "
-                                 f"changed?) or lacks {key!r}; delete it to draw the labelled subset again")
-    chosen = content[key]
+                                 f"changed?); delete it to draw the labelled subset again")
+    chosen = content.get(key)
     if unit == "cases":
-        if not chosen or not set(chosen) <= set(training_cases):
-            raise ConfigurationError(f"{path}: 'labelled_cases' must name one or more of the fold's training cases; "
-                                     f"delete it to draw the labelled subset again")
+        if not isinstance(chosen, list) or not chosen:
+            raise ConfigurationError(f"{path}: {key!r} must be a list of one or more of the fold's training cases "
+                                     f"({_listed(training_cases)}), got {chosen!r}; {EDIT_OR_DELETE}")
+        for case in chosen:
+            if case not in training_cases:
+                raise ConfigurationError(_wrong_case(path, key, case, training_cases, fold, validation_cases))
         return
     if content.get("slices_per_case") != slices_per_case:
         raise ConfigurationError(f"{path} was drawn for other slice counts than the preprocessed data has now "
                                  f"(preprocessed again?); delete it to draw the labelled subset again")
-    if not isinstance(chosen, dict) or not any(chosen.values()) or any(
-            case not in slices_per_case or any(not isinstance(z, int) or not 0 <= z < slices_per_case[case]
-                                               for z in slices) for case, slices in chosen.items()):
-        raise ConfigurationError(f"{path}: 'labelled_slices' must map training cases to slice indices within them, "
-                                 f"at least one; delete it to draw the labelled subset again")
+    if not isinstance(chosen, dict) or not any(chosen.values()):
+        raise ConfigurationError(f"{path}: {key!r} must map training cases to lists of slice indices, at least one "
+                                 f"slice in all, got {chosen!r}; {EDIT_OR_DELETE}")
+    for case, slices in chosen.items():
+        if case not in slices_per_case:
+            raise ConfigurationError(_wrong_case(path, key, case, training_cases, fold, validation_cases))
+        bad = [z for z in (slices if isinstance(slices, list) else [slices])
+               if isinstance(z, bool) or not isinstance(z, int) or not 0 <= z < slices_per_case[case]]
+        if bad or not isinstance(slices, list):
+            raise ConfigurationError(f"{path}: {key} of {case!r} holds {bad[0] if bad else slices!r}, but {case} has "
+                                     f"slices 0 to {slices_per_case[case] - 1} (a list of whole numbers); "
+                                     f"{EDIT_OR_DELETE}")
 
 
 def labelled_training_dataset(dataset: Any, *, dataset_class: type, preprocessed_folder: str,
                               folder_with_segs_from_previous_stage: str | None, splits_folder: str | os.PathLike,
                               data_identifier: str, fold: int | str, hyperparameters: dict,
-                              uses_slice_stacks: bool = False) -> Any:
+                              uses_slice_stacks: bool = False, validation_cases: Sequence[str] = ()) -> Any:
     """The training ``dataset`` (nnU-Net's, of the fold's training cases) restricted to the labelled subset the
     hyper-parameters ask for, drawn now and written to :func:`subset_file` in ``splits_folder`` or read from
     there; ``dataset`` itself when ``labelled_fraction`` is absent or 1. Raises ConfigurationError for bad
-    options or a subset file that does not fit the fold."""
+    options or a subset file that does not fit the fold (naming the wrong entry; ``validation_cases``, the
+    fold's, let the message say when an entry is one of them)."""
     check_labelled_options(hyperparameters, uses_slice_stacks=uses_slice_stacks)
     fraction = hyperparameters.get("labelled_fraction")
     if fraction is None or fraction >= 1:
@@ -232,7 +294,8 @@ def labelled_training_dataset(dataset: Any, *, dataset_class: type, preprocessed
     slices_per_case = _slices_per_case(dataset) if unit == "slices" else None
     if path.is_file():
         content = _read_subset(path)
-        _check_subset(content, path, training_cases, unit, slices_per_case)
+        _check_subset(content, path, training_cases, unit, slices_per_case, fold=fold,
+                      validation_cases=validation_cases)
         logger.info("labelled subset read from %s", path)
     else:
         content = {"format": FORMAT, "fold": fold, "unit": unit, "fraction": fraction, "seed": seed,

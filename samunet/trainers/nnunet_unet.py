@@ -28,6 +28,7 @@ class nnUNetTrainerSamunetPlans(SAMTrainerBase):
     network_class = "samunet.networks.nnunet_unet.PlainConvUNetForSamunet"  # built by nnU-Net's builder below
     uses_deep_supervision = True
     optimizer_name = "sgd"  # nnU-Net's: momentum 0.99, Nesterov
+    uses_sam_backbone = False  # --backbone / --weights are refused (samunet.cli.train.check_sam_options)
 
     @classmethod
     def inference_configuration(cls, configuration_manager: ConfigurationManager) -> ConfigurationManager:

@@ -57,3 +57,46 @@ def read_run_settings(folder: str | os.PathLike) -> RunSettings | None:
     except (ValueError, TypeError) as error:
         raise ConfigurationError(f"{path} cannot be read ({type(error).__name__}: {error}); delete it to continue "
                                  f"with the options given on the command line") from error
+
+
+# --c: hyper-parameters that define the experiment stay as the run recorded them (a change would leave its recorded
+# setting wrong without a word); the labelled subset (labelled_*) is checked by
+# samunet.trainers.labelled_subset.check_continued_labelled_subset. --c may change the length of the training
+# (--num-epochs, --iters-per-epoch, --val-iters), its budget (--max-minutes: a new total), the precision (another
+# machine) and --weights (no effect once a checkpoint exists: the network weights come from it).
+KEPT_ON_CONTINUE = {"initial_lr": "--lr", "weight_decay": "weight_decay", "batch_size": "--batch-size"}
+# --val validates the trained weights: these options only shape a training, so they are ignored (said in the log)
+TRAINING_ONLY = {"labelled_fraction": "--labelled-fraction", "labelled_unit": "--labelled-unit",
+                 "labelled_seed": "--labelled-seed", "max_minutes": "--max-minutes", "num_epochs": "--num-epochs",
+                 "num_iterations_per_epoch": "--iters-per-epoch", "num_val_iterations_per_epoch": "--val-iters",
+                 "initial_lr": "--lr", "weight_decay": "weight_decay", "batch_size": "--batch-size"}
+
+
+def check_continue_options(recorded: dict, given: dict, defaults: dict, source: str) -> None:
+    """``--c``: refuse options ``given`` that change a hyper-parameter the run ``recorded`` (in ``source``;
+    ``defaults``: the trainer's values for those it did not record) and that defines the experiment: the
+    labelled subset and :data:`KEPT_ON_CONTINUE`. Giving the recorded value again is accepted. Raises
+    ConfigurationError in one line saying the run's value and how to go on."""
+    from samunet.trainers.labelled_subset import check_continued_labelled_subset
+    check_continued_labelled_subset(recorded, given, source)
+    for name, option in KEPT_ON_CONTINUE.items():
+        if given.get(name) is None:
+            continue
+        was = recorded.get(name, defaults.get(name))
+        if was is not None and float(given[name]) == float(was):
+            continue
+        raise ConfigurationError(f"the run in {source} was trained with {option} "
+                                 f"{'(the trainer default)' if was is None else was}; --c continues with it: leave "
+                                 f"out {option} {given[name]}, or train {option} {given[name]} as a new run "
+                                 f"(without --c, in another output folder: another nnUNet_results, or move this "
+                                 f"fold folder away)")
+
+
+def without_training_only(given: dict) -> tuple[dict, str | None]:
+    """``--val``: ``given`` without :data:`TRAINING_ONLY` hyper-parameters, and the log line saying which were
+    ignored (None when none were given)."""
+    ignored = [option for name, option in TRAINING_ONLY.items() if given.get(name) is not None]
+    kept = {name: value for name, value in given.items() if name not in TRAINING_ONLY}
+    note = (f"{', '.join(ignored)} have no effect with --val (it validates the trained weights as they were "
+            f"trained); ignored" if ignored else None)
+    return kept, note

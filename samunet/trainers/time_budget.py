@@ -7,7 +7,7 @@ the number that fits, and the schedule is stretched over exactly those epochs:
 
 - after every epoch the cost of one epoch is measured (the time between epoch ends, so checkpoint writes and
   progress.png count; the first epoch, which pays for warm-up and compilation, only until a second one is
-  measured) and the final validation is estimated (:func:`estimate_final_validation_seconds`: sliding-window
+  measured, and after ``--c`` not at all: the checkpoint's recorded cost holds until then) and the final validation is estimated (:func:`estimate_final_validation_seconds`: sliding-window
   tiles of the fold's validation cases, times the mirrorings, times the measured cost of one tile's forward
   pass (:func:`measure_tile_seconds`), times :data:`VALIDATION_SAFETY`, plus :data:`VALIDATION_FIXED_S`);
 - the trainer's ``num_epochs`` becomes ``min(cap, epochs done + whole epochs that fit before the validation)``,
@@ -16,7 +16,8 @@ the number that fits, and the schedule is stretched over exactly those epochs:
   the poly schedule's last value;
 - at least one epoch is trained in all (a budget that does not hold one epoch and the validation still
   gives a model, with a warning saying by how much the budget will be exceeded); a run continued with ``--c``
-  whose budget is spent trains no further epoch and goes on to the final validation;
+  whose budget is spent trains no further epoch and goes on to the final validation (one line says so, and
+  the validation tile is not timed again when the earlier runs already spent the whole budget);
 - the budget, the time spent and the estimates are recorded in every checkpoint (``samunet.time_budget``), so
   ``--c`` continues within the remaining minutes, and a larger ``--max-minutes`` given with ``--c`` trains on.
 
@@ -96,9 +97,13 @@ class TimeBudget:
 
     def epoch_ended(self) -> None:
         """Record an epoch end and update the cost of one epoch: the mean of the last few, without the
-        first epoch of this run once there are others (it pays for warm-up)."""
+        first epoch of this run once there are others (it pays for warm-up). The first epoch's duration also
+        lacks the checkpoint and progress.png writes of an epoch end (the marks are taken before them), so a
+        run continued with ``--c`` keeps the cost its checkpoint recorded until its second epoch has ended."""
         self._epoch_marks.append(self.clock())
         durations = np.diff(self._epoch_marks)
+        if len(durations) == 1 and self.epoch_s is not None:  # --c: the recorded cost, all included
+            return
         if len(durations) > 1:
             durations = durations[1:]
         self.epoch_s = float(np.mean(durations[-RECENT_EPOCHS:]))
@@ -263,6 +268,9 @@ class TimeBudgetMixin:
         budget = self.time_budget
         if budget.minutes is None or budget.epoch_s is None:
             return
+        if budget.planned_epochs is None and done > 0 and budget.spent_before_s >= budget.minutes * 60.0:
+            self._end_spent_budget(done)  # the earlier runs used it up: nothing to plan, nothing to measure
+            return
         if self._validation_tiles is None:  # once per run: the cases and the network do not change
             self._validation_tiles = validation_tiles(self)
             budget.tile_s = measure_tile_seconds(self, budget.clock) if self._validation_tiles else 0.0
@@ -277,6 +285,18 @@ class TimeBudgetMixin:
         budget.planned_epochs = planned
         self.num_epochs = planned
         stretch_schedule(self.lr_scheduler, planned, self.num_iterations_per_epoch)
+
+    def _end_spent_budget(self, done: int) -> None:
+        """``--c`` on a run whose recorded time already exceeds the budget (the same on every rank: it comes from
+        the checkpoint): no further epoch and no tile timing, said in one line."""
+        budget = self.time_budget
+        line = (f"time budget: the {budget.minutes:g} min were spent by the earlier run(s) "
+                f"({budget.spent_before_s / 60:.1f} min); no further epoch after the {done} done, the final "
+                f"validation follows (--c --max-minutes with more than {budget.spent_before_s / 60:.1f} min trains on)")
+        logger.info(line)
+        self.print_to_log_file(line)
+        budget.planned_epochs = done
+        self.num_epochs = done
 
     def _log_plan(self, planned: int, done: int) -> None:
         budget = self.time_budget
