@@ -110,7 +110,6 @@ def build_predictor(method: str, root: Path, *, mirroring: bool, tiles_per_batch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from samunet.registry import TRAINERS
-    import samunet.trainers  # noqa: F401  (registers the trainers)
 
     folder = root / "nnUNet_preprocessed" / DATASET_NAME
     dataset_json = json.loads((folder / "dataset.json").read_text())

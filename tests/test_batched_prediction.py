@@ -17,7 +17,6 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-import samunet.trainers  # noqa: F401  (registers the trainers)
 from samunet.errors import ConfigurationError
 from samunet.inference.batched_predictor import (CPU_PIXELS_PER_BATCH, TILES_PER_BATCH_VARIABLE, BatchedPredictor,
                                                  default_tiles_per_batch)

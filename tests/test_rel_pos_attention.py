@@ -51,6 +51,15 @@ def test_each_strategy_equals_segment_anything_with_gradients(strategy, grid, ex
         assert (mine - theirs).abs().max() < 1e-4, name
 
 
+@pytest.mark.parametrize("grid, extra", [((3, 5), 0), ((5, 3), 2)])
+def test_the_chunked_inference_path_reusing_its_buffers_equals_segment_anything(grid, extra, monkeypatch):
+    monkeypatch.setattr(rel_pos_attention, "CHUNK_ELEMENTS", 7 * HEADS * 2 * 17)  # a partial last chunk
+    inputs = [t.detach() for t in random_inputs(grid, extra)]
+    with torch.no_grad():
+        ours = attention_with_rel_pos(*inputs, grid, strategy="chunked")
+    assert (ours - reference_attention(*inputs, grid)).abs().max() < 1e-5
+
+
 def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="unknown strategy 'dense'; known: chunked, augmented"):
         attention_with_rel_pos(*random_inputs((2, 2), 0), (2, 2), strategy="dense")

@@ -303,7 +303,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
-        window, heads, head_dim = self.window_size, self.num_heads, self.head_dim
+        window, head_dim = self.window_size, self.head_dim
         qkv, rows, cols = self._window_qkv(x)
         q, k, v = qkv.split(head_dim, dim=-1)
         # a 4-d float mask lets SDPA use its fused CPU kernel; the gather runs every forward

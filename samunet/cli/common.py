@@ -55,7 +55,8 @@ def select_device(name: str | None):
             _device_announced = True
             logger.info("using device %s%s", name, "" if name == "cuda" else " (no CUDA GPU found; this is slow)")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError("-device cuda was asked for but torch sees no CUDA GPU; use -device cpu")
+        raise ConfigurationError("-device cuda was asked for but torch sees no CUDA GPU; use -device cpu "
+                                 "(samunet_train_cv: leave --devices out, or --devices cpu)")
     if name == "cpu":  # the cores are shared by the processes of a distributed run on this machine
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))

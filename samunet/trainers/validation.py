@@ -71,13 +71,17 @@ def check_val_cases(num_cases: int | None) -> None:
 
 def note_skipped_validation(trainer: SAMTrainerBase) -> None:
     """Say in the log (and on the console) that the final validation was skipped, and that a
-    ``validation/summary.json`` still in the fold folder comes from an earlier run."""
+    ``validation/summary.json`` or overlay PNGs still in the fold folder come from an earlier run."""
     trainer.print_to_log_file("Final validation skipped (--disable_validation_inference): no validation/summary.json "
                               "is written for these weights", also_print_to_console=True)
     summary = os.path.join(trainer.output_folder, "validation", "summary.json")
     if os.path.isfile(summary):
         trainer.print_to_log_file(f"WARNING: {summary} is from an earlier validation, not of these weights",
                                   also_print_to_console=True)
+    overlays = os.path.join(trainer.output_folder, "validation", "overlays")
+    if os.path.isdir(overlays) and any(name.endswith(".png") for name in os.listdir(overlays)):
+        trainer.print_to_log_file(f"WARNING: the PNGs in {overlays} are from an earlier validation, not of these "
+                                  f"weights", also_print_to_console=True)
 
 
 def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = False,
