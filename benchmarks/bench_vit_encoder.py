@@ -10,17 +10,17 @@ under ``torch.no_grad``. The last column checks that both saw the same weights.
 
 Run by hand, e.g. ``.venv/bin/python benchmarks/bench_vit_encoder.py --sizes 256 1024``.
 
-measured on 2026-11-22, 2-core CPU (torch 2.13.0+cpu, 2 threads), vit_b, batch 1, fp32, no_grad,
-``--sizes 256 1024 --repeats 1`` (warmup 1):
+measured on 2026-11-29, 2-core CPU alone (torch 2.13.0+cpu, 2 threads), vit_b, batch 1, fp32, no_grad,
+``--sizes 256 1024 --repeats 3`` (the 1024 row from a second run ``--sizes 1024``); matmul peak 364-397
+GFLOP/s in the same runs:
 
- size |   ours s |    ref s | time ratio |  ours MiB |   ref MiB | mem ratio |   max diff
------------------------------------------------------------------------------------------
-  256 |    0.444 |    0.496 |       0.90 |      51.3 |      59.3 |      0.86 |   7.39e-06
- 1024 |   15.180 |   29.417 |       0.52 |    1802.4 |    2518.6 |      0.72 |   1.19e-05
+size | ours s | ref s | speed-up | ours GFLOP | ours GFLOP/s | of peak | ref GFLOP/s | of peak | ours MiB | ref MiB | max diff
+-----+--------+-------+----------+------------+--------------+---------+-------------+---------+----------+---------+---------
+ 256 |  0.333 | 0.396 |    1.19x |       49.1 |          147 |     45% |         174 |     53% |       67 |      63 |  7.9e-06
+1024 |  5.546 | 9.310 |    1.68x |      941.8 |          170 |     44% |         104 |     27% |      529 |    2560 |  1.2e-05
 
-The machine was shared with other jobs (load average 2-6), so times varied up to 2x between
-runs (a later run: 1024 at 29.2 s vs 41.7 s, ratio 0.70); the memory columns were stable.
-With ``--grad`` at 256 both use about 390 MiB (ratio 1.0-1.05).
+Before the attention without the (N, N) bias and the unpadded window projections (2026-11-22, same
+machine under load): 256 px 0.90x of the reference's time, 1024 px 0.52x, 1802 vs 2519 MiB.
 """
 from __future__ import annotations
 
