@@ -19,7 +19,7 @@ from trainer_harness import build_trainer, make_batch, nnunet_environment
 
 # Deterministic in training (no dropout, no sampled noise), and with SGD: Adam's normalised step turns the
 # last-bit differences of a reduced gradient into visible ones wherever a gradient is near zero.
-TRAINER = "SelfPromptSAMTrainer"
+TRAINER = "SelfPromptSAMTrainer_sgd"
 GLOBAL_BATCH = 4
 STEPS = 2
 

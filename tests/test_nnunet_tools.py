@@ -226,8 +226,8 @@ def test_nnunetv2_train_finds_a_samunet_trainer_through_nnUNet_extTrainer_and_tr
     assert len(nnunet_commands_model["found"]) == 2
     for found in nnunet_commands_model["found"]:
         assert found["folder"] == str(SAMUNET_TRAINERS) and found["module"] == "samed"
-        assert found["mro"][:3] == ["samed.SAMedTrainer", "samunet.trainers.base.SAMTrainerBase",
-                                    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer"]
+        assert found["mro"][:2] == ["samed.SAMedTrainer", "samunet.trainers.base.SAMTrainerBase"]
+        assert "nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer" in found["mro"]
     fold = nnunet_commands_model["fold"]
     for name in ("checkpoint_final.pth", "progress.png", "validation/summary.json"):
         assert (fold / name).is_file(), name

@@ -638,5 +638,8 @@ def test_every_network_class_traces(workdir, network_class, trainer_name, backbo
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(network, data, check_trace=False)
     with torch.no_grad():
-        problem = difference(traced(data), network(data))
-    check(problem is None, f"the traced {network_class}'s output: {problem}")
+        traced_output, eager_output = traced(data), network(data)
+    # not bitwise: eager TinyViT fuses convolutions in oneDNN where a trace records the plain operators
+    problem = difference(traced_output, eager_output)
+    check(problem is None or torch.allclose(traced_output, eager_output, rtol=1e-5, atol=1e-5),
+          f"the traced {network_class}'s output: {problem}")

@@ -92,8 +92,9 @@ MKLDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 def onednn_ready(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether oneDNN's fused convolutions (which have no autograd formula and are not on
     autocast's lists) may run: eager fp32 on the CPU (under torch.compile, Inductor fuses by
-    itself), no autocast, and autograd needs nothing here."""
-    return (not torch.compiler.is_compiling() and MKLDNN_AVAILABLE and x.device.type == "cpu"
+    itself; torch.jit.trace cannot record them), no autocast, and autograd needs nothing here."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and MKLDNN_AVAILABLE
+            and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors))))
 
