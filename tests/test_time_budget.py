@@ -109,10 +109,15 @@ def test_the_schedule_is_stretched_over_the_planned_epochs():
     stretch_schedule(poly, 8, 250)
     poly.step(7)
     assert poly.get_last_lr()[0] == pytest.approx(0.01 * (1 / 8) ** 0.9)  # the poly schedule's last value
-    warmup = WarmupPolyLRScheduler(torch.optim.SGD([parameter], lr=0.01), initial_lr=0.01, warmup_iterations=10,
-                                   max_iterations=1000 * 50, iterations_per_epoch=50)
+    warmup = WarmupPolyLRScheduler(torch.optim.SGD([parameter], lr=0.01), initial_lr=0.01, warmup_iterations=250,
+                                   max_iterations=1000 * 50, iterations_per_epoch=50, max_warmup_fraction=0.1)
+    assert warmup.warmup_iterations == 250
     stretch_schedule(warmup, 8, 50)
-    assert warmup.max_iterations == 400
+    # the shortened run warms up over its first 10% and reaches the full lr: not stuck in the published
+    # 250-iteration warm-up for all of its 400 iterations
+    assert (warmup.max_iterations, warmup.warmup_iterations) == (400, 40)
+    warmup.step(1)
+    assert warmup.get_last_lr()[0] == pytest.approx(0.01 * (1 - 10 / 360) ** 0.9)
     plateau = ValidationPlateauScheduler(torch.optim.SGD([parameter], lr=0.01), factor=0.9, patience=5, cooldown=0)
     stretch_schedule(plateau, 8, 50)  # a plateau schedule does not depend on the run's length
 

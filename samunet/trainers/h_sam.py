@@ -33,6 +33,7 @@ from samunet.trainers.base import SAMTrainerBase, register_variants
 STAGE_ONE_WEIGHT_START = 0.8
 STAGE_ONE_WEIGHT_DECAY = 0.005
 WARMUP_ITERATIONS = 250
+SHORT_RUN_WARMUP_FRACTION = 0.1
 
 
 def stage_one_weight(epoch: int, start: float = STAGE_ONE_WEIGHT_START, decay: float = STAGE_ONE_WEIGHT_DECAY) -> float:
@@ -63,18 +64,31 @@ class WarmupPolyLRScheduler(_LRScheduler):
     """Per-iteration lr: ``lr * (i + 1) / W`` for i < W, then ``lr * (1 - (i - W) / (T - W)) ** 0.9``.
 
     ``step()`` advances one iteration; ``step(epoch)`` (what nnU-Net calls at every epoch start)
-    jumps to the first iteration of ``epoch``, which also resynchronises a resumed run.
+    jumps to the first iteration of ``epoch``, which also resynchronises a resumed run. With
+    ``max_warmup_fraction`` f, W is ``min(warmup_iterations, max(int(f * T), 1))``: a run shorter than
+    the published one warms up over its first fraction f, also when :meth:`set_max_iterations` shortens
+    it later (``--max-minutes``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, initial_lr: float, warmup_iterations: int,
-                 max_iterations: int, iterations_per_epoch: int, exponent: float = 0.9) -> None:
+                 max_iterations: int, iterations_per_epoch: int, exponent: float = 0.9,
+                 max_warmup_fraction: float | None = None) -> None:
         self.initial_lr = initial_lr
-        self.warmup_iterations = warmup_iterations
-        self.max_iterations = max_iterations
+        self.published_warmup_iterations = warmup_iterations
+        self.max_warmup_fraction = max_warmup_fraction
         self.iterations_per_epoch = iterations_per_epoch
         self.exponent = exponent
         self.iteration = -1
+        self.set_max_iterations(max_iterations)
         super().__init__(optimizer, -1)
+
+    def set_max_iterations(self, max_iterations: int) -> None:
+        """End the schedule after ``max_iterations`` (T); the warm-up W follows ``max_warmup_fraction``."""
+        self.max_iterations = max_iterations
+        self.warmup_iterations = self.published_warmup_iterations
+        if self.max_warmup_fraction is not None:
+            self.warmup_iterations = min(self.warmup_iterations,
+                                         max(int(self.max_warmup_fraction * max_iterations), 1))
 
     def lr_at(self, iteration: int) -> float:
         if iteration < self.warmup_iterations:
@@ -134,12 +148,12 @@ class HSAMTrainer(SAMTrainerBase):
         parameters = list(self.network_module.trainable_parameters())
         optimizer = torch.optim.AdamW(parameters, lr=self.initial_lr, betas=(0.9, 0.999),
                                       weight_decay=self.weight_decay)
-        total = self.num_epochs * self.num_iterations_per_epoch
         # 250 iterations as published; a shortened run (under 2,500 iterations) warms up over its first 10%.
-        warmup = min(WARMUP_ITERATIONS, max(total // 10, 1))
-        return optimizer, WarmupPolyLRScheduler(optimizer, initial_lr=self.initial_lr, warmup_iterations=warmup,
-                                                max_iterations=total,
-                                                iterations_per_epoch=self.num_iterations_per_epoch)
+        return optimizer, WarmupPolyLRScheduler(
+            optimizer, initial_lr=self.initial_lr, warmup_iterations=WARMUP_ITERATIONS,
+            max_warmup_fraction=SHORT_RUN_WARMUP_FRACTION,
+            max_iterations=self.num_epochs * self.num_iterations_per_epoch,
+            iterations_per_epoch=self.num_iterations_per_epoch)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

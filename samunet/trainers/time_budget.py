@@ -211,12 +211,13 @@ def measure_tile_seconds(trainer, clock: Callable[[], float]) -> float:
 
 def stretch_schedule(scheduler, num_epochs: int, iterations_per_epoch: int) -> None:
     """Make ``scheduler`` end after ``num_epochs``: nnU-Net's ``PolyLRScheduler`` counts epochs (``max_steps``);
-    a per-iteration schedule with ``max_iterations`` and ``iterations_per_epoch`` (H-SAM's warm-up poly) counts
-    iterations. Other schedulers (a plateau schedule) do not depend on the run's length and are left alone."""
+    a per-iteration schedule with ``set_max_iterations`` (H-SAM's warm-up poly, whose warm-up shrinks with the
+    run) counts iterations. Other schedulers (a plateau schedule) do not depend on the run's length and are left
+    alone."""
     if isinstance(scheduler, PolyLRScheduler):
         scheduler.max_steps = num_epochs
-    elif hasattr(scheduler, "max_iterations") and hasattr(scheduler, "iterations_per_epoch"):
-        scheduler.max_iterations = num_epochs * iterations_per_epoch
+    elif hasattr(scheduler, "set_max_iterations"):
+        scheduler.set_max_iterations(num_epochs * iterations_per_epoch)
 
 
 class _BudgetSpent(Exception):
