@@ -187,6 +187,22 @@ def test_new_options_take_nnunets_underscore_spellings(command):
         (3.0, 0.5, "cases", 4)
 
 
+def test_demo_and_train_read_the_same_overrides():
+    """samunet_demo reads its trainer overrides with samunet_train's hyperparameters_from_args: the options
+    both have give the same dict; the ones the demo lacks (--val-iters, --weights) are simply unset."""
+    from samunet.cli import demo, train
+    options = ["--max-minutes", "3", "--labelled-fraction", "0.5", "--labelled-unit", "cases", "--labelled-seed",
+               "4", "--num-epochs", "2", "--iters-per-epoch", "5", "--batch-size", "3", "--lr", "0.01",
+               "--precision", "bf16"]
+    from_demo = train.hyperparameters_from_args(demo.build_parser().parse_args(options))
+    assert from_demo == train.hyperparameters_from_args(train.build_parser().parse_args(["991", "2d", "0",
+                                                                                         *options]))
+    assert from_demo == {"max_minutes": 3.0, "labelled_fraction": 0.5, "labelled_unit": "cases",
+                         "labelled_seed": 4, "num_epochs": 2, "num_iterations_per_epoch": 5, "batch_size": 3,
+                         "initial_lr": 0.01, "precision": "bf16"}
+    assert train.hyperparameters_from_args(demo.build_parser().parse_args([])) == {}
+
+
 def test_demo_help_does_not_mention_continue(capsys):
     """samunet_demo has no --c, so its --max-minutes help does not promise one; samunet_train's does."""
     from samunet.cli import demo

@@ -22,7 +22,8 @@ from typing import Sequence
 from samunet.atomic_files import write_atomically
 from samunet.cli.common import (add_common_arguments, prepare_environment, run_cli,
                                  select_device, setup_logging)
-from samunet.cli.train import add_labelled_subset_options, add_max_minutes_option, add_precision_option
+from samunet.cli.train import (add_labelled_subset_options, add_max_minutes_option, add_precision_option,
+                               hyperparameters_from_args)
 
 logger = logging.getLogger(__name__)
 
@@ -179,16 +180,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     device = select_device(args.device)
     from samunet.trainers.precision import choose_precision
     choose_precision(device.type, args.precision)  # refuse e.g. fp16 on a CPU before the phantom is written
-    overrides = {k: v for k, v in (("num_epochs", args.num_epochs),
-                                   ("num_iterations_per_epoch", args.iters_per_epoch),
-                                   ("batch_size", args.batch_size), ("initial_lr", args.lr),
-                                   ("precision", args.precision), ("max_minutes", args.max_minutes),
-                                   ("labelled_fraction", args.labelled_fraction),
-                                   ("labelled_unit", args.labelled_unit), ("labelled_seed", args.labelled_seed))
-                 if v is not None}
-    from samunet.trainers.labelled_subset import check_labelled_options, check_labelled_options_given
-    check_labelled_options_given(overrides)  # --labelled-unit / --labelled-seed alone would do nothing
-    check_labelled_options(overrides)  # e.g. --labelled-fraction 0, before the phantom is written
+    overrides = hyperparameters_from_args(args)  # checked before the phantom is written
     started = time.perf_counter()
     summary = run_demo(Path(args.output), trainer=args.trainer, backbone=args.backbone,
                        image_size=args.image_size, device=args.device, hyperparameters=overrides,

@@ -424,12 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HYPERPARAMETER_OPTIONS = {
+    "num_epochs": "num_epochs", "iters_per_epoch": "num_iterations_per_epoch",
+    "val_iters": "num_val_iterations_per_epoch", "lr": "initial_lr", "batch_size": "batch_size",
+    "weights": "weights", "precision": "precision", "labelled_fraction": "labelled_fraction",
+    "labelled_unit": "labelled_unit", "labelled_seed": "labelled_seed", "max_minutes": "max_minutes"}
+"""Command-line option (argparse dest) -> trainer hyperparameter it overrides."""
+
+
 def hyperparameters_from_args(args: argparse.Namespace) -> dict:
-    pairs = {"num_epochs": args.num_epochs, "num_iterations_per_epoch": args.iters_per_epoch,
-             "num_val_iterations_per_epoch": args.val_iters, "initial_lr": args.lr,
-             "batch_size": args.batch_size, "weights": args.weights, "precision": args.precision,
-             "labelled_fraction": args.labelled_fraction, "labelled_unit": args.labelled_unit,
-             "labelled_seed": args.labelled_seed, "max_minutes": args.max_minutes}
+    """The trainer overrides the command line set, checked: ``{hyperparameter: value}`` for every option of
+    :data:`HYPERPARAMETER_OPTIONS` given. A parser without one of them (``samunet_demo`` has no
+    ``--val-iters`` or ``--weights``) simply sets none.
+
+    Raises ConfigurationError for labelled-subset options that make no sense (see
+    :func:`samunet.trainers.labelled_subset.check_labelled_options`)."""
+    pairs = {key: getattr(args, dest, None) for dest, key in HYPERPARAMETER_OPTIONS.items()}
     chosen = {k: v for k, v in pairs.items() if v is not None}
     from samunet.trainers.labelled_subset import check_labelled_options, check_labelled_options_given
     check_labelled_options_given(chosen)  # --labelled-unit / --labelled-seed alone would do nothing

@@ -236,8 +236,7 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
             folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage,
             splits_folder=self.preprocessed_dataset_folder_base,
             data_identifier=self.configuration_manager.data_identifier, fold=self.fold,
-            hyperparameters=self.hyperparameters, uses_slice_stacks=getattr(self, "uses_slice_stacks", False),
-            validation_cases=list(dataset_val.identifiers))
+            hyperparameters=self.hyperparameters, validation_cases=list(dataset_val.identifiers))
         if labelled is not dataset_tr:
             self.print_to_log_file(describe_subset(labelled, len(dataset_tr.identifiers)))
         return labelled, dataset_val

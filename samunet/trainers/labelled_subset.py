@@ -276,13 +276,13 @@ def _check_subset(content: dict, path: Path, training_cases: list[str], unit: st
 def labelled_training_dataset(dataset: Any, *, dataset_class: type, preprocessed_folder: str,
                               folder_with_segs_from_previous_stage: str | None, splits_folder: str | os.PathLike,
                               data_identifier: str, fold: int | str, hyperparameters: dict,
-                              uses_slice_stacks: bool = False, validation_cases: Sequence[str] = ()) -> Any:
+                              validation_cases: Sequence[str] = ()) -> Any:
     """The training ``dataset`` (nnU-Net's, of the fold's training cases) restricted to the labelled subset the
     hyper-parameters ask for, drawn now and written to :func:`subset_file` in ``splits_folder`` or read from
-    there; ``dataset`` itself when ``labelled_fraction`` is absent or 1. Raises ConfigurationError for bad
-    options or a subset file that does not fit the fold (naming the wrong entry; ``validation_cases``, the
-    fold's, let the message say when an entry is one of them)."""
-    check_labelled_options(hyperparameters, uses_slice_stacks=uses_slice_stacks)
+    there; ``dataset`` itself when ``labelled_fraction`` is absent or 1. ``hyperparameters`` are the trainer's,
+    already checked by :func:`check_labelled_options` in ``set_hyperparameters``. Raises ConfigurationError
+    for a subset file that does not fit the fold (naming the wrong entry; ``validation_cases``, the fold's,
+    let the message say when an entry is one of them)."""
     fraction = hyperparameters.get("labelled_fraction")
     if fraction is None or fraction >= 1:
         return dataset
