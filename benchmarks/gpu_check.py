@@ -45,15 +45,24 @@ def parse_setting(text: str) -> tuple[str, int, int]:
     return backbone, int(size), int(batch)
 
 
+def build_benchmark_trainer(trainer_name: str, backbone: str, size: int, batch: int, *, device: str,
+                            precision: str | None, depth: int = 1):
+    """The trainer as nnU-Net builds it (``initialize()``), on a random-initialised backbone of ``size`` px
+    with batch ``batch``; call inside ``nnunet_environment``."""
+    from tests.trainer_harness import build_trainer
+    return build_trainer(trainer_name, backbone=backbone, num_classes=NUM_CLASSES, img_size=size, depth=depth,
+                         batch_size=batch, device=device,
+                         hyperparameters=None if precision is None else {"precision": precision})
+
+
 def measure_step(trainer_name: str, backbone: str, size: int, batch: int, *, device: str, steps: int,
                  warmup: int, precision: str | None) -> dict:
     """Build one trainer on ``device`` and time its train_step; runs in its own process."""
-    from tests.trainer_harness import build_trainer, make_batch, nnunet_environment
+    from tests.trainer_harness import make_batch, nnunet_environment
     with tempfile.TemporaryDirectory() as root, nnunet_environment(Path(root)):
         depth = STACK_DEPTH if trainer_name == "SelfPromptSAMTrainer" else 1
-        trainer = build_trainer(trainer_name, backbone=backbone, num_classes=NUM_CLASSES, img_size=size,
-                                depth=depth, batch_size=batch, device=device,
-                                hyperparameters=None if precision is None else {"precision": precision})
+        trainer = build_benchmark_trainer(trainer_name, backbone, size, batch, device=device, precision=precision,
+                                          depth=depth)
         data = make_batch(trainer, batch_size=trainer.batch_size)
         return time_steps(trainer, data, device=device, steps=steps, warmup=warmup,
                           slices_per_step=trainer.batch_size * depth)
@@ -85,11 +94,10 @@ def measure_ddp(backbone: str, size: int, batch: int, *, device_type: str, steps
     import torch.distributed as dist
 
     from samunet.trainers.distributed import process_device
-    from tests.trainer_harness import build_trainer, make_batch, nnunet_environment
+    from tests.trainer_harness import make_batch, nnunet_environment
     with tempfile.TemporaryDirectory() as root, nnunet_environment(Path(root)):
-        trainer = build_trainer("SAMedTrainer", backbone=backbone, num_classes=NUM_CLASSES, img_size=size,
-                                batch_size=batch, device=str(process_device(device_type)),
-                                hyperparameters=None if precision is None else {"precision": precision})
+        trainer = build_benchmark_trainer("SAMedTrainer", backbone, size, batch,
+                                          device=str(process_device(device_type)), precision=precision)
         data = make_batch(trainer, batch_size=trainer.batch_size, seed=dist.get_rank())
         result = time_steps(trainer, data, device=str(process_device(device_type)), steps=steps, warmup=warmup,
                             slices_per_step=trainer.batch_size * dist.get_world_size())
