@@ -55,6 +55,17 @@ def test_depth_covers_about_60_mm_and_at_most_half_the_slices():
     assert choose_depth(1.0, 2) == 1
 
 
+def test_depth_is_capped_by_the_images_one_step_fits():
+    """A slice-stack trainer's smallest batch is one stack: D never exceeds the images the memory target
+    holds. 1 mm MRI wants 60 slices (capped at 32); LiteMedSAM at 256 px fits 9 in 8 GB (a stack of 32,
+    about 27 GB, ran out of a 23 GB machine's memory)."""
+    from samunet.planners.sam_planner import images_that_fit
+    assert images_that_fit("litemedsam", 256, 8.0) == 9
+    assert choose_depth(1.0, 154, images_that_fit("litemedsam", 256, 8.0)) == 9
+    assert choose_depth(3.0, 150, images_that_fit("vit_b", 256, 8.0)) == 20  # Synapse-like: fits, unchanged
+    assert choose_depth(1.0, 154, images_that_fit("vit_h", 1024, 8.0)) == 1  # not even one image: D = 1
+
+
 def test_batch_size_shrinks_with_image_size_and_memory():
     small = estimate_batch_size("vit_b", 256, 1, 8.0, 1e9)
     large = estimate_batch_size("vit_b", 512, 1, 8.0, 1e9)

@@ -8,7 +8,8 @@ replaces the U-Net topology search with what a SAM backbone needs:
 - in-plane target spacing coarsened so that the median slice fits S when it is larger (SAM
   methods resize whole slices to the encoder input; nnU-Net's sliding window covers the rest);
 - depth D of the stacked-slice methods from slice spacing and count (about 60 mm of context,
-  at most half the median slice count; see docs/architecture.md);
+  at most half the median slice count, and at most the images one training step fits in the memory
+  target; see docs/architecture.md);
 - batch size from the measured training memory of the backbone (benchmarks/measure_training_memory.py);
 - ``architecture``: the baseline network's dotted path and ``arch_kwargs`` with the backbone,
   S, D, the per-channel intensity window and the pixel normalisation of the default weights.
@@ -69,17 +70,25 @@ def choose_image_size(backbone: str, median_inplane_shape: tuple[float, float]) 
     return next((s for s in candidates if s >= largest), candidates[-1])
 
 
-def choose_depth(slice_spacing_mm: float, median_num_slices: float) -> int:
-    """D ~ 60 mm of context along the slice axis, at least 1, at most half the median slice count."""
+def choose_depth(slice_spacing_mm: float, median_num_slices: float, max_by_memory: int = MAX_DEPTH) -> int:
+    """D ~ 60 mm of context along the slice axis, at least 1, at most half the median slice count, and at
+    most ``max_by_memory`` (the images one training step can hold: :func:`images_that_fit`), because a
+    slice-stack trainer's smallest batch is one whole stack."""
     wanted = int(round(DEPTH_CONTEXT_MM / max(slice_spacing_mm, 1e-3)))
-    return int(max(1, min(wanted, MAX_DEPTH, int(median_num_slices // 2))))
+    return int(max(1, min(wanted, MAX_DEPTH, int(median_num_slices // 2), max_by_memory)))
+
+
+def images_that_fit(backbone: str, img_size: int, vram_gb: float) -> int:
+    """Images of ``img_size`` px one training step of ``backbone`` can hold within ``vram_gb`` (from the
+    measured per-image and fixed training memory), at least 1."""
+    per_image = TRAINING_MB_PER_IMAGE_AT_256[backbone] * (img_size / 256.0) ** 2
+    return max(1, int((vram_gb * 1024.0 - BASE_MB[backbone]) // per_image))
 
 
 def estimate_batch_size(backbone: str, img_size: int, depth: int, vram_gb: float,
                         max_by_dataset: float) -> int:
     """Images per step that fit ``vram_gb``; stacked-slice methods count D images per sample."""
-    per_image = TRAINING_MB_PER_IMAGE_AT_256[backbone] * (img_size / 256.0) ** 2 * max(depth, 1)
-    fits = int((vram_gb * 1024.0 - BASE_MB[backbone]) // per_image)
+    fits = images_that_fit(backbone, img_size, vram_gb) // max(depth, 1)
     return int(max(MIN_BATCH_SIZE, min(fits, MAX_BATCH_SIZE, int(max_by_dataset))))
 
 
@@ -133,7 +142,8 @@ class SAMPlanner(ExperimentPlanner):
         if largest > img_size:
             inplane_spacing = inplane_spacing * (largest / img_size)
         median_inplane = np.asarray(median_shape[1:]) * (spacing[1:] / inplane_spacing)
-        depth = self.depth or choose_depth(float(spacing[0]), float(median_shape[0]))
+        depth = self.depth or choose_depth(float(spacing[0]), float(median_shape[0]),
+                                           images_that_fit(self.backbone, img_size, self.UNet_vram_target_GB))
 
         voxels_per_case = float(np.prod(median_inplane)) * float(median_shape[0])
         max_by_dataset = voxels_per_case * self.dataset_json["numTraining"] * self.max_dataset_covered / (img_size ** 2)
