@@ -8,15 +8,20 @@
   saves memory traffic shows as more GFLOP/s, and one that adds products shows as more FLOPs.
 * :func:`peak_memory_mib` / :func:`memory_baseline_mib`: peak RSS (CPU) or peak allocated (CUDA)
   above a baseline, for one model per process.
+* :func:`working_memory_mib`: peak bytes of the tensors one call allocates and keeps alive at once
+  (any device, in-process; the weights and inputs made before the call do not count).
 * :func:`format_table`: one fixed-width table for the log.
 """
 from __future__ import annotations
 
 import resource
 import time
+import weakref
 from typing import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -65,6 +70,42 @@ def peak_memory_mib(device: str | torch.device, baseline: float) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20 - baseline
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by the operators run inside the mode and still
+    alive (weights and other tensors made before it do not count): the working memory of one
+    call, measured in-process, so that two models can be compared in the same run. Observes
+    only; slows the call, so time it separately."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def working_memory_mib(function: Callable[[], object]) -> float:
+    """Peak working memory of ``function()`` in MiB (see :class:`PeakTensorMemory`)."""
+    with PeakTensorMemory() as tracker:
+        function()
+    return tracker.peak / 2 ** 20
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -68,7 +68,6 @@ import sys
 import tempfile
 import time
 import types
-import weakref
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -76,10 +75,8 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from bench_common import count_flops, format_table, matmul_peak_gflops
+from bench_common import count_flops, format_table, matmul_peak_gflops, working_memory_mib
 
 from samunet.backbones import tiny_vit
 from samunet.backbones.tiny_vit import build_tinyvit_encoder
@@ -172,41 +169,6 @@ def build(impl: str, img_size: int, state: dict[str, torch.Tensor], reference: t
     return model, run
 
 
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated by the operators run inside the mode and still
-    alive (weights and other tensors made before it do not count): the working memory of one
-    call, measured in-process, so that both models are compared in the same run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.seen:
-                    self.seen.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._release, key, storage.nbytes())
-        return out
-
-
-def peak_memory_mib(function: Callable[[], object]) -> float:
-    """Peak working memory of ``function()`` in MiB (see :class:`PeakTensorMemory`)."""
-    with PeakTensorMemory() as tracker:
-        function()
-    return tracker.peak / 2 ** 20
-
-
 def measure(args: argparse.Namespace, size: int, mode: str, state: dict[str, torch.Tensor],
             reference: types.ModuleType) -> dict[str, dict[str, float]]:
     """Per implementation: median and minimum seconds per image over interleaved repeats, FLOPs
@@ -232,7 +194,7 @@ def measure(args: argparse.Namespace, size: int, mode: str, state: dict[str, tor
     with mock.patch.object(tiny_vit, "onednn_ready", lambda *tensors: False):
         flops = {"ours": count_flops(lambda: step(runs["ours"]))}
     flops["reference"] = count_flops(lambda: step(runs["reference"]))
-    results = {impl: {"flops": flops[impl] / args.batch, "mib": peak_memory_mib(lambda: step(run))}
+    results = {impl: {"flops": flops[impl] / args.batch, "mib": working_memory_mib(lambda: step(run))}
                for impl, run in runs.items()}
     seconds = {impl: [] for impl in runs}
     for _ in range(args.repeats):  # A, B, A, B, ...: both see the same load
