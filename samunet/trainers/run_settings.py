@@ -69,7 +69,7 @@ KEPT_ON_CONTINUE = {"initial_lr": "--lr", "weight_decay": "weight_decay", "batch
 TRAINING_ONLY = {"labelled_fraction": "--labelled-fraction", "labelled_unit": "--labelled-unit",
                  "labelled_seed": "--labelled-seed", "max_minutes": "--max-minutes", "num_epochs": "--num-epochs",
                  "num_iterations_per_epoch": "--iters-per-epoch", "num_val_iterations_per_epoch": "--val-iters",
-                 "initial_lr": "--lr", "weight_decay": "weight_decay", "batch_size": "--batch-size"}
+                 **KEPT_ON_CONTINUE}
 
 
 def check_continue_options(recorded: dict, given: dict, defaults: dict, source: str) -> None:
