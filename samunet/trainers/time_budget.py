@@ -9,7 +9,8 @@ the number that fits, and the schedule is stretched over exactly those epochs:
   progress.png count; the first epoch, which pays for warm-up and compilation, only until a second one is
   measured, and after ``--c`` not at all: the checkpoint's recorded cost holds until then) and the final
   validation is estimated (:func:`estimate_final_validation_seconds`: sliding-window tiles of the fold's
-  validation cases, times the mirrorings, times the measured cost of one tile's forward pass (:func:`measure_tile_seconds`), times :data:`VALIDATION_SAFETY`, plus :data:`VALIDATION_FIXED_S`);
+  validation cases, times the mirrorings, times the measured cost of one tile's forward pass
+  (:func:`measure_tile_seconds`), times :data:`VALIDATION_SAFETY`, plus :data:`VALIDATION_FIXED_S`);
 - the trainer's ``num_epochs`` becomes ``min(cap, epochs done + whole epochs that fit before the validation)``,
   ``cap`` being the ``num_epochs`` hyper-parameter (``--num-epochs`` or the trainer's default: the smaller
   wins), and the learning-rate schedule's length follows (:func:`stretch_schedule`), so the last epoch runs at
