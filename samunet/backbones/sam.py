@@ -52,37 +52,37 @@ def build_sam_parts(spec: BackboneSpec, img_size: int, num_mask_tokens: int = RE
                     backbone=spec.name)
 
 
-def _resize_mask_tokens(state: dict[str, torch.Tensor], num_mask_tokens: int) -> None:
-    """Give a released decoder (4 mask tokens) ``num_mask_tokens`` tokens, in place.
+# The decoder tensors whose shape follows the number of mask tokens.
+CLASS_HEAD_PREFIXES = ("mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.",
+                       "mask_decoder.iou_prediction_head.")
 
-    Token i, its hypernetwork MLP and its IoU-head output row are copied from released token
-    ``i % 4``, so every class starts from a pretrained mask head (SAMed-style multi-class output).
+
+def _keep_fresh_class_heads(state: dict[str, torch.Tensor], parts: SAMParts) -> None:
+    """Where the decoder's token count differs from the release, keep its own initialisation, in place.
+
+    SAMed (Zhang & Liu, 2023; ``load_from`` in its ``build_sam.py``) loads a released checkpoint
+    without ``mask_tokens``, ``output_hypernetworks_mlps`` and ``iou_prediction_head`` whenever the
+    class count makes their shapes differ, so each class's token and hypernetwork MLP start from
+    PyTorch's default initialisation. Copying released heads instead starts every class from a
+    mask SAM drew over most of the image: on real MRI (docs/evidence.md) that sent the first AdamW
+    steps to predicting background everywhere, with the softmax saturated beyond recovery. A decoder
+    with the released count (3 classes and background) loads them, as SAMed's strict load does.
     """
     released = state["mask_decoder.mask_tokens.weight"].shape[0]
-    if released == num_mask_tokens:
+    if released == parts.mask_decoder.num_mask_tokens:
         return
-    source = [i % released for i in range(num_mask_tokens)]
-    state["mask_decoder.mask_tokens.weight"] = state["mask_decoder.mask_tokens.weight"][source].clone()
-    mlps = {}
-    for key in [k for k in state if k.startswith("mask_decoder.output_hypernetworks_mlps.")]:
-        index, rest = key[len("mask_decoder.output_hypernetworks_mlps."):].split(".", 1)
-        mlps[(int(index), rest)] = state.pop(key)
-    for i, j in enumerate(source):
-        for (index, rest), value in mlps.items():
-            if index == j:
-                state[f"mask_decoder.output_hypernetworks_mlps.{i}.{rest}"] = value.clone()
-    last = max(int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.iou_prediction_head.layers."))
-    for name in ("weight", "bias"):
-        key = f"mask_decoder.iou_prediction_head.layers.{last}.{name}"
-        state[key] = state[key][source].clone()
+    own = parts.state_dict()
+    for key in [k for k in state if k.startswith(CLASS_HEAD_PREFIXES)]:
+        del state[key]
+    state.update({k: v.clone() for k, v in own.items() if k.startswith(CLASS_HEAD_PREFIXES)})
 
 
 def load_released_checkpoint(parts: SAMParts, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load a released SAM / MedSAM / LiteMedSAM state_dict into ``parts`` with ``strict=True``.
 
-    Input-size dependent encoder tensors are resized first and the mask tokens are adapted to
-    the decoder's count. A checkpoint of another backbone raises :class:`WeightsError` naming
-    the mismatching tensors.
+    Input-size dependent encoder tensors are resized first; a decoder with another number of mask
+    tokens than the release keeps its own class heads (:func:`_keep_fresh_class_heads`). A
+    checkpoint of another backbone raises :class:`WeightsError` naming the mismatching tensors.
     """
     state = {k: v for k, v in state_dict.items()}
     prefix = "image_encoder."
@@ -100,7 +100,7 @@ def load_released_checkpoint(parts: SAMParts, state_dict: Mapping[str, torch.Ten
     except (RuntimeError, ValueError) as error:
         raise WeightsError(f"{source} does not fit backbone {parts.backbone!r}: {error}") from error
     state.update({prefix + k: v for k, v in adapted.items()})
-    _resize_mask_tokens(state, parts.mask_decoder.num_mask_tokens)
+    _keep_fresh_class_heads(state, parts)
     wrong_shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                    if k in state and state[k].shape != v.shape]
     if wrong_shape:
