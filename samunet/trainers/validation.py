@@ -121,7 +121,10 @@ def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = Fal
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # 'The given NumPy array is not writable'
                     data = torch.from_numpy(data[:])
-                logits = predictor.predict_sliding_window_return_logits(data).cpu()
+                # a NumPy array travels to the worker inside the pickle, as samunet_predict's do; a tensor would be
+                # handed over by file descriptor through multiprocessing's resource_sharer thread, which prints a
+                # traceback into the command's error output when a failed export terminates the pool mid-handover
+                logits = predictor.predict_sliding_window_return_logits(data).cpu().numpy()
                 while sum(not result.ready() for result in pending) >= MAX_EXPORTS_IN_FLIGHT:
                     next(result for result in pending if not result.ready()).wait(0.1)
                 pending.append(export_pool.starmap_async(export_case_atomically, (
