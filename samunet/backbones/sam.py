@@ -65,7 +65,8 @@ def _keep_fresh_class_heads(state: dict[str, torch.Tensor], parts: SAMParts) -> 
     class count makes their shapes differ, so each class's token and hypernetwork MLP start from
     PyTorch's default initialisation. Copying released heads instead starts every class from a
     mask SAM drew over most of the image: on real MRI (docs/evidence.md) that sent the first AdamW
-    steps to predicting background everywhere, with the softmax saturated beyond recovery. A decoder
+    steps to predicting background everywhere, with the softmax saturated (80 steps did not
+    recover; with SAMed's initialisation the same 80 steps found two structures). A decoder
     with the released count (3 classes and background) loads them, as SAMed's strict load does.
     """
     released = state["mask_decoder.mask_tokens.weight"].shape[0]
