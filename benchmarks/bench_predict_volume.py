@@ -257,5 +257,6 @@ def main() -> None:
     logger.info("%s", format_table(["method", "TTA", "unbatched s", "s", "max tiles/call", "speed-up", "GFLOP/s",
                                     "% peak", "x nnU-Net 2d", "working MiB", "peak RSS MiB"], rows))
 
+
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 A frozen SAM encoder with rank-4 LoRA on q and v of every attention layer (LoRA itself: test_lora.py),
 prompt-free decoding with the learned 'no mask' embedding, and SAM's mask decoder with one mask token per
-output class, loaded from the release only when the class count matches its 4 tokens (as SAMed loads). Shapes, finiteness, frozen weights and
-gradient ownership are checked for every trainer in test_trainer_contract.py.
+output class, loaded from the release only when the class count matches its 4 tokens (as SAMed loads).
+Shapes, finiteness, frozen weights and gradient ownership are checked for every trainer in
+test_trainer_contract.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from samunet.backbones.catalog import get_backbone_spec
-from samunet.backbones.sam import build_sam_parts, load_released_checkpoint
+from samunet.backbones.sam import CLASS_HEAD_PREFIXES, build_sam_parts, load_released_checkpoint
 from samunet.modules.lora import QVLoRA
 from samunet.networks.base import SAMNetworkConfig
 from samunet.networks.samed import SAMedNetwork
@@ -110,12 +111,11 @@ def test_class_heads_keep_their_own_initialisation_when_the_class_count_differs(
     torch.manual_seed(0)
     fresh = SAMedNetwork(config("litemedsam", num_classes=6, img_size=256))
     network.load_pretrained(state)
-    loaded = network.state_dict()
-    heads = [k for k in loaded if k.startswith(("mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.",
-                                                "mask_decoder.iou_prediction_head."))]
+    loaded, initial = network.state_dict(), fresh.state_dict()
+    heads = [k for k in loaded if k.startswith(CLASS_HEAD_PREFIXES)]
     assert network.mask_decoder.mask_tokens.weight.shape[0] == 6 and len(heads) > 6 * 6
     for key in heads:
-        assert torch.equal(loaded[key], fresh.state_dict()[key]), key
+        assert torch.equal(loaded[key], initial[key]), key
     for key in ("mask_decoder.output_upscaling.0.weight", "mask_decoder.transformer.layers.0.mlp.lin1.weight",
                 "prompt_encoder.no_mask_embed.weight"):
         assert torch.equal(loaded[key], state[key]), key

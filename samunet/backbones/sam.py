@@ -72,9 +72,9 @@ def _keep_fresh_class_heads(state: dict[str, torch.Tensor], parts: SAMParts) -> 
     released = state["mask_decoder.mask_tokens.weight"].shape[0]
     if released == parts.mask_decoder.num_mask_tokens:
         return
-    own = parts.state_dict()
     for key in [k for k in state if k.startswith(CLASS_HEAD_PREFIXES)]:
         del state[key]
+    own = parts.mask_decoder.state_dict(prefix="mask_decoder.")
     state.update({k: v.clone() for k, v in own.items() if k.startswith(CLASS_HEAD_PREFIXES)})
 
 
