@@ -9,6 +9,7 @@ run the real trainer built by tests/trainer_harness.py.
 from __future__ import annotations
 
 import contextlib
+import math
 import io
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from samunet.errors import ConfigurationError
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder, noise_scale
 from samunet.modules.mask_geometry import mask_boxes
 from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWeighting, knowledge_transfer_mse,
-                                              shape_distance_loss, signed_distance_maps)
+                                              shape_distance_loss, signed_distance_maps, soft_dice_loss)
 from samunet.networks.automedsam import (AutoMedSAMNetwork, ClassPrediction, class_log_probabilities,
                                          parse_class_selection)
 from samunet.networks.base import SAMNetworkConfig
@@ -389,6 +390,41 @@ def test_knowledge_transfer_mse_averages_the_present_samples_without_indexing_th
     assert float(none.detach()) == 0 and none.requires_grad
 
 
+def test_the_dice_term_covers_present_classes_only_and_leaves_absent_ones_to_the_ce_and_shape_distance():
+    """An absent class has an empty target and no Dice: its prediction changes the CE and the shape distance
+    but not the Dice term, which is the present samples' mean; a batch without a present class leaves the
+    MSE and the Dice (and their log s_i) out of the sum."""
+    torch.manual_seed(0)
+    target = torch.cat([square_label(), torch.zeros_like(square_label())])  # sample 0 present, sample 1 absent
+    present = torch.tensor([True, False])
+    logits = torch.randn(2, 1, IMG_SIZE, IMG_SIZE)
+    probabilities = torch.sigmoid(logits)
+    overlap = (probabilities[0] * target[0]).sum()
+    alone = 1 - (2 * overlap + 1) / (probabilities[0].sum() + target[0].sum() + 1)
+    assert float(soft_dice_loss(probabilities, target, present)) == pytest.approx(float(alone), rel=1e-6)
+    weighting = UncertaintyWeighting(num_terms=4)
+    with torch.no_grad():
+        weighting.log_variances.copy_(torch.tensor([0.4, -0.3, 0.8, -0.6]))
+    loss = AutoMedSAMJointLoss(weighting=weighting)
+    prompts = dict(sparse=torch.randn(2, 2, 8), dense=torch.randn(2, 8, 4, 4), teacher_sparse=torch.randn(2, 2, 8),
+                   teacher_dense=torch.randn(2, 8, 4, 4))
+    distance_maps = signed_distance_maps(target)
+
+    def terms(mask_logits: torch.Tensor, present: torch.Tensor):
+        return loss(mask_logits=mask_logits, target=target, distance_maps=distance_maps, present=present, **prompts)
+
+    changed = logits.clone()
+    changed[1] += 5.0  # the absent class's prediction grows
+    before, after = terms(logits, present), terms(changed, present)
+    assert float(after.terms[2]) == float(before.terms[2]) == pytest.approx(float(alone), rel=1e-6)
+    assert float(after.terms[1]) > float(before.terms[1]) and float(after.terms[3]) > float(before.terms[3])
+    none_present = terms(logits, torch.tensor([False, False]))
+    assert float(none_present.terms[0]) == float(none_present.terms[2]) == 0
+    ce, shape = float(none_present.terms[1]), float(none_present.terms[3])
+    expected = 0.5 * math.exp(0.3) * ce - 0.15 + 0.5 * math.exp(0.6) * shape - 0.3  # only v = -0.3 and -0.6 count
+    assert float(none_present.total.detach()) == pytest.approx(expected, rel=1e-6)
+
+
 def test_sampled_classes_are_present_80_percent_of_the_time_and_absent_ones_give_empty_masks():
     target = square_label()[:, 0].repeat(2000, 1, 1)
     labels, present = sample_prompt_classes(target, num_classes=4, generator=torch.Generator().manual_seed(0))
@@ -530,29 +566,46 @@ def real_trainer(name: str, num_classes: int = 3) -> AutoMedSAMTrainer:
         return build_trainer(name, backbone="vit_test", num_classes=num_classes, img_size=TRAINER_IMG_SIZE)
 
 
-def assert_adamw_with_undecayed_uncertainties(trainer: AutoMedSAMTrainer) -> None:
+def assert_adamw_groups(trainer: AutoMedSAMTrainer, *, class_prompt_lr_factor: float) -> None:
+    """AdamW (0.9, 0.999, eps 1e-8) over three groups that together hold every trainable parameter once: the
+    decoder at lr 1e-4 with decay 0.01 (nnU-Net logs the first group's lr), the class-prompt encoder at
+    ``class_prompt_lr_factor`` x 1e-4 with decay 0.01, the loss's log-variances at 1e-4 without decay."""
     optimizer = trainer.optimizer
     assert type(optimizer) is torch.optim.AdamW
-    decayed, undecayed = optimizer.param_groups
-    for group in (decayed, undecayed):
-        assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["lr"] == 1e-4
+    decoder, class_prompts, uncertainties = optimizer.param_groups
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-4 * class_prompt_lr_factor, 1e-4])
     module = trainer.network_module
     log_variances = module.uncertainty.log_variances
-    assert decayed["weight_decay"] == 0.01 and undecayed["weight_decay"] == 0.0
-    assert len(undecayed["params"]) == 1 and undecayed["params"][0] is log_variances
-    expected = {id(p) for p in module.trainable_parameters() if p is not log_variances}
-    assert {id(p) for p in decayed["params"]} == expected and len(decayed["params"]) == len(expected)
+    assert decoder["weight_decay"] == class_prompts["weight_decay"] == 0.01 and uncertainties["weight_decay"] == 0.0
+    assert len(uncertainties["params"]) == 1 and uncertainties["params"][0] is log_variances
+    encoder = {id(p) for p in module.class_prompt_encoder.parameters()}
+    assert {id(p) for p in class_prompts["params"]} == encoder and len(class_prompts["params"]) == len(encoder)
+    rest = {id(p) for p in module.trainable_parameters() if p is not log_variances and id(p) not in encoder}
+    assert {id(p) for p in decoder["params"]} == rest and len(decoder["params"]) == len(rest)
+    assert any(id(p) in rest for p in module.mask_decoder.parameters())
 
 
-def test_trainer_recipe_is_adamw_lr_1e4_with_poly_lr_and_no_weight_decay_on_the_uncertainties(nnunet_root):
+def test_trainer_recipe_is_adamw_lr_1e4_with_poly_lr_the_class_prompts_at_10x_and_undecayed_uncertainties(
+        nnunet_root):
+    """The default trains the class-prompt encoder at 10x the decoder's lr along the whole poly schedule."""
     trainer = real_trainer("AutoMedSAMTrainer")
     assert trainer.initial_lr == 1e-4 and trainer.weight_decay == 0.01 and trainer.num_epochs == 100
-    assert_adamw_with_undecayed_uncertainties(trainer)
+    assert_adamw_groups(trainer, class_prompt_lr_factor=10.0)
     assert isinstance(trainer.lr_scheduler, PolyLRScheduler)
     for epoch in (0, 10, 50, 99):
         trainer.lr_scheduler.step(epoch)
         expected = 1e-4 * (1 - epoch / 100) ** 0.9
-        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([expected, expected])
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([expected, 10 * expected, expected])
+        assert trainer.lr_scheduler.get_last_lr() == [g["lr"] for g in trainer.optimizer.param_groups]
+
+
+def test_the_one_class_variant_trains_every_module_at_one_lr(nnunet_root):
+    trainer = real_trainer("AutoMedSAMTrainer_one_class")
+    assert_adamw_groups(trainer, class_prompt_lr_factor=1.0)
+    trainer.lr_scheduler.step(50)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4 * 0.5 ** 0.9] * 3)
 
 
 def test_plateau_trainer_cuts_the_lr_by_0_9_after_5_validation_epochs_without_improvement(nnunet_root):
@@ -560,7 +613,7 @@ def test_plateau_trainer_cuts_the_lr_by_0_9_after_5_validation_epochs_without_im
     no cooldown) stepped by each epoch's validation loss; nnU-Net's per-epoch ``step(epoch)`` leaves
     the lr alone. The same batch every epoch gives the same validation loss: no improvement."""
     trainer = real_trainer("AutoMedSAMTrainer_plateau")
-    assert_adamw_with_undecayed_uncertainties(trainer)
+    assert_adamw_groups(trainer, class_prompt_lr_factor=1.0)  # the paper: one lr
     plateau = trainer.lr_scheduler.plateau
     assert (plateau.mode, plateau.factor, plateau.patience, plateau.cooldown) == ("min", 0.9, 5, 0)
     batch = make_batch(trainer, batch_size=2, seed=0)
@@ -575,8 +628,8 @@ def test_plateau_trainer_cuts_the_lr_by_0_9_after_5_validation_epochs_without_im
     validation_losses = trainer.logger.get_value("val_losses", step=None)
     assert len(set(float(v) for v in validation_losses)) == 1
     assert plateau.best == pytest.approx(float(validation_losses[0]))
-    assert lrs[:6] == [[1e-4, 1e-4]] * 6
-    assert lrs[6] == pytest.approx([0.9e-4, 0.9e-4])
+    assert lrs[:6] == [[1e-4] * 3] * 6
+    assert lrs[6] == pytest.approx([0.9e-4] * 3)
 
 
 def test_trainer_loss_is_the_uncertainty_weighted_sum_of_mse_ce_dice_and_shape_distance(nnunet_root):

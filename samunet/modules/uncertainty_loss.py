@@ -75,11 +75,21 @@ def shape_distance_loss(probabilities: torch.Tensor, target: torch.Tensor, dista
     return ((probabilities - target) * distance_maps).mean()
 
 
-def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per sample, averaged: (B, 1, H, W) each. ``smooth`` keeps an empty target finite."""
+def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
+                   smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per sample, averaged over the samples whose class is present: probabilities and target
+    (B, 1, H, W), present (B,) bool; 0 when none is (absent samples weighted 0, not indexed out).
+
+    An absent class has an empty target and no Dice of its own: smoothed, it would be 1 - smooth / (sum p +
+    smooth), whose gradient per pixel approaches 1 / smooth as the prediction empties, where the CE's is
+    p / (H W); it drove the class prompts of the demo phantom's small organs into answering every image with an empty
+    mask (docs/methods/automedsam.md). Absent samples are taught by the CE and the shape distance.
+    """
+    weights = present.to(probabilities.dtype)
     intersection = (probabilities * target).flatten(1).sum(1)
     total = probabilities.flatten(1).sum(1) + target.flatten(1).sum(1)
-    return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
+    per_sample = 1 - (2 * intersection + smooth) / (total + smooth)
+    return (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def knowledge_transfer_mse(sparse: torch.Tensor, dense: torch.Tensor, teacher_sparse: torch.Tensor,
@@ -108,7 +118,10 @@ class JointLossOutput(NamedTuple):
 
 
 class AutoMedSAMJointLoss(nn.Module):
-    """Binary mask of the prompted class + prompt embeddings -> uncertainty-weighted sum of the four terms."""
+    """Binary mask of the prompted class + prompt embeddings -> uncertainty-weighted sum of the four terms.
+
+    The MSE and the Dice are taken over the samples whose class is present; with none present both terms
+    are left out of the sum (their log s_i too). CE and shape distance cover every sample."""
 
     def __init__(self, *, weighting: UncertaintyWeighting) -> None:
         super().__init__()
@@ -124,8 +137,10 @@ class AutoMedSAMJointLoss(nn.Module):
             knowledge_transfer_mse(sparse.float(), dense.float(), teacher_sparse.float(), teacher_dense.float(),
                                    present),
             F.binary_cross_entropy_with_logits(logits, target),
-            soft_dice_loss(probabilities, target),
+            soft_dice_loss(probabilities, target, present),
             shape_distance_loss(probabilities, target, distance_maps),
         ])
-        active = torch.cat([present.any().view(1), torch.ones(3, dtype=torch.bool, device=losses.device)])
+        any_present = present.any().view(1)
+        always = torch.ones(1, dtype=torch.bool, device=losses.device)
+        active = torch.cat([any_present, always, any_present, always])  # mse, ce, dice, shape distance
         return JointLossOutput(total=self.weighting(losses, active), terms=losses.detach())

@@ -20,8 +20,12 @@ docs/methods/automedsam.md):
 - Validation runs the network's all-class ``forward``; the validation loss is nnU-Net's Dice + CE
   on that merged output, so nnU-Net's validation, pseudo Dice and final validation run unchanged.
 - Schedule: AdamW (0.9, 0.999) with poly LR (samunet's default); ``AutoMedSAMTrainer_plateau`` is the
-  paper's AdamW + ReduceLROnPlateau(factor 0.9, patience 5, no cooldown) on the validation loss. The
-  s_i train with the same lr but without weight decay.
+  paper's AdamW + ReduceLROnPlateau(factor 0.9, patience 5, no cooldown) on the validation loss, one lr
+  for every module. The default trains the class-prompt encoder, which starts from zero outputs, at
+  ``class_prompt_lr_factor`` (10) times the lr of the mask decoder: with one lr the decoder learns to
+  answer every small class with an empty mask before the class prompts tell the classes apart (the demo
+  phantom's kidney and spleen, docs/methods/automedsam.md). The s_i train at the decoder's lr, without
+  weight decay.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from samunet.trainers.base import SAMTrainerBase
 
 PRESENT_CLASS_PROBABILITY = 0.8
 CLASSES_PER_IMAGE = 3
+CLASS_PROMPT_LR_FACTOR = 10.0
 UNCERTAINTY_LOG_KEY = "uncertainty_s"
 
 
@@ -67,6 +72,17 @@ def sample_prompt_classes(target: torch.Tensor, *, num_classes: int,
     return choice + 1, pick_present
 
 
+class GroupPolyLRScheduler(PolyLRScheduler):
+    """nnU-Net's poly schedule, lr_e = lr_0 (1 - e / E)^0.9, with each parameter group at its own multiple of
+    it: the group's ``lr_factor`` (1 when absent). nnU-Net's scheduler gives every group the same lr."""
+
+    def step(self, current_step: int | None = None) -> None:
+        super().step(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= group.get("lr_factor", 1.0)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 class ValidationPlateauScheduler:
     """ReduceLROnPlateau on the validation loss. nnU-Net calls ``step(epoch)`` at every epoch start;
     here the lr changes only in :meth:`report`, once per epoch, with that epoch's validation loss."""
@@ -89,6 +105,7 @@ class AutoMedSAMTrainer(SAMTrainerBase):
     default_hyperparameters = {"initial_lr": 1e-4, "weight_decay": 0.01, "num_epochs": 100}
     present_class_probability = PRESENT_CLASS_PROBABILITY
     classes_per_image = CLASSES_PER_IMAGE
+    class_prompt_lr_factor = CLASS_PROMPT_LR_FACTOR
 
     def initialize(self):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
@@ -99,17 +116,25 @@ class AutoMedSAMTrainer(SAMTrainerBase):
         self.add_log_key(UNCERTAINTY_LOG_KEY)
 
     def parameter_groups(self) -> list[dict]:
-        """Trainable parameters with weight decay, then the loss's log-variances without it (decay would
-        pull every s_i towards 1)."""
+        """Three AdamW groups: the mask decoder (and any other trainable part) at the initial lr with weight
+        decay; the class-prompt encoder at ``class_prompt_lr_factor`` times that lr (``lr_factor``, which the
+        schedules keep) with weight decay; the loss's log-variances at the initial lr without decay (decay
+        would pull every s_i towards 1). The first group's lr is the one nnU-Net logs."""
         module = self.network_module
         uncertainty = set(module.uncertainty.parameters())
-        decayed = [p for p in module.trainable_parameters() if p not in uncertainty]
-        return [{"params": decayed, "weight_decay": self.weight_decay},
-                {"params": list(uncertainty), "weight_decay": 0.0}]
+        class_prompts = set(module.class_prompt_encoder.parameters())
+        trainable = list(module.trainable_parameters())
+        factor = float(self.class_prompt_lr_factor)
+        return [{"params": [p for p in trainable if p not in uncertainty and p not in class_prompts],
+                 "weight_decay": self.weight_decay, "lr": self.initial_lr, "lr_factor": 1.0},
+                {"params": [p for p in trainable if p in class_prompts], "weight_decay": self.weight_decay,
+                 "lr": self.initial_lr * factor, "lr_factor": factor},
+                {"params": [p for p in trainable if p in uncertainty], "weight_decay": 0.0,
+                 "lr": self.initial_lr, "lr_factor": 1.0}]
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.initial_lr, betas=(0.9, 0.999), eps=1e-8)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, GroupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def _build_loss(self):
         """Validation loss on the merged all-class output (training uses ``joint_loss``)."""
@@ -156,7 +181,9 @@ class AutoMedSAMTrainer(SAMTrainerBase):
 @TRAINERS.register()
 class AutoMedSAMTrainer_plateau(AutoMedSAMTrainer):
     """The paper's schedule: AdamW (0.9, 0.999, eps 1e-8) with ReduceLROnPlateau(0.9, patience 5) on the
-    validation loss."""
+    validation loss, and one lr for every trainable module, as the paper trains them."""
+
+    class_prompt_lr_factor = 1.0
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.initial_lr, betas=(0.9, 0.999), eps=1e-8)
@@ -169,7 +196,9 @@ class AutoMedSAMTrainer_plateau(AutoMedSAMTrainer):
 
 @TRAINERS.register()
 class AutoMedSAMTrainer_one_class(AutoMedSAMTrainer):
-    """One sampled class per training image (samunet's AutoMedSAMTrainer before it prompted three): slower to
-    learn small classes within a short budget (docs/demo.md)."""
+    """One sampled class per training image and one lr for every module (samunet's AutoMedSAMTrainer before it
+    prompted three classes and sped up the class-prompt encoder): slower to learn small classes within a short
+    budget (docs/demo.md)."""
 
     classes_per_image = 1
+    class_prompt_lr_factor = 1.0
