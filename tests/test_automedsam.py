@@ -28,6 +28,7 @@ from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWe
 from samunet.networks.automedsam import (AutoMedSAMNetwork, ClassPrediction, class_log_probabilities,
                                          parse_class_selection)
 from samunet.networks.base import SAMNetworkConfig
+from samunet.trainers.run_identity import CheckpointMismatchError
 from samunet.trainers.automedsam import AutoMedSAMTrainer, ValidationPlateauScheduler, sample_prompt_classes
 from trainer_harness import build_trainer, make_batch, nnunet_environment
 
@@ -606,6 +607,30 @@ def test_the_one_class_variant_trains_every_module_at_one_lr(nnunet_root):
     assert_adamw_groups(trainer, class_prompt_lr_factor=1.0)
     trainer.lr_scheduler.step(50)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4 * 0.5 ** 0.9] * 3)
+
+
+def test_continuing_a_checkpoint_written_before_the_class_prompt_group_is_refused_in_one_line(nnunet_root, tmp_path):
+    """A run saved with the former two AdamW groups (decayed, uncertainties) does not fit today's three; --c
+    says so and names -pretrained_weights instead of failing in torch's optimizer loading."""
+    trainer = real_trainer("AutoMedSAMTrainer")
+    saved = tmp_path / "checkpoint_latest.pth"
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.save_checkpoint(str(saved))
+    checkpoint = torch.load(saved, weights_only=True)
+    module = trainer.network_module
+    log_variances = module.uncertainty.log_variances
+    former = torch.optim.AdamW([{"params": [p for p in module.trainable_parameters() if p is not log_variances]},
+                                {"params": [log_variances], "weight_decay": 0.0}], lr=1e-4)
+    checkpoint["optimizer_state"] = former.state_dict()
+    torch.save(checkpoint, saved)
+    decoder_and_prompts = len(former.param_groups[0]["params"])
+    with pytest.raises(CheckpointMismatchError, match=(
+            rf"checkpoint_latest.pth holds an optimizer state for parameter groups of \[{decoder_and_prompts}, 1\] "
+            r"tensors, but this trainer's optimizer has groups of \[\d+, \d+, 1\]: the trainer's recipe changed")):
+        trainer.load_checkpoint(str(saved))
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.save_checkpoint(str(saved))
+        trainer.load_checkpoint(str(saved))  # today's own checkpoint fits
 
 
 def test_plateau_trainer_cuts_the_lr_by_0_9_after_5_validation_epochs_without_improvement(nnunet_root):

@@ -465,9 +465,24 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
         mirroring = checkpoint.get("inference_allowed_mirroring_axes")
         self.inference_allowed_mirroring_axes = tuple(mirroring) if mirroring is not None else None
         self.network_module.load_state_dict(checkpoint["network_weights"])
+        check_optimizer_fits(checkpoint["optimizer_state"], self.optimizer, source)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+def check_optimizer_fits(state: dict, optimizer: torch.optim.Optimizer, source: str) -> None:
+    """Refuse an optimizer state whose parameter groups differ from ``optimizer``'s in number or size: the
+    trainer's recipe changed since ``source`` was written (e.g. AutoMedSAMTrainer's class-prompt group of
+    2026-11-30). torch's own ValueError names no file and no way out. Raises CheckpointMismatchError."""
+    saved = [len(group["params"]) for group in state.get("param_groups", [])]
+    current = [len(group["params"]) for group in optimizer.param_groups]
+    if saved != current:
+        raise CheckpointMismatchError(
+            f"{source} holds an optimizer state for parameter groups of {saved} tensors, but this trainer's "
+            f"optimizer has groups of {current}: the trainer's recipe changed since the checkpoint was written; "
+            f"continue it with the samunet version that wrote it, or start a new run from its weights with "
+            f"-pretrained_weights {source}")
 
 
 def check_network_fits(meta: dict, network: nn.Module, source: str) -> None:
