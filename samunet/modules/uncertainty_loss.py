@@ -82,13 +82,18 @@ def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, present: t
 
     An absent class has an empty target and no Dice of its own: smoothed, it would be 1 - smooth / (sum p +
     smooth), whose gradient per pixel approaches 1 / smooth as the prediction empties, where the CE's is
-    p / (H W); it drove the class prompts of the demo phantom's small organs into answering every image with an empty
-    mask (docs/methods/automedsam.md). Absent samples are taught by the CE and the shape distance.
+    p / (H W); it drove the class prompts of the demo phantom's small organs into answering every image with
+    an empty mask (docs/methods/automedsam.md). Absent samples are taught by the CE and the shape distance.
     """
-    weights = present.to(probabilities.dtype)
     intersection = (probabilities * target).flatten(1).sum(1)
     total = probabilities.flatten(1).sum(1) + target.flatten(1).sum(1)
-    per_sample = 1 - (2 * intersection + smooth) / (total + smooth)
+    return mean_over_present(1 - (2 * intersection + smooth) / (total + smooth), present)
+
+
+def mean_over_present(per_sample: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sample values (B,) over the samples marked in ``present`` (B,) bool; 0 when none is. Absent
+    samples are weighted 0 rather than indexed out, so the host never waits for a count."""
+    weights = present.to(per_sample.dtype)
     return (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
 
 
@@ -100,12 +105,8 @@ def knowledge_transfer_mse(sparse: torch.Tensor, dense: torch.Tensor, teacher_sp
     present samples of their mean squared difference (every sample has as many elements, so this is the
     MSE of the present samples' elements), with absent samples weighted 0 rather than indexed out.
     """
-    weights = present.to(sparse.dtype)
-    count = weights.sum().clamp_min(1.0)
-
     def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        per_sample = (student - teacher.to(student.dtype)).pow(2).flatten(1).mean(dim=1)
-        return (per_sample * weights).sum() / count
+        return mean_over_present((student - teacher.to(student.dtype)).pow(2).flatten(1).mean(dim=1), present)
 
     return mse(sparse, teacher_sparse) + mse(dense, teacher_dense)
 
