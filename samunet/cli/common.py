@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from samunet.errors import ConfigurationError, SamunetError
+from samunet.host_allocator import keep_freed_memory_for_reuse
 from samunet.paths import ensure_nnunet_paths
 
 logger = logging.getLogger("samunet")
@@ -46,7 +47,9 @@ def prepare_environment(num_processes: int | None = None) -> None:
 
 
 def select_device(name: str | None):
-    """``cuda`` when available, else ``cpu`` (said once); ``mps`` and explicit choices honoured."""
+    """``cuda`` when available, else ``cpu`` (said once); ``mps`` and explicit choices honoured. On the CPU,
+    the threads are shared among this machine's processes of a run and freed host memory is kept for reuse
+    (:mod:`samunet.host_allocator`)."""
     import torch
     global _device_announced
     if name is None:
@@ -58,6 +61,7 @@ def select_device(name: str | None):
         raise ConfigurationError("-device cuda was asked for but torch sees no CUDA GPU; use -device cpu "
                                  "(samunet_train_cv: leave --devices out, or --devices cpu)")
     if name == "cpu":  # the cores are shared by the processes of a distributed run on this machine
+        keep_freed_memory_for_reuse()
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     return torch.device(name)
