@@ -87,6 +87,11 @@ def test_first_epoch_counts_only_until_a_second_is_measured():
         clock.now = end
         budget.epoch_ended()
     assert budget.epoch_s == pytest.approx(10.0)
+    budget.exclude_from_epoch(5.0)  # one-time work after the last epoch end: 75 s is the next end, 10 s an epoch
+    clock.now = 85.0
+    budget.epoch_ended()
+    assert budget.epoch_s == pytest.approx(10.0)
+    assert budget.spent_s() == pytest.approx(85.0)
 
 
 def test_a_continued_run_counts_the_time_spent_before():
@@ -154,6 +159,10 @@ def test_a_tile_is_timed_as_the_validation_runs_it_and_the_network_keeps_its_mod
         assert time_budget.measure_tile_seconds(trainer, lambda: next(readings)) == pytest.approx(0.75)
         readings = iter([10.0, 10.3, 10.6, 10.9, 11.2])  # short passes: timed until TILE_SECONDS add up
         assert time_budget.measure_tile_seconds(trainer, lambda: next(readings)) == pytest.approx(1.2 / 16)
+        monkeypatch.setenv("SAMUNET_TILES_PER_BATCH", "56")  # a CPU times at most CPU_TIMED_TILES tiles a pass
+        readings = iter([10.0, 14.0])
+        assert time_budget.measure_tile_seconds(trainer, lambda: next(readings)) == pytest.approx(
+            4.0 / time_budget.CPU_TIMED_TILES)
         assert trainer.network.training
     assert time_budget.estimate_final_validation_seconds(100, 0.2) == pytest.approx(
         time_budget.VALIDATION_SAFETY * 20.0 + time_budget.VALIDATION_FIXED_S)
@@ -212,6 +221,29 @@ def test_training_stops_at_the_epochs_that_fit_and_continues_within_the_rest(pla
     assert checkpoint["current_epoch"] == 4
     assert checkpoint["logging"]["lrs"][-1] == pytest.approx(SAMED_LR * (1 / 4) ** 0.9)
     assert checkpoint["samunet"]["time_budget"]["spent_s"] == pytest.approx(2000.0)
+
+
+def test_the_first_plans_tile_timing_is_spent_time_but_not_part_of_an_epochs_cost(planned_tiny_dataset, clock,
+                                                                                   monkeypatch):
+    """The first plan times a validation tile once (14 s here, after epoch 0's end): the budget spends them, but
+    the next epoch's cost is still its 100 s. Counted in, epoch 1 would cost 114 s and the plan would shrink."""
+    fold = _fold(planned_tiny_dataset["nnUNet_results"], "SAMedTrainer", "3")
+    shutil.rmtree(fold, ignore_errors=True)
+    clock.step_s = 100.0
+
+    def timed_tiles(trainer, clock_function):
+        clock.now += 14.0
+        return 0.5
+
+    monkeypatch.setattr(time_budget, "validation_tiles", lambda trainer: 10)
+    monkeypatch.setattr(time_budget, "measure_tile_seconds", timed_tiles)
+    assert train_main(["991", "2d", "3", "-tr", "SAMedTrainer", *TINY, "--weights", "none", "--num-epochs", "3",
+                       "--max-minutes", "30"]) == 0
+    record = read_checkpoint(fold / "checkpoint_final.pth")["samunet"]["time_budget"]
+    assert record["epoch_s"] == pytest.approx(100.0)
+    assert record["spent_s"] == pytest.approx(314.0)
+    assert record["final_validation_s"] == pytest.approx(time_budget.VALIDATION_SAFETY * 5.0
+                                                         + time_budget.VALIDATION_FIXED_S)
 
 
 def test_nnunet_trainer_runs_under_a_budget_that_holds_less_than_an_epoch(planned_tiny_dataset, clock):

@@ -6,7 +6,7 @@ trains a fixed number of epochs with a poly learning rate over them; under a bud
 the number that fits, and the schedule is stretched over exactly those epochs:
 
 - after every epoch the cost of one epoch is measured (the time between epoch ends, so checkpoint writes and
-  progress.png count; the first epoch, which pays for warm-up and compilation, only until a second one is
+  progress.png count, the one-time tile timing of the first plan does not; the first epoch, which pays for warm-up and compilation, only until a second one is
   measured, and after ``--c`` not at all: the checkpoint's recorded cost holds until then) and the final
   validation is estimated (:func:`estimate_final_validation_seconds`: sliding-window tiles of the fold's
   validation cases, times the mirrorings, times the measured cost of one tile's forward pass
@@ -53,6 +53,9 @@ RECENT_EPOCHS = 5  # the epoch cost is the mean of the last few epochs (the firs
 # busy machine measures the scheduler, not the network
 TILE_SECONDS = 1.0
 TILE_PASSES = 20
+# on a CPU a tile costs the same in any batch, so a timing pass holds at most this many (the CPU predictor puts
+# 8 slices of 256 px together: 56 tiles of 96 px took 14 s to time with their warm-up pass)
+CPU_TIMED_TILES = 8
 
 
 def check_max_minutes(value) -> float | None:
@@ -82,7 +85,8 @@ class TimeBudget:
         self.tile_s: float | None = None  # cost of one sliding-window tile's forward pass
         self.final_validation_s: float | None = None
         self.planned_epochs: int | None = None
-        self._epoch_marks: list[float] = []  # this run: start of its first epoch, then every epoch end
+        self._last_mark: float | None = None  # this run: start of its first epoch, then the latest epoch end
+        self._epoch_durations: list[float] = []  # this run's epochs, end to end
 
     # ---- the clock ----------------------------------------------------------------------------------
     def spent_s(self) -> float:
@@ -93,21 +97,32 @@ class TimeBudget:
 
     # ---- measurements -------------------------------------------------------------------------------
     def epoch_started(self) -> None:
-        if not self._epoch_marks:
-            self._epoch_marks.append(self.clock())
+        if self._last_mark is None:
+            self._last_mark = self.clock()
 
     def epoch_ended(self) -> None:
         """Record an epoch end and update the cost of one epoch: the mean of the last few, without the
         first epoch of this run once there are others (it pays for warm-up). The first epoch's duration also
         lacks the checkpoint and progress.png writes of an epoch end (the marks are taken before them), so a
         run continued with ``--c`` keeps the cost its checkpoint recorded until its second epoch has ended."""
-        self._epoch_marks.append(self.clock())
-        durations = np.diff(self._epoch_marks)
+        now = self.clock()
+        if self._last_mark is None:  # no epoch start seen: nothing to measure yet
+            self._last_mark = now
+            return
+        self._epoch_durations.append(now - self._last_mark)
+        self._last_mark = now
+        durations = self._epoch_durations
         if len(durations) == 1 and self.epoch_s is not None:  # --c: the recorded cost, all included
             return
         if len(durations) > 1:
             durations = durations[1:]
         self.epoch_s = float(np.mean(durations[-RECENT_EPOCHS:]))
+
+    def exclude_from_epoch(self, seconds: float) -> None:
+        """Leave ``seconds`` of one-time work done after the latest epoch end (the tile timing of the first plan)
+        out of the next epoch's cost; they still count as time spent."""
+        if self._last_mark is not None:
+            self._last_mark += seconds
 
     # ---- the plan -----------------------------------------------------------------------------------
     def epochs_that_fit(self, epochs_done: int, cap: int) -> int:
@@ -181,13 +196,16 @@ def tiles_per_call(trainer) -> int:
 
 def measure_tile_seconds(trainer, clock: Callable[[], float]) -> float:
     """Seconds of one tile's forward pass as the final validation runs it: random tiles of the patch, as many per
-    network call as the final validation's predictor puts together (:func:`tiles_per_call`), through the
+    network call as the final validation's predictor puts together (:func:`tiles_per_call`; on a CPU at most
+    :data:`CPU_TIMED_TILES`), through the
     (uncompiled, unwrapped) network in eval mode, without gradients, under the trainer's autocast; after a
     warm-up pass, the mean over passes adding up to :data:`TILE_SECONDS` (at most :data:`TILE_PASSES`). The
     network's mode is restored."""
     network = getattr(trainer, "network_module", trainer.network)
     was_training = network.training
     batch = tiles_per_call(trainer)
+    if trainer.device.type == "cpu":
+        batch = min(batch, CPU_TIMED_TILES)
     tiles = torch.randn((batch, trainer.num_input_channels, *trainer.configuration_manager.patch_size),
                         device=trainer.device)
     autocast = getattr(trainer, "autocast", contextlib.nullcontext)
@@ -274,8 +292,10 @@ class TimeBudgetMixin:
             self._end_spent_budget(done)  # the earlier runs used it up: nothing to plan, nothing to measure
             return
         if self._validation_tiles is None:  # once per run: the cases and the network do not change
+            started = budget.clock()
             self._validation_tiles = validation_tiles(self)
             budget.tile_s = measure_tile_seconds(self, budget.clock) if self._validation_tiles else 0.0
+            budget.exclude_from_epoch(budget.clock() - started)
         budget.final_validation_s = estimate_final_validation_seconds(self._validation_tiles, budget.tile_s)
         planned = budget.epochs_that_fit(done, self._epoch_cap)
         if self.is_ddp:
