@@ -26,7 +26,8 @@ from samunet.networks.base import SAMNetworkConfig
 from samunet.networks.h_sam import HSAMNetwork
 from samunet.registry import TRAINERS
 from samunet.sam_import import sam_modeling
-from samunet.trainers.h_sam import HSAMTrainer, TwoStageLoss, WarmupPolyLRScheduler, stage_one_weight
+from samunet.trainers.h_sam import (HSAMTrainer, TwoStageLoss, WarmupPolyLRScheduler, square_root_scaled_lr,
+                                    stage_one_weight)
 from trainer_harness import build_trainer, make_batch, nnunet_environment, synthetic_plans
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
@@ -49,9 +50,10 @@ def label_map(batch: int, num_classes: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture
 def trainer(tmp_path):
-    """A real HSAMTrainer (nnunetv2's constructor and initialize(), synthetic plans), vit_test, 3 classes."""
+    """A real HSAMTrainer (nnunetv2's constructor and initialize(), synthetic plans), vit_test, 3 classes, the
+    published batch size of 32 in the plans."""
     with nnunet_environment(tmp_path):
-        yield build_trainer("HSAMTrainer", backbone="vit_test", num_classes=3, img_size=IMG_SIZE)
+        yield build_trainer("HSAMTrainer", backbone="vit_test", num_classes=3, img_size=IMG_SIZE, batch_size=32)
 
 
 # ---- loss: two stages, lw schedule, deployed output not trained --------------------------------
@@ -117,6 +119,23 @@ def test_trainer_optimiser_is_adamw_0_9_0_999_weight_decay_0_1_lr_0_0025_with_wa
         trainer.lr_scheduler.step()
     assert trainer.lr_scheduler.iteration == total - 1
     assert lr() == pytest.approx(0.0025 * (1 / (total - warmup)) ** 0.9)  # last iteration, about 0
+
+
+def test_a_smaller_batch_gets_the_square_root_scaled_lr_unless_lr_is_given(tmp_path):
+    assert square_root_scaled_lr(0.0025, 8, 32) == pytest.approx(0.00125)
+    assert square_root_scaled_lr(0.0025, 64, 32) == pytest.approx(0.0025)  # never above the published lr
+    with nnunet_environment(tmp_path):
+        trainer = build_trainer("HSAMTrainer", backbone="vit_test", num_classes=3, img_size=IMG_SIZE, batch_size=8)
+        assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.0025 * math.sqrt(8 / 32))
+        resized = TRAINERS.get("HSAMTrainer")(synthetic_plans(backbone="vit_test", img_size=IMG_SIZE, batch_size=8),
+                                              "2d", 0, trainer.dataset_json, torch.device("cpu"))
+        resized.set_hyperparameters({"batch_size": 2})  # --batch-size 2
+        assert resized.initial_lr == pytest.approx(0.0025 * math.sqrt(2 / 32))
+        resized.set_hyperparameters({"initial_lr": 0.003})  # --lr: exactly as given
+        assert resized.initial_lr == pytest.approx(0.003)
+        variant = build_trainer("HSAMTrainer_learnable_nohpd_cm", backbone="vit_test", num_classes=3,
+                                img_size=IMG_SIZE, batch_size=8)
+        assert variant.initial_lr == pytest.approx(0.00125)
 
 
 def test_trainer_loss_is_0_1_ce_plus_0_9_dice_per_stage_with_lw_set_at_every_epoch_start(trainer):

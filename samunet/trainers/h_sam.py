@@ -13,8 +13,10 @@ hierarchical pixel decoder, CMAttn). What the trainer adds (see docs/methods/h_s
 - Class frequencies for CMAttn's class-balanced noise: voxel counts per class over the training
   cases of the fold, measured in ``initialize()`` and kept in the network's state_dict (so in
   every checkpoint).
-- Optimiser: AdamW (0.9, 0.999), weight decay 0.1, lr 0.0025; per-iteration linear warm-up over
-  250 iterations, then poly 0.9 (the authors' code).
+- Optimiser: AdamW (0.9, 0.999), weight decay 0.1, lr 0.0025 at the published batch of 32; per-iteration
+  linear warm-up over 250 iterations, then poly 0.9 (the authors' code). A smaller batch gets the lr of
+  Adam's square-root scaling rule (:func:`square_root_scaled_lr`; batch 6: 0.00108) unless ``--lr`` is
+  given: the published lr at batch 6 collapses every class to background on real MRI (docs/methods/h_sam.md).
 - Ablation trainers for Tables 4 and 5 (``HSAMTrainer_<mask attention>_<hpd|nohpd>_<cm|nocm>``).
 """
 from __future__ import annotations
@@ -33,7 +35,22 @@ from samunet.trainers.base import SAMTrainerBase, register_variants
 STAGE_ONE_WEIGHT_START = 0.8
 STAGE_ONE_WEIGHT_DECAY = 0.005
 WARMUP_ITERATIONS = 250
+PUBLISHED_LR = 0.0025  # ViT-B at 512 px (the authors' code; ViT-L at 224 px: 0.0026)
+PUBLISHED_BATCH_SIZE = 32
 SHORT_RUN_WARMUP_FRACTION = 0.1
+
+
+def square_root_scaled_lr(lr: float, batch_size: int, reference_batch_size: int) -> float:
+    """The lr for ``batch_size`` of an Adam recipe published as ``lr`` at ``reference_batch_size``:
+    ``lr * sqrt(batch_size / reference_batch_size)`` for a smaller batch, ``lr`` otherwise.
+
+    Source: the square-root scaling rule for adaptive methods (Malladi et al., "On the SDEs and Scaling
+    Rules for Adaptive Gradient Algorithms", NeurIPS 2022): the batch's gradient noise grows as 1/B, and
+    Adam's normalised update keeps the same SDE when the lr scales with sqrt(B). A larger batch keeps the
+    published lr (no evidence for going above it)."""
+    if batch_size <= 0 or reference_batch_size <= 0:
+        raise ValueError(f"batch sizes must be positive, got {batch_size} and {reference_batch_size}")
+    return lr * math.sqrt(min(batch_size, reference_batch_size) / reference_batch_size)
 
 
 def stage_one_weight(epoch: int, start: float = STAGE_ONE_WEIGHT_START, decay: float = STAGE_ONE_WEIGHT_DECAY) -> float:
@@ -114,10 +131,23 @@ class HSAMTrainer(SAMTrainerBase):
                       "cmattn": True}
     uses_deep_supervision = True
     optimizer_name = "adamw"
-    default_hyperparameters = {"initial_lr": 0.0025, "weight_decay": 0.1, "num_epochs": 300}
+    default_hyperparameters = {"weight_decay": 0.1, "num_epochs": 300}  # the lr follows the batch size
+
+    def set_hyperparameters(self, overrides: dict) -> None:
+        """nnU-Net's and samunet's hyper-parameters; without ``initial_lr`` (``--lr``), the published lr
+        scaled to the global batch size (:func:`square_root_scaled_lr`). The derived lr is not recorded as a
+        hyper-parameter, so ``--batch-size`` re-derives it and ``--c`` derives the same one again."""
+        super().set_hyperparameters(overrides)
+        if "initial_lr" not in self.hyperparameters:
+            batch_size = int(self.hyperparameters.get("batch_size", self.configuration_manager.batch_size))
+            self.initial_lr = square_root_scaled_lr(PUBLISHED_LR, batch_size, PUBLISHED_BATCH_SIZE)
 
     def initialize(self):
         super().initialize()
+        if "initial_lr" not in self.hyperparameters:
+            self.print_to_log_file(f"lr {self.initial_lr:.3g}: the published {PUBLISHED_LR} at batch "
+                                   f"{PUBLISHED_BATCH_SIZE}, square-root scaled to batch "
+                                   f"{self.configuration_manager.batch_size} (--lr sets it)")
         frequencies = self.training_class_frequencies()
         self.network_module.set_class_frequencies(frequencies)
         self.print_to_log_file(f"class frequencies of the training cases: {np.round(frequencies, 6).tolist()}")
