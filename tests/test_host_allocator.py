@@ -31,19 +31,23 @@ PROBE = textwrap.dedent("""
 
     print(mmapped_mib_of_a_64_mib_tensor(), end=" ")
     select_device("cpu")
-    print(mmapped_mib_of_a_64_mib_tensor())
+    print(mmapped_mib_of_a_64_mib_tensor(), end=" ")
+    if FRACTION is not None:  # a training step's check, with the machine's memory tight at this fraction
+        from samunet.host_allocator import return_freed_memory_when_tight
+        print(int(return_freed_memory_when_tight(FRACTION)), end=" ")
+        print(mmapped_mib_of_a_64_mib_tensor(), end=" ")
 """)
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's")
 
 
-def run_probe(**environment: str) -> list[int]:
+def run_probe(fraction: float | None = None, **environment: str) -> list[int]:
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("MALLOC_") and name not in ("LD_PRELOAD", "GLIBC_TUNABLES",
                                                                 "SAMUNET_CPU_ALLOCATOR")}
-    result = subprocess.run([sys.executable, "-c", PROBE], env={**env, **environment}, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", f"FRACTION = {fraction!r}\n{PROBE}"],
+                            env={**env, **environment}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return [int(value) for value in result.stdout.split()]
 
@@ -51,6 +55,12 @@ def run_probe(**environment: str) -> list[int]:
 @glibc_only
 def test_a_cpu_command_keeps_large_freed_blocks_in_the_heap_instead_of_a_fresh_mmap():
     assert run_probe() == [64, 0]
+
+
+@glibc_only
+def test_freed_memory_goes_back_to_the_system_once_the_peak_is_a_tight_share_of_the_machines_memory():
+    assert run_probe(fraction=0.99) == [64, 0, 1, 0]  # plenty left: still kept for reuse
+    assert run_probe(fraction=1e-6) == [64, 0, 0, 64]  # tight: glibc's default again
 
 
 @glibc_only

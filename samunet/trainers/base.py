@@ -53,6 +53,7 @@ from tqdm import tqdm
 import samunet
 from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError
+from samunet.host_allocator import return_freed_memory_when_tight
 from samunet.inference.batched_predictor import BatchedPredictor
 from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.registry import TRAINERS
@@ -345,6 +346,8 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         value = loss.detach().cpu().numpy()
+        if self.device.type == "cpu":
+            return_freed_memory_when_tight()
         if self._epoch_progress is not None:
             self._epoch_progress.update(1)
             self._epoch_progress.set_postfix(loss=f"{float(value):.3f}")
