@@ -17,9 +17,11 @@ from inside the process, so samunet sets it when a command runs a network on the
 
 Peak resident memory grows (Self-Prompt-SAM at 128 px: 8.2 GB instead of 7.3 GB; at 256 px its second
 training phase passed the 23 GB of this project's machine and was killed), so the setting holds only while
-memory is plentiful: after every training step, :func:`return_freed_memory_when_tight` checks the process's
-peak; once it has passed :data:`TIGHT_MEMORY_FRACTION` of the machine's memory, large blocks go back to
-glibc's default and the heap's free pages are returned (``malloc_trim``), said once in the log.
+memory is plentiful: after every training step and every batch of prediction tiles on the CPU,
+:func:`return_freed_memory_when_tight` checks the process's peak; once it has passed
+:data:`TIGHT_MEMORY_FRACTION` of the machine's memory, large blocks go back to glibc's default and the heap's
+free pages are returned (``malloc_trim``), said once in the log.
+
 A user's own choice wins: nothing is changed when ``LD_PRELOAD`` loads another allocator, when glibc's malloc
 is tuned through ``MALLOC_*`` variables or ``GLIBC_TUNABLES``, or when ``SAMUNET_CPU_ALLOCATOR=system``.
 On other C libraries (macOS, Windows, musl) nothing is changed.
@@ -109,10 +111,10 @@ def peak_resident_bytes() -> int:
 
 
 def return_freed_memory_when_tight(fraction: float = TIGHT_MEMORY_FRACTION) -> bool:
-    """Called after every training step: once the process's peak resident memory has passed ``fraction`` of the
-    machine's (:func:`machine_memory_bytes`), give glibc back its default (large blocks mapped and unmapped) and
-    return the heap's free pages, for the rest of the process; logged once. Returns whether freed memory is kept
-    for reuse (still) now. Never raises."""
+    """Called after every training step and batch of prediction tiles on the CPU: once the process's peak
+    resident memory has passed ``fraction`` of the machine's (:func:`machine_memory_bytes`), give glibc back its
+    default (large blocks mapped and unmapped) and return the heap's free pages, for the rest of the process;
+    logged once. Returns whether freed memory is kept for reuse (still) now. Never raises."""
     global _applied
     if not _applied or _libc is None:
         return False

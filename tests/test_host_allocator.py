@@ -81,3 +81,22 @@ def test_the_users_own_choice_of_allocator_stands():
 ])
 def test_which_settings_count_as_the_users_own(environment, reason):
     assert user_tuned_allocator(environment) == reason
+
+
+def test_every_cpu_training_step_and_batch_of_prediction_tiles_checks_the_memory(tmp_path, monkeypatch):
+    import samunet.inference.batched_predictor as batched_predictor
+    import samunet.trainers.base as trainer_base
+    from test_batched_prediction import build, predictor_for, volume
+    from trainer_harness import build_trainer, make_batch, nnunet_environment
+    checks = []
+    monkeypatch.setattr(trainer_base, "return_freed_memory_when_tight", lambda: checks.append("step") or True)
+    monkeypatch.setattr(batched_predictor, "return_freed_memory_when_tight", lambda: checks.append("tiles") or True)
+    with nnunet_environment(tmp_path):
+        trainer = build_trainer("SAMedTrainer", backbone="vit_test", num_classes=3, img_size=64)
+        trainer.train_step(make_batch(trainer))
+        trainer.train_step(make_batch(trainer))
+    assert checks == ["step", "step"]
+    *_, network = build("SAMedTrainer")
+    predictor_for("SAMedTrainer", network, mirroring=False, tiles_per_batch=3).predict_sliding_window_return_logits(
+        volume())
+    assert checks[2:] == ["tiles"] * 4  # 10 tiles (5 slices x 2 windows) in batches of 3

@@ -38,6 +38,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from tqdm import tqdm
 
 from samunet.errors import ConfigurationError
+from samunet.host_allocator import return_freed_memory_when_tight
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class BatchedPredictor(nnUNetPredictor):
                         predicted_logits[sl] += prediction
                         n_predictions[sl[1:]] += gaussian
                     bar.update(len(batch_slicers))
+                    if self.device.type == "cpu":
+                        return_freed_memory_when_tight()
             torch.div(predicted_logits, n_predictions, out=predicted_logits)
             if torch.any(torch.isinf(predicted_logits)):
                 raise RuntimeError("Encountered inf in predicted array. Aborting... If this problem persists, "
