@@ -6,11 +6,12 @@ trains a fixed number of epochs with a poly learning rate over them; under a bud
 the number that fits, and the schedule is stretched over exactly those epochs:
 
 - after every epoch the cost of one epoch is measured (the time between epoch ends, so checkpoint writes and
-  progress.png count, the one-time tile timing of the first plan does not; the first epoch, which pays for warm-up and compilation, only until a second one is
-  measured, and after ``--c`` not at all: the checkpoint's recorded cost holds until then) and the final
-  validation is estimated (:func:`estimate_final_validation_seconds`: sliding-window tiles of the fold's
-  validation cases, times the mirrorings, times the measured cost of one tile's forward pass
-  (:func:`measure_tile_seconds`), times :data:`VALIDATION_SAFETY`, plus :data:`VALIDATION_FIXED_S`);
+  progress.png count, the one-time tile timing of the first plan does not; the first epoch, which pays for
+  warm-up and compilation, only until a second one is measured, and after ``--c`` not at all: the checkpoint's
+  recorded cost holds until then) and the final validation is estimated
+  (:func:`estimate_final_validation_seconds`: sliding-window tiles of the fold's validation cases, times the
+  mirrorings, times the measured cost of one tile's forward pass (:func:`measure_tile_seconds`), times
+  :data:`VALIDATION_SAFETY`, plus :data:`VALIDATION_FIXED_S`);
 - the trainer's ``num_epochs`` becomes ``min(cap, epochs done + whole epochs that fit before the validation)``,
   ``cap`` being the ``num_epochs`` hyper-parameter (``--num-epochs`` or the trainer's default: the smaller
   wins), and the learning-rate schedule's length follows (:func:`stretch_schedule`), so the last epoch runs at
@@ -197,10 +198,9 @@ def tiles_per_call(trainer) -> int:
 def measure_tile_seconds(trainer, clock: Callable[[], float]) -> float:
     """Seconds of one tile's forward pass as the final validation runs it: random tiles of the patch, as many per
     network call as the final validation's predictor puts together (:func:`tiles_per_call`; on a CPU at most
-    :data:`CPU_TIMED_TILES`), through the
-    (uncompiled, unwrapped) network in eval mode, without gradients, under the trainer's autocast; after a
-    warm-up pass, the mean over passes adding up to :data:`TILE_SECONDS` (at most :data:`TILE_PASSES`). The
-    network's mode is restored."""
+    :data:`CPU_TIMED_TILES`), through the (uncompiled, unwrapped) network in eval mode, without gradients, under
+    the trainer's autocast; after a warm-up pass, the mean over passes adding up to :data:`TILE_SECONDS` (at most
+    :data:`TILE_PASSES`). The network's mode is restored."""
     network = getattr(trainer, "network_module", trainer.network)
     was_training = network.training
     batch = tiles_per_call(trainer)
