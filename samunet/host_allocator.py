@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -87,9 +88,10 @@ def keep_freed_memory_for_reuse() -> bool:
     return _applied
 
 
+@functools.lru_cache(maxsize=None)
 def machine_memory_bytes() -> int | None:
     """The memory this process may use: physical memory, or the cgroup's limit when that is lower; None when
-    unknown."""
+    unknown. Read once per process (it is checked after every training step)."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -106,7 +108,7 @@ def machine_memory_bytes() -> int | None:
 
 def peak_resident_bytes() -> int:
     """This process's peak resident memory (Linux reports ``ru_maxrss`` in KiB)."""
-    import resource
+    import resource  # POSIX only: imported where used, so importing this module works everywhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
