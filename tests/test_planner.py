@@ -57,13 +57,52 @@ def test_depth_covers_about_60_mm_and_at_most_half_the_slices():
 
 def test_depth_is_capped_by_the_images_one_step_fits():
     """A slice-stack trainer's smallest batch is one stack: D never exceeds the images the memory target
-    holds. 1 mm MRI wants 60 slices (capped at 32); LiteMedSAM at 256 px fits 9 in 8 GB (a stack of 32,
-    about 27 GB, ran out of a 23 GB machine's memory)."""
+    holds (a stack of 32, about 27 GB, ran out of a 23 GB machine's memory)."""
     from samunet.planners.sam_planner import images_that_fit
     assert images_that_fit("litemedsam", 256, 8.0) == 9
     assert choose_depth(1.0, 154, images_that_fit("litemedsam", 256, 8.0)) == 9
     assert choose_depth(3.0, 150, images_that_fit("vit_b", 256, 8.0)) == 20  # Synapse-like: fits, unchanged
     assert choose_depth(1.0, 154, images_that_fit("vit_h", 1024, 8.0)) == 1  # not even one image: D = 1
+
+
+def test_self_prompt_sams_stack_is_sized_with_its_own_memory_per_slice_and_class():
+    """Self-Prompt-SAM on LiteMedSAM needs 2.1-2.6 GB per slice at 256 px (measured; SAMed: 0.84 GB per
+    image), more with more classes (its decoder runs once per class). Sized with SAMed's memory, 1 mm MRI
+    got D = 9 and a step of 23.5 GB on a 23 GB machine; with its own, 3 slices fit 8 GB with 5 heads and
+    2 with AMOS's 16. The stacks per batch never hold more slices than fit, nor more images than the 2D
+    batch."""
+    from samunet.planners.sam_planner import estimate_stack_batch_size, stack_slices_that_fit
+    assert stack_slices_that_fit("litemedsam", 256, 5, 8.0) == 3
+    assert stack_slices_that_fit("litemedsam", 256, 16, 8.0) == 2
+    assert stack_slices_that_fit("litemedsam", 256, 5, 24.0) == 11
+    assert stack_slices_that_fit("litemedsam", 512, 5, 8.0) == 1  # not even one slice: still 1
+    assert choose_depth(1.0, 154, stack_slices_that_fit("litemedsam", 256, 5, 8.0)) == 3
+    assert estimate_stack_batch_size(3, 3, 6) == 1
+    assert estimate_stack_batch_size(4, 20, 12) == 3   # memory would hold 5 stacks; the 2D batch holds 12 images
+    assert estimate_stack_batch_size(3, 20, 48) == 6   # memory holds 6 stacks of 3
+    assert estimate_stack_batch_size(9, 3, 2) == 1     # a --depth beyond the memory: still one stack
+
+
+def test_the_planner_sizes_depth_and_stacks_with_self_prompt_sams_memory(nnunet_folders):
+    """The planned D is what Self-Prompt-SAM fits, not SAMed's images per step: a 4-head phantom with 40
+    slices of about 3 mm wants 20 slices; at 8 GB LiteMedSAM's SAMed step fits 9 images, Self-Prompt-SAM's
+    3 slices; at 24 GB, 11 (SAMed: 28)."""
+    from samunet.cli.plan_and_preprocess import plan_and_preprocess
+    from samunet.planners.sam_planner import images_that_fit, stack_slices_that_fit
+    from samunet.preprocessing.phantom import write_phantom_dataset
+    write_phantom_dataset(nnunet_folders["nnUNet_raw"], dataset_id=993, dataset_name="Deep", num_train=2,
+                          num_test=0, shape=(40, 32, 32))
+    raw = json.loads((nnunet_folders["nnUNet_raw"] / "Dataset993_Deep" / "dataset.json").read_text())
+    heads = len(raw["labels"])
+    for memory_gb in (8.0, 24.0):
+        plans_file = plan_and_preprocess(993, backbone="litemedsam", image_size=256, gpu_memory_gb=memory_gb,
+                                         num_processes=1, preprocess=False, progress_bar=False)
+        configuration = json.loads(plans_file.read_text())["configurations"]["2d"]
+        depth = configuration["architecture"]["arch_kwargs"]["depth"]
+        fits = stack_slices_that_fit("litemedsam", 256, heads, memory_gb)
+        assert depth == fits < images_that_fit("litemedsam", 256, memory_gb)
+        assert configuration["slice_stack_batch_size"] == max(1, min(fits // depth,
+                                                                     round(configuration["batch_size"] / depth)))
 
 
 def test_batch_size_shrinks_with_image_size_and_memory():

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from samunet.cli.train import main as train_main
-from samunet.errors import DatasetError, UnknownNameError
+from samunet.errors import ConfigurationError, DatasetError, UnknownNameError
 from samunet.trainers.base import SAMTrainerBase
+from samunet.trainers.samed import SAMedTrainer
 
 DATASET = "Dataset991_PhantomTiny"
 MODEL = "SAMedTrainer__samunetPlans__2d"
@@ -105,6 +106,27 @@ def test_a_hand_edited_patch_size_is_refused_before_the_fold_folder_is_touched(t
     assert message.startswith(f"error: {plans}: configuration '2d' {expected}")
     assert "set patch_size to [64, 64]" in message
     assert not (tiny["nnUNet_results"] / DATASET).exists()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("depth", 0, "has arch_kwargs.depth 0; SelfPromptSAMTrainer needs a positive number of slices per stack"),
+    ("slice_stack_batch_size", 0, "has slice_stack_batch_size 0; SelfPromptSAMTrainer needs a positive number of "
+                                  "stacks per batch (set it, or give --batch-size N)"),
+    ("slice_stack_batch_size", "2", "has slice_stack_batch_size '2'"),
+])
+def test_a_hand_edited_stack_depth_or_stacks_per_batch_is_refused_in_one_line(key, value, expected):
+    from samunet.trainers.plans_checks import check_plans_configuration
+    from samunet.trainers.self_prompt_sam import SelfPromptSAMTrainer
+    configuration = {"patch_size": [64, 64], "batch_size": 4, "slice_stack_batch_size": 1,
+                     "architecture": {"network_class_name": "x", "_kw_requires_import": [],
+                                      "arch_kwargs": {"backbone": "vit_test", "img_size": 64, "depth": 3}}}
+    plans = {"configurations": {"2d": configuration}}
+    check_plans_configuration(plans, "2d", SelfPromptSAMTrainer, "plans.json")
+    (configuration["architecture"]["arch_kwargs"] if key == "depth" else configuration)[key] = value
+    with pytest.raises(ConfigurationError) as caught:
+        check_plans_configuration(plans, "2d", SelfPromptSAMTrainer, "plans.json")
+    assert str(caught.value).startswith(f"plans.json: configuration '2d' {expected}")
+    check_plans_configuration(plans, "2d", SAMedTrainer, "plans.json")  # only slice-stack trainers use them
 
 
 def test_3d_fullres_is_refused_saying_samunet_plans_only_2d(planned_tiny_dataset, capsys):

@@ -657,6 +657,16 @@ def test_stacks_come_from_the_2d_configuration_with_patch_d_s_s_and_batch_per_st
         stacked_configuration(stacked)
 
 
+def test_the_planned_stacks_per_batch_win_over_the_2d_batch_divided_by_depth():
+    """The planner sizes Self-Prompt-SAM's batch with its own training memory (2.6x SAMed's per image on
+    LiteMedSAM): 12 planned 2D images are 2 stacks of 5 by division, but the plan says 1."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    configuration = {"patch_size": [96, 96], "batch_size": 12, "slice_stack_batch_size": 1,
+                     "architecture": {"network_class_name": "x", "arch_kwargs": {"depth": 5},
+                                      "_kw_requires_import": []}}
+    assert stacked_configuration(ConfigurationManager(configuration)).batch_size == 1
+
+
 def test_depth_applies_only_to_slice_stack_trainers():
     from samunet.cli.train import apply_depth_override
     from samunet.errors import ConfigurationError

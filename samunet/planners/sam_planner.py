@@ -7,9 +7,9 @@ replaces the U-Net topology search with what a SAM backbone needs:
   holds the median slice; 224 and 1024 only on request, 1024 costing 15x more than 256);
 - in-plane target spacing coarsened so that the median slice fits S when it is larger (SAM
   methods resize whole slices to the encoder input; nnU-Net's sliding window covers the rest);
-- depth D of the stacked-slice methods from slice spacing and count (about 60 mm of context,
-  at most half the median slice count, and at most the images one training step fits in the memory
-  target; see docs/architecture.md);
+- depth D of the slice-stack method (Self-Prompt-SAM) from slice spacing and count (about 60 mm of
+  context, at most half the median slice count, and at most the slices one of its training steps fits
+  in the memory target; see docs/architecture.md), and its batch of stacks (``slice_stack_batch_size``);
 - batch size from the measured training memory of the backbone (benchmarks/measure_training_memory.py);
 - ``architecture``: the baseline network's dotted path and ``arch_kwargs`` with the backbone,
   S, D, the per-channel intensity window and the pixel normalisation of the default weights.
@@ -25,6 +25,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from samunet.atomic_files import write_json_atomically
 from samunet.backbones.catalog import check_img_size, get_backbone_spec
@@ -59,6 +60,23 @@ TRAINING_MB_PER_IMAGE_AT_256 = {
 BASE_MB = {"litemedsam": 528.0, "vit_b": 704.0, "vit_l": 1453.0, "vit_h": 3132.0,
            "vit_test": 318.0, "tinyvit_test": 343.0}
 
+# Training memory of one Self-Prompt-SAM step in phase 2 (everything it adds trains; one stack of D
+# slices), measured like SAMed's with ``benchmarks/measure_training_memory.py --network self_prompt_sam
+# --classes 5 9`` on 2026-11-30 (2-core CPU, fp32, 256 px): per slice, a part that does not depend on the
+# classes plus one per segmentation head (its mask decoder runs once per class), and the fixed part.
+# LiteMedSAM needs 2.6x SAMed's memory per image with 5 heads: its high-resolution stages feed the
+# MSPGenerator and carry trainable depth adapters.
+SELF_PROMPT_SAM_MB_PER_SLICE_AT_256 = {
+    "litemedsam": (1604.0, 110.0),
+    "vit_b": (469.0, 14.0),
+    "vit_l": (1038.0, 11.0),
+    "vit_h": (1473.0, 22.0),
+    "vit_test": (176.0, 2.0),
+    "tinyvit_test": (291.0, 24.0),
+}
+SELF_PROMPT_SAM_BASE_MB = {"litemedsam": 615.0, "vit_b": 698.0, "vit_l": 1659.0, "vit_h": 3127.0,
+                           "vit_test": 333.0, "tinyvit_test": 375.0}
+
 
 def choose_image_size(backbone: str, median_inplane_shape: tuple[float, float]) -> int:
     """S from the backbone and the median in-plane shape (after resampling to target spacing)."""
@@ -72,8 +90,8 @@ def choose_image_size(backbone: str, median_inplane_shape: tuple[float, float]) 
 
 def choose_depth(slice_spacing_mm: float, median_num_slices: float, max_by_memory: int = MAX_DEPTH) -> int:
     """D ~ 60 mm of context along the slice axis, at least 1, at most half the median slice count, and at
-    most ``max_by_memory`` (the images one training step can hold: :func:`images_that_fit`), because a
-    slice-stack trainer's smallest batch is one whole stack."""
+    most ``max_by_memory`` (the slices one training step can hold: :func:`stack_slices_that_fit`), because
+    a slice-stack trainer's smallest batch is one whole stack."""
     wanted = int(round(DEPTH_CONTEXT_MM / max(slice_spacing_mm, 1e-3)))
     return int(max(1, min(wanted, MAX_DEPTH, int(median_num_slices // 2), max_by_memory)))
 
@@ -83,6 +101,21 @@ def images_that_fit(backbone: str, img_size: int, vram_gb: float) -> int:
     measured per-image and fixed training memory), at least 1."""
     per_image = TRAINING_MB_PER_IMAGE_AT_256[backbone] * (img_size / 256.0) ** 2
     return max(1, int((vram_gb * 1024.0 - BASE_MB[backbone]) // per_image))
+
+
+def stack_slices_that_fit(backbone: str, img_size: int, num_heads: int, vram_gb: float) -> int:
+    """Slices of ``img_size`` px one Self-Prompt-SAM training step of ``backbone`` with ``num_heads``
+    segmentation heads (background included) holds within ``vram_gb``, at least 1; from the measured
+    :data:`SELF_PROMPT_SAM_MB_PER_SLICE_AT_256` (per-slice memory scaled with the input area)."""
+    per_slice, per_head = SELF_PROMPT_SAM_MB_PER_SLICE_AT_256[backbone]
+    per_slice_mb = (per_slice + per_head * num_heads) * (img_size / 256.0) ** 2
+    return max(1, int((vram_gb * 1024.0 - SELF_PROMPT_SAM_BASE_MB[backbone]) // per_slice_mb))
+
+
+def estimate_stack_batch_size(depth: int, slices_that_fit: int, batch_size: int) -> int:
+    """Stacks of ``depth`` slices per step: as many as ``slices_that_fit`` holds, never more images than
+    the 2D ``batch_size`` (which also caps the share of the data set one step sees), at least 1."""
+    return max(1, min(slices_that_fit // depth, round(batch_size / depth)))
 
 
 def estimate_batch_size(backbone: str, img_size: int, depth: int, vram_gb: float,
@@ -142,12 +175,15 @@ class SAMPlanner(ExperimentPlanner):
         if largest > img_size:
             inplane_spacing = inplane_spacing * (largest / img_size)
         median_inplane = np.asarray(median_shape[1:]) * (spacing[1:] / inplane_spacing)
-        depth = self.depth or choose_depth(float(spacing[0]), float(median_shape[0]),
-                                           images_that_fit(self.backbone, img_size, self.UNet_vram_target_GB))
+        num_heads = LabelManager(self.dataset_json["labels"],
+                                 self.dataset_json.get("regions_class_order")).num_segmentation_heads
+        slices_that_fit = stack_slices_that_fit(self.backbone, img_size, num_heads, self.UNet_vram_target_GB)
+        depth = self.depth or choose_depth(float(spacing[0]), float(median_shape[0]), slices_that_fit)
 
         voxels_per_case = float(np.prod(median_inplane)) * float(median_shape[0])
         max_by_dataset = voxels_per_case * self.dataset_json["numTraining"] * self.max_dataset_covered / (img_size ** 2)
         batch_size = estimate_batch_size(self.backbone, img_size, 1, self.UNet_vram_target_GB, max_by_dataset)
+        stack_batch_size = estimate_stack_batch_size(depth, slices_that_fit, batch_size)
 
         resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
         resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
@@ -157,6 +193,7 @@ class SAMPlanner(ExperimentPlanner):
             "data_identifier": self.generate_data_identifier("2d"),
             "preprocessor_name": self.preprocessor_name,
             "batch_size": batch_size,
+            "slice_stack_batch_size": stack_batch_size,
             "patch_size": [img_size, img_size],
             "median_image_size_in_voxels": [float(v) for v in median_inplane],
             "spacing": [float(v) for v in inplane_spacing],
@@ -181,8 +218,9 @@ class SAMPlanner(ExperimentPlanner):
             },
             "batch_dice": True,
         }
-        logger.info("samunet 2d configuration: backbone %s, patch %s, spacing %s, depth %d, batch size %d",
-                    self.backbone, plan_2d["patch_size"], plan_2d["spacing"], depth, batch_size)
+        logger.info("samunet 2d configuration: backbone %s, patch %s, spacing %s, batch size %d; slice stacks: "
+                    "depth %d, %d per batch", self.backbone, plan_2d["patch_size"], plan_2d["spacing"], batch_size,
+                    depth, stack_batch_size)
 
         median_spacing = np.median(self.dataset_fingerprint["spacings"], 0)[transpose_forward]
         original_median_shape = np.median(self.dataset_fingerprint["shapes_after_crop"], 0)[transpose_forward]

@@ -1,7 +1,7 @@
 """Checks of the plans a training is about to use, run before anything is written into the fold folder.
 
 - :func:`check_plans_configuration`: the configuration exists (samunet plans only ``2d``) and its patch size,
-  backbone, input size and depth fit the network the trainer builds (plans edited by hand are the usual
+  backbone, input size, depth and stacks per batch fit the network the trainer builds (plans edited by hand are the usual
   cause), so a misfit is one line instead of a traceback in the first forward pass.
 - :func:`check_model_folder_plans`: a new training of one fold would replace the model folder's
   ``plans.json``; when other folds hold checkpoints trained with different plans (re-planned since, or other
@@ -23,7 +23,7 @@ def check_plans_configuration(plans: dict, configuration: str, trainer_class: ty
     """Refuse ``configuration`` of ``plans`` (read from ``source``) unless the trainer's network can be built
     and run on its patches: the configuration is in the plans, its ``patch_size`` is ``[S, S]`` with ``S`` the
     architecture's ``img_size``, ``img_size`` is an input size of its backbone, and for slice-stack trainers
-    ``depth`` is a positive integer. Raises :class:`ConfigurationError` (or ``UnknownNameError`` for an
+    ``depth`` and ``slice_stack_batch_size`` (when given) are positive integers. Raises :class:`ConfigurationError` (or ``UnknownNameError`` for an
     unknown backbone) saying what to change."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -64,6 +64,12 @@ def check_plans_configuration(plans: dict, configuration: str, trainer_class: ty
         raise ConfigurationError(f"{source}: configuration {configuration!r} has arch_kwargs.depth {depth!r}; "
                                  f"{trainer_class.__name__} needs a positive number of slices per stack (set it, "
                                  f"or give --depth N)")
+    stacks = resolved.get("slice_stack_batch_size")
+    if getattr(trainer_class, "uses_slice_stacks", False) and stacks is not None and (
+            not isinstance(stacks, int) or isinstance(stacks, bool) or stacks < 1):
+        raise ConfigurationError(f"{source}: configuration {configuration!r} has slice_stack_batch_size {stacks!r}; "
+                                 f"{trainer_class.__name__} needs a positive number of stacks per batch (set it, "
+                                 f"or give --batch-size N)")
     batch_size = resolved.get("batch_size")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigurationError(f"{source}: configuration {configuration!r} has batch_size {batch_size!r}; set a "

@@ -10,8 +10,8 @@ docs/methods/self_prompt_sam.md):
   mode, mirroring in-plane only) and nnU-Net's predictor slides (D, S, S) windows over the whole
   volume with overlap and Gaussian weighting, after repeating the edge slices D // 2 times at each
   end (:class:`~samunet.inference.slice_stack_predictor.SliceStackPredictor`), so the outermost
-  slices also get context on both sides. The batch size is the planned number of 2D images divided
-  by D (at least 1 stack).
+  slices also get context on both sides. The batch size is the planned number of stacks
+  (``slice_stack_batch_size``, sized by the planner with this method's measured training memory).
 - Loss: nnU-Net's CE + Dice on the MSPGenerator's levels, weights halving with each halving of
   resolution and summing to 1; phase 1 (the first 20% of epochs) trains only that, and the modules
   after the prompts (decoder depth embedding and adapters, MC-Adapter), which that loss cannot
@@ -46,8 +46,10 @@ PHASE_ONE_FRACTION = 0.2
 
 
 def stacked_configuration(configuration_manager: ConfigurationManager) -> ConfigurationManager:
-    """The 2d configuration with patch size (D, S, S) and batch size max(1, planned / D), D from
-    ``arch_kwargs.depth``; a 2d configuration is required."""
+    """The 2d configuration with patch size (D, S, S), D from ``arch_kwargs.depth``, and the planned
+    ``slice_stack_batch_size`` stacks per batch (sized with Self-Prompt-SAM's own training memory,
+    :func:`samunet.planners.sam_planner.stack_slices_that_fit`); plans written before 2026-11-30 lack
+    it and get max(1, planned 2D batch / D). A 2d configuration is required."""
     configuration = copy.deepcopy(configuration_manager.configuration)
     patch_size = list(configuration["patch_size"])
     if len(patch_size) != 2:
@@ -55,7 +57,8 @@ def stacked_configuration(configuration_manager: ConfigurationManager) -> Config
                                  f"{patch_size}. Use -c 2d")
     depth = int(configuration["architecture"]["arch_kwargs"].get("depth", 1))
     configuration["patch_size"] = [depth, *patch_size]
-    configuration["batch_size"] = max(1, round(configuration["batch_size"] / depth))
+    configuration["batch_size"] = int(configuration.get("slice_stack_batch_size")
+                                      or max(1, round(configuration["batch_size"] / depth)))
     return ConfigurationManager(configuration)
 
 
