@@ -7,7 +7,7 @@ docs/methods/self_prompt_sam.md):
   (D, S, S), D from the plans' ``arch_kwargs.depth`` (``samunet_train --depth`` overrides it), so
   nnU-Net's data loader samples D adjacent slices of the 2d-preprocessed volumes, its
   augmentation runs in-plane only (the same 2D transform on every slice: nnU-Net's "dummy 2D"
-  mode, mirroring in-plane only) and nnU-Net's predictor slides (D, S, S) windows over the whole
+  mode, mirroring in-plane only, the Gaussian blur in-plane: :mod:`slice_stack_augmentation`) and nnU-Net's predictor slides (D, S, S) windows over the whole
   volume with overlap and Gaussian weighting, after repeating the edge slices D // 2 times at each
   end (:class:`~samunet.inference.slice_stack_predictor.SliceStackPredictor`), so the outermost
   slices also get context on both sides. The batch size is the planned number of stacks
@@ -41,6 +41,7 @@ from samunet.inference.slice_stack_predictor import SliceStackPredictor
 from samunet.modules.prompt_generators import deep_supervision_weights
 from samunet.registry import TRAINERS
 from samunet.trainers.base import SAMTrainerBase, register_variants
+from samunet.trainers.slice_stack_augmentation import in_plane_training_transforms
 
 PHASE_ONE_FRACTION = 0.2
 
@@ -121,6 +122,12 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
         self.inference_allowed_mirroring_axes = mirror_axes
         self.print_to_log_file(f"slice stacks of {depth}: in-plane augmentation, mirroring axes {mirror_axes}")
         return rotation, True, [depth, *initial], mirror_axes
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        """nnU-Net's training transforms with the Gaussian blur in-plane only (a blur across a stack of 3
+        slices or fewer fails, and across thicker stacks mixes slices): :mod:`slice_stack_augmentation`."""
+        return in_plane_training_transforms(SAMTrainerBase.get_training_transforms(*args, **kwargs))
 
     def _build_loss(self):
         weights = deep_supervision_weights(self.network_module.prompt_generator.level_strides)
