@@ -118,8 +118,7 @@ class BatchedPredictor(nnUNetPredictor):
                         predicted_logits[sl] += prediction
                         n_predictions[sl[1:]] += gaussian
                     bar.update(len(batch_slicers))
-                    if self.device.type == "cpu":
-                        return_freed_memory_when_tight()
+                    return_freed_memory_when_tight()  # at once unless the CPU keeps freed memory
             torch.div(predicted_logits, n_predictions, out=predicted_logits)
             if torch.any(torch.isinf(predicted_logits)):
                 raise RuntimeError("Encountered inf in predicted array. Aborting... If this problem persists, "

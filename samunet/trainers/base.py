@@ -346,8 +346,7 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         value = loss.detach().cpu().numpy()
-        if self.device.type == "cpu":
-            return_freed_memory_when_tight()
+        return_freed_memory_when_tight()  # returns at once unless select_device kept freed memory (CPU only)
         if self._epoch_progress is not None:
             self._epoch_progress.update(1)
             self._epoch_progress.set_postfix(loss=f"{float(value):.3f}")
