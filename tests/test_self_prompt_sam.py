@@ -754,7 +754,7 @@ def test_trains_on_stacks_and_predicts_a_volume_end_to_end(planned_tiny_dataset,
     assert trainer.configuration_manager.patch_size == [3, 64, 64]
     assert trainer.inference_allowed_mirroring_axes == (1, 2)
     log = next(folder.glob("training_log_*.txt")).read_text()
-    assert "phase 1 (until epoch 1)" in log and "phase 2" in log
+    assert "until epoch 1 of 2" in log and "phase 2" in log
     checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["samunet"]["stack_depth"] == 3
     assert (folder / "validation" / "summary.json").is_file()

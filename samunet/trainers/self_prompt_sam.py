@@ -143,8 +143,10 @@ class SelfPromptSAMTrainer(SAMTrainerBase):
 
     def enter_training_phase(self, phase: int) -> None:
         phase_two = phase == 1
-        self.print_to_log_file("phase 2: generator + MC-Adapter output loss" if phase_two
-                               else f"phase 1 (until epoch {self.phase_two_start}): generator loss only")
+        self.print_to_log_file("phase 2: generator + MC-Adapter output loss" if phase_two else
+                               f"phase 1 (the first {PHASE_ONE_FRACTION:.0%} of the epochs: until epoch "
+                               f"{self.phase_two_start} of {self.num_epochs}, sooner when --max-minutes fits "
+                               f"fewer): generator loss only")
         self.loss.include_output = phase_two
         self.network_module.set_trainable(train_decoder=phase_two)
 
