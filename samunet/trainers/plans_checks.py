@@ -1,8 +1,8 @@
 """Checks of the plans a training is about to use, run before anything is written into the fold folder.
 
 - :func:`check_plans_configuration`: the configuration exists (samunet plans only ``2d``) and its patch size,
-  backbone, input size, depth and stacks per batch fit the network the trainer builds (plans edited by hand are the usual
-  cause), so a misfit is one line instead of a traceback in the first forward pass.
+  backbone, input size, depth and stacks per batch fit the network the trainer builds (plans edited by hand
+  are the usual cause), so a misfit is one line instead of a traceback in the first forward pass.
 - :func:`check_model_folder_plans`: a new training of one fold would replace the model folder's
   ``plans.json``; when other folds hold checkpoints trained with different plans (re-planned since, or other
   ``--backbone``/``--depth``/``--weights``), they would become unusable, so the training is refused.
@@ -23,8 +23,8 @@ def check_plans_configuration(plans: dict, configuration: str, trainer_class: ty
     """Refuse ``configuration`` of ``plans`` (read from ``source``) unless the trainer's network can be built
     and run on its patches: the configuration is in the plans, its ``patch_size`` is ``[S, S]`` with ``S`` the
     architecture's ``img_size``, ``img_size`` is an input size of its backbone, and for slice-stack trainers
-    ``depth`` and ``slice_stack_batch_size`` (when given) are positive integers. Raises :class:`ConfigurationError` (or ``UnknownNameError`` for an
-    unknown backbone) saying what to change."""
+    ``depth`` and ``slice_stack_batch_size`` (when given) are positive integers. Raises
+    :class:`ConfigurationError` (or ``UnknownNameError`` for an unknown backbone) saying what to change."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from samunet.backbones.catalog import check_img_size, get_backbone_spec

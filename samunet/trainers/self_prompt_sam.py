@@ -7,9 +7,10 @@ docs/methods/self_prompt_sam.md):
   (D, S, S), D from the plans' ``arch_kwargs.depth`` (``samunet_train --depth`` overrides it), so
   nnU-Net's data loader samples D adjacent slices of the 2d-preprocessed volumes, its
   augmentation runs in-plane only (the same 2D transform on every slice: nnU-Net's "dummy 2D"
-  mode, mirroring in-plane only, the Gaussian blur in-plane: :mod:`slice_stack_augmentation`) and nnU-Net's predictor slides (D, S, S) windows over the whole
-  volume with overlap and Gaussian weighting, after repeating the edge slices D // 2 times at each
-  end (:class:`~samunet.inference.slice_stack_predictor.SliceStackPredictor`), so the outermost
+  mode, mirroring in-plane only, the Gaussian blur in-plane: :mod:`slice_stack_augmentation`) and
+  nnU-Net's predictor slides (D, S, S) windows over the whole volume with overlap and Gaussian
+  weighting, after repeating the edge slices D // 2 times at each end
+  (:class:`~samunet.inference.slice_stack_predictor.SliceStackPredictor`), so the outermost
   slices also get context on both sides. The batch size is the planned number of stacks
   (``slice_stack_batch_size``, sized by the planner with this method's measured training memory).
 - Loss: nnU-Net's CE + Dice on the MSPGenerator's levels, weights halving with each halving of
