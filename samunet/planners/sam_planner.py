@@ -100,7 +100,12 @@ def images_that_fit(backbone: str, img_size: int, vram_gb: float) -> int:
     """Images of ``img_size`` px one training step of ``backbone`` can hold within ``vram_gb`` (from the
     measured per-image and fixed training memory), at least 1."""
     per_image = TRAINING_MB_PER_IMAGE_AT_256[backbone] * (img_size / 256.0) ** 2
-    return max(1, int((vram_gb * 1024.0 - BASE_MB[backbone]) // per_image))
+    return _items_that_fit(per_image, BASE_MB[backbone], vram_gb)
+
+
+def _items_that_fit(per_item_mb: float, fixed_mb: float, vram_gb: float) -> int:
+    """Items of ``per_item_mb`` that fit ``vram_gb`` beside ``fixed_mb``, at least 1."""
+    return max(1, int((vram_gb * 1024.0 - fixed_mb) // per_item_mb))
 
 
 def stack_slices_that_fit(backbone: str, img_size: int, num_heads: int, vram_gb: float) -> int:
@@ -109,7 +114,7 @@ def stack_slices_that_fit(backbone: str, img_size: int, num_heads: int, vram_gb:
     :data:`SELF_PROMPT_SAM_MB_PER_SLICE_AT_256` (per-slice memory scaled with the input area)."""
     per_slice, per_head = SELF_PROMPT_SAM_MB_PER_SLICE_AT_256[backbone]
     per_slice_mb = (per_slice + per_head * num_heads) * (img_size / 256.0) ** 2
-    return max(1, int((vram_gb * 1024.0 - SELF_PROMPT_SAM_BASE_MB[backbone]) // per_slice_mb))
+    return _items_that_fit(per_slice_mb, SELF_PROMPT_SAM_BASE_MB[backbone], vram_gb)
 
 
 def estimate_stack_batch_size(depth: int, slices_that_fit: int, batch_size: int) -> int:
