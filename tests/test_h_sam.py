@@ -26,7 +26,7 @@ from samunet.networks.base import SAMNetworkConfig
 from samunet.networks.h_sam import HSAMNetwork
 from samunet.registry import TRAINERS
 from samunet.sam_import import sam_modeling
-from samunet.trainers.h_sam import (HSAMTrainer, TwoStageLoss, WarmupPolyLRScheduler, square_root_scaled_lr,
+from samunet.trainers.h_sam import (HSAMTrainer, TwoStageLoss, WarmupPolyLRScheduler, linear_scaled_lr,
                                     stage_one_weight)
 from trainer_harness import build_trainer, make_batch, nnunet_environment, synthetic_plans
 
@@ -121,21 +121,24 @@ def test_trainer_optimiser_is_adamw_0_9_0_999_weight_decay_0_1_lr_0_0025_with_wa
     assert lr() == pytest.approx(0.0025 * (1 / (total - warmup)) ** 0.9)  # last iteration, about 0
 
 
-def test_a_smaller_batch_gets_the_square_root_scaled_lr_unless_lr_is_given(tmp_path):
-    assert square_root_scaled_lr(0.0025, 8, 32) == pytest.approx(0.00125)
-    assert square_root_scaled_lr(0.0025, 64, 32) == pytest.approx(0.0025)  # never above the published lr
+def test_a_smaller_batch_gets_the_linearly_scaled_lr_unless_lr_is_given(tmp_path):
+    assert linear_scaled_lr(0.0025, 8, 32) == pytest.approx(0.000625)
+    assert linear_scaled_lr(0.0025, 6, 32) == pytest.approx(0.00046875)  # the real-MRI runs' batch
+    assert linear_scaled_lr(0.0025, 64, 32) == pytest.approx(0.0025)  # never above the published lr
+    with pytest.raises(ValueError):
+        linear_scaled_lr(0.0025, 0, 32)
     with nnunet_environment(tmp_path):
         trainer = build_trainer("HSAMTrainer", backbone="vit_test", num_classes=3, img_size=IMG_SIZE, batch_size=8)
-        assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.0025 * math.sqrt(8 / 32))
+        assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.0025 * 8 / 32)
         resized = TRAINERS.get("HSAMTrainer")(synthetic_plans(backbone="vit_test", img_size=IMG_SIZE, batch_size=8),
                                               "2d", 0, trainer.dataset_json, torch.device("cpu"))
         resized.set_hyperparameters({"batch_size": 2})  # --batch-size 2
-        assert resized.initial_lr == pytest.approx(0.0025 * math.sqrt(2 / 32))
+        assert resized.initial_lr == pytest.approx(0.0025 * 2 / 32)
         resized.set_hyperparameters({"initial_lr": 0.003})  # --lr: exactly as given
         assert resized.initial_lr == pytest.approx(0.003)
         variant = build_trainer("HSAMTrainer_learnable_nohpd_cm", backbone="vit_test", num_classes=3,
                                 img_size=IMG_SIZE, batch_size=8)
-        assert variant.initial_lr == pytest.approx(0.00125)
+        assert variant.initial_lr == pytest.approx(0.000625)
 
 
 def test_trainer_loss_is_0_1_ce_plus_0_9_dice_per_stage_with_lw_set_at_every_epoch_start(trainer):

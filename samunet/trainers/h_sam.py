@@ -14,9 +14,10 @@ hierarchical pixel decoder, CMAttn). What the trainer adds (see docs/methods/h_s
   cases of the fold, measured in ``initialize()`` and kept in the network's state_dict (so in
   every checkpoint).
 - Optimiser: AdamW (0.9, 0.999), weight decay 0.1, lr 0.0025 at the published batch of 32; per-iteration
-  linear warm-up over 250 iterations, then poly 0.9 (the authors' code). A smaller batch gets the lr of
-  Adam's square-root scaling rule (:func:`square_root_scaled_lr`; batch 6: 0.00108) unless ``--lr`` is
-  given: the published lr at batch 6 collapses every class to background on real MRI (docs/methods/h_sam.md).
+  linear warm-up over 250 iterations, then poly 0.9 (the authors' code). A smaller batch gets the linearly
+  scaled lr (:func:`linear_scaled_lr`; batch 6: 0.00047) unless ``--lr`` is given: on real MRI at batch 6
+  the published lr collapsed every class to background, and so did the square-root scaled 0.00108 in a
+  30-minute run (docs/methods/h_sam.md).
 - Ablation trainers for Tables 4 and 5 (``HSAMTrainer_<mask attention>_<hpd|nohpd>_<cm|nocm>``).
 """
 from __future__ import annotations
@@ -40,17 +41,18 @@ PUBLISHED_BATCH_SIZE = 32
 SHORT_RUN_WARMUP_FRACTION = 0.1
 
 
-def square_root_scaled_lr(lr: float, batch_size: int, reference_batch_size: int) -> float:
-    """The lr for ``batch_size`` of an Adam recipe published as ``lr`` at ``reference_batch_size``:
-    ``lr * sqrt(batch_size / reference_batch_size)`` for a smaller batch, ``lr`` otherwise.
+def linear_scaled_lr(lr: float, batch_size: int, reference_batch_size: int) -> float:
+    """The lr for ``batch_size`` of a recipe published as ``lr`` at ``reference_batch_size``:
+    ``lr * batch_size / reference_batch_size`` for a smaller batch, ``lr`` otherwise.
 
-    Source: the square-root scaling rule for adaptive methods (Malladi et al., "On the SDEs and Scaling
-    Rules for Adaptive Gradient Algorithms", NeurIPS 2022): the batch's gradient noise grows as 1/B, and
-    Adam's normalised update keeps the same SDE when the lr scales with sqrt(B). A larger batch keeps the
-    published lr (no evidence for going above it)."""
+    Source: the linear scaling rule (Goyal et al., "Accurate, Large Minibatch SGD", 2017). For Adam the
+    square-root rule (Malladi et al., NeurIPS 2022) is the one theory gives, and samunet used it until
+    2026-11-30; at batch 6 its 0.00108 left H-SAM collapsed to background in one of two runs on real MRI,
+    where the linear rule's 0.00047 learned (docs/methods/h_sam.md). A larger batch keeps the published lr
+    (no evidence for going above it). Raises ValueError for a batch size below 1."""
     if batch_size <= 0 or reference_batch_size <= 0:
         raise ValueError(f"batch sizes must be positive, got {batch_size} and {reference_batch_size}")
-    return lr * math.sqrt(min(batch_size, reference_batch_size) / reference_batch_size)
+    return lr * min(batch_size, reference_batch_size) / reference_batch_size
 
 
 def stage_one_weight(epoch: int, start: float = STAGE_ONE_WEIGHT_START, decay: float = STAGE_ONE_WEIGHT_DECAY) -> float:
@@ -135,18 +137,18 @@ class HSAMTrainer(SAMTrainerBase):
 
     def set_hyperparameters(self, overrides: dict) -> None:
         """nnU-Net's and samunet's hyper-parameters; without ``initial_lr`` (``--lr``), the published lr
-        scaled to the global batch size (:func:`square_root_scaled_lr`). The derived lr is not recorded as a
+        scaled to the global batch size (:func:`linear_scaled_lr`). The derived lr is not recorded as a
         hyper-parameter, so ``--batch-size`` re-derives it and ``--c`` derives the same one again."""
         super().set_hyperparameters(overrides)
         if "initial_lr" not in self.hyperparameters:
             batch_size = int(self.hyperparameters.get("batch_size", self.configuration_manager.batch_size))
-            self.initial_lr = square_root_scaled_lr(PUBLISHED_LR, batch_size, PUBLISHED_BATCH_SIZE)
+            self.initial_lr = linear_scaled_lr(PUBLISHED_LR, batch_size, PUBLISHED_BATCH_SIZE)
 
     def initialize(self):
         super().initialize()
         if "initial_lr" not in self.hyperparameters:
             self.print_to_log_file(f"lr {self.initial_lr:.3g}: the published {PUBLISHED_LR} at batch "
-                                   f"{PUBLISHED_BATCH_SIZE}, square-root scaled to batch "
+                                   f"{PUBLISHED_BATCH_SIZE}, linearly scaled to batch "
                                    f"{self.configuration_manager.batch_size} (--lr sets it)")
         frequencies = self.training_class_frequencies()
         self.network_module.set_class_frequencies(frequencies)
