@@ -429,17 +429,20 @@ def test_the_dice_term_covers_present_classes_only_and_leaves_absent_ones_to_the
 def test_sampled_classes_are_present_80_percent_of_the_time_and_absent_ones_give_empty_masks():
     target = square_label()[:, 0].repeat(2000, 1, 1)
     labels, present = sample_prompt_classes(target, num_classes=4, generator=torch.Generator().manual_seed(0))
+    assert labels.shape == present.shape == (2000, 1)  # one draw per image by default
+    labels, present = labels[:, 0], present[:, 0]
     assert float(present.float().mean()) == pytest.approx(0.8, abs=0.03)
     assert bool((labels[present] == 1).all()) and set(labels[~present].tolist()) == {2, 3}
     empty = torch.zeros(3, 8, 8)
     labels, present = sample_prompt_classes(empty, num_classes=3)
+    labels, present = labels[:, 0], present[:, 0]
     assert not bool(present.any())
     masks = (empty == labels.view(-1, 1, 1))
     assert not bool(masks.any()) and not bool(mask_boxes(masks).any())
     full = torch.arange(4.0).repeat(2, 1, 1)  # every class present: always a present class
     for seed in range(5):
         labels, present = sample_prompt_classes(full, num_classes=4, generator=torch.Generator().manual_seed(seed))
-        assert bool(present.all()) and set(labels.tolist()) <= {1, 2, 3}
+        assert bool(present.all()) and set(labels.flatten().tolist()) <= {1, 2, 3}
 
 
 def test_class_sampling_is_uniform_within_the_group_and_reproducible_with_a_seeded_generator():
@@ -447,11 +450,30 @@ def test_class_sampling_is_uniform_within_the_group_and_reproducible_with_a_seed
     target[:, :2] = 1
     target[:, 2:4] = 3  # classes 1 and 3 present, 2 and 4 absent
     labels, present = sample_prompt_classes(target, num_classes=5, generator=torch.Generator().manual_seed(0))
-    counts = torch.bincount(labels, minlength=5).float() / len(labels)
+    counts = torch.bincount(labels[:, 0], minlength=5).float() / len(labels)
     assert counts.tolist() == pytest.approx([0, 0.4, 0.1, 0.4, 0.1], abs=0.03)
     assert bool((present == ((labels == 1) | (labels == 3))).all())
     again = sample_prompt_classes(target, num_classes=5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(labels, again[0]) and torch.equal(present, again[1])
+
+
+def test_an_images_classes_are_drawn_without_replacement_until_every_class_has_been_drawn():
+    """Each image's m draws hold no class twice while an undrawn class is left; the first draw keeps the
+    0.8 / 0.2 split, and later draws fall back to the other group when one is used up."""
+    target = torch.zeros(3000, 8, 8)
+    target[:, :2] = 1
+    target[:, 2:4] = 3  # classes 1 and 3 present, 2 and 4 absent
+    labels, present = sample_prompt_classes(target, num_classes=5, per_image=3,
+                                            generator=torch.Generator().manual_seed(0))
+    assert labels.shape == present.shape == (3000, 3)
+    assert bool((labels.sort(dim=1).values.diff(dim=1) != 0).all())  # three different classes per image
+    assert float(present[:, 0].float().mean()) == pytest.approx(0.8, abs=0.03)
+    assert bool((present == ((labels == 1) | (labels == 3))).all())
+    both_present = present[:, :2].all(dim=1)
+    assert not bool(present[both_present, 2].any())  # the present group used up: an absent class
+    one_class = torch.ones(4, 8, 8)  # K - 1 = 1 and m = 3: the same class three times
+    labels, present = sample_prompt_classes(one_class, num_classes=2, per_image=3)
+    assert labels.tolist() == [[1, 1, 1]] * 4 and bool(present.all())
 
 
 def test_teacher_targets_come_from_the_frozen_prompt_encoder_fed_with_the_ground_truth_box():
@@ -672,8 +694,9 @@ def test_trainer_loss_is_the_uncertainty_weighted_sum_of_mse_ce_dice_and_shape_d
         loss = trainer.forward_and_loss(data, target)
         torch.manual_seed(7)  # the same class draws and the same diffusion noise
         per_image = trainer.classes_per_image
-        target = target.repeat_interleave(per_image, dim=0)  # image-major: each image's draws together
-        labels, present = sample_prompt_classes(target[:, 0], num_classes=3)
+        labels, present = sample_prompt_classes(target[:, 0], num_classes=3, per_image=per_image)
+        labels, present = labels.reshape(-1), present.reshape(-1)  # image-major: each image's draws together
+        target = target.repeat_interleave(per_image, dim=0)
         prediction = network(data, class_labels=labels.view(2, per_image))
     assert per_image == 3 and bool(present.all())  # the harness's batches hold every class
     mask = (target == labels.view(-1, 1, 1, 1)).float()
@@ -698,8 +721,9 @@ def test_trainer_loss_is_the_uncertainty_weighted_sum_of_mse_ce_dice_and_shape_d
 
 
 def test_trainer_prompts_a_present_class_80_percent_of_the_time_and_an_absent_one_with_an_empty_target(nnunet_root):
-    """The trainer's per-sample targets: a class present in the patch with probability 0.8 (its mask,
-    ground-truth box, signed distance map), else an absent class (empty mask, no box, distance +1)."""
+    """The trainer's per-sample targets: an image's first class is present in the patch with probability
+    0.8 (its mask, ground-truth box, signed distance map), else absent (empty mask, no box, distance +1);
+    its second is the class the first was not (no class twice before both were drawn)."""
     trainer = real_trainer("AutoMedSAMTrainer")
     target = torch.zeros(1000, 1, TRAINER_IMG_SIZE, TRAINER_IMG_SIZE)
     target[..., 8:20, 10:24] = 1  # class 1 present, class 2 absent
@@ -707,7 +731,10 @@ def test_trainer_prompts_a_present_class_80_percent_of_the_time_and_an_absent_on
     targets = trainer.class_targets(target)
     target = target.repeat_interleave(trainer.classes_per_image, dim=0)  # the draws, image-major
     present, labels = targets["present"], targets["labels"]
-    assert float(present.float().mean()) == pytest.approx(0.8, abs=0.04)
+    per_image = present.view(-1, trainer.classes_per_image)
+    assert float(per_image[:, 0].float().mean()) == pytest.approx(0.8, abs=0.04)
+    assert torch.equal(per_image[:, 1], ~per_image[:, 0])
+    assert float(per_image[:, 2].float().mean()) == pytest.approx(0.8, abs=0.04)  # both drawn: start over
     assert bool((labels[present] == 1).all()) and bool((labels[~present] == 2).all())
     assert torch.equal(targets["mask"][present], target[present])
     assert not bool(targets["mask"][~present].any())

@@ -4,13 +4,15 @@ Network: ``samunet.networks.automedsam.AutoMedSAMNetwork``. What the trainer add
 docs/methods/automedsam.md):
 
 - Class sampling: every training image is prompted with ``classes_per_image`` (default 3) classes,
-  decoded from its one encoding; each is drawn independently: with probability 0.8 a foreground class
-  present in the patch (uniformly among those present), otherwise one absent from it, whose target is
-  an empty mask (a patch with no foreground always gets an absent class; one holding every class a
-  present one). The paper does not say how many classes a training image is prompted with; one per
-  image (``AutoMedSAMTrainer_one_class``) left two of the demo phantom's three organs unlearned within
-  SAMed's time budget (docs/demo.md). Three per image give each encoding three supervised decodings for
-  about 1.15x the cost of a step (LiteMedSAM, 256 px, batch 4; measured beside other jobs).
+  decoded from its one encoding, drawn without replacement: each draw takes, with probability 0.8, a
+  foreground class present in the patch and not yet drawn for that image (uniformly), otherwise one absent
+  from it and not yet drawn, whose target is an empty mask (when one group is used up the other is taken;
+  when both are, the image's draws start over). The paper does not say how many classes a training image
+  is prompted with; one per image (``AutoMedSAMTrainer_one_class``) left two of the demo phantom's three
+  organs unlearned within SAMed's time budget (docs/demo.md). Three per image give each encoding three
+  supervised decodings for about 1.15x the cost of a step (LiteMedSAM, 256 px, batch 4; measured beside
+  other jobs). Drawn independently (samunet until 2026-11-30), a small organ was often drawn twice or not
+  at all, and the demo's spleen stayed short of SAMed's at its time budget.
 - Targets for class k: the binary mask, its signed distance map, and its bounding box
   (x_min, y_min, x_max, y_max in the encoder's input pixels) for the frozen original prompt
   encoder, the knowledge-transfer teacher. Absent classes have no box: their MSE term is skipped.
@@ -47,29 +49,40 @@ CLASS_PROMPT_LR_FACTOR = 10.0
 UNCERTAINTY_LOG_KEY = "uncertainty_s"
 
 
-def sample_prompt_classes(target: torch.Tensor, *, num_classes: int,
+def sample_prompt_classes(target: torch.Tensor, *, num_classes: int, per_image: int = 1,
                           present_probability: float = PRESENT_CLASS_PROBABILITY,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label maps (B, H, W) -> (label values (B,) in 1..K-1, present (B,) bool), drawn on the target's device.
+    """Label maps (B, H, W) -> (label values (B, m) in 1..K-1, present (B, m) bool) for m = ``per_image``
+    draws per map, drawn on the target's device without replacement.
 
-    Per sample: with probability ``present_probability`` a foreground class present in the map, else one
-    absent from it (a map without foreground always gets an absent class, one holding every class a
-    present one), uniformly within the chosen group: the class with the largest uniform random key among
-    the group's classes. The draws come from ``generator`` (on the target's device; torch's default
-    generator of that device when None), so a seeded generator gives the same classes again; no value
-    is read back by the host.
+    Draw r of a map takes, with probability ``present_probability``, a foreground class present in the map
+    and not yet drawn for it, else one absent from it and not yet drawn, uniformly within the chosen group:
+    the class with the largest uniform random key among the group's classes. When one group is used up
+    the other is taken (a map without foreground always gets absent classes, one holding every class
+    present ones); when both are (m > K - 1), the map's draws start over. The draws come from
+    ``generator`` (on the target's device; torch's default generator of that device when None), so a
+    seeded generator gives the same classes again; no value is read back by the host.
     """
     batch = target.shape[0]
     labels = target.reshape(batch, -1).long()
     labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))  # others: no class
     here = label_presence(labels, num_classes)[:, 1:]
     absent = ~here
-    draw = torch.rand(batch, generator=generator, device=target.device)
-    pick_present = here.any(dim=1) & ((draw < present_probability) | ~absent.any(dim=1))
-    pool = torch.where(pick_present[:, None], here, absent)
-    keys = torch.rand(batch, num_classes - 1, generator=generator, device=target.device)
-    choice = torch.where(pool, keys, torch.full_like(keys, -1.0)).argmax(dim=1)
-    return choice + 1, pick_present
+    class_index = torch.arange(num_classes - 1, device=target.device)
+    taken = torch.zeros_like(here)
+    drawn, drawn_present = [], []
+    for _ in range(per_image):
+        taken = taken & ((here | absent) & ~taken).any(dim=1, keepdim=True)  # every class drawn: start over
+        here_left, absent_left = here & ~taken, absent & ~taken
+        draw = torch.rand(batch, generator=generator, device=target.device)
+        pick_present = here_left.any(dim=1) & ((draw < present_probability) | ~absent_left.any(dim=1))
+        pool = torch.where(pick_present[:, None], here_left, absent_left)
+        keys = torch.rand(batch, num_classes - 1, generator=generator, device=target.device)
+        choice = torch.where(pool, keys, torch.full_like(keys, -1.0)).argmax(dim=1)
+        taken = taken | (class_index == choice[:, None])
+        drawn.append(choice + 1)
+        drawn_present.append(pick_present)
+    return torch.stack(drawn, dim=1), torch.stack(drawn_present, dim=1)
 
 
 class GroupPolyLRScheduler(PolyLRScheduler):
@@ -143,13 +156,15 @@ class AutoMedSAMTrainer(SAMTrainerBase):
                               dice_class=MemoryEfficientSoftDiceLoss)
 
     def class_targets(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Label maps (B, 1, H, W) -> for m = ``classes_per_image`` draws per image, image-major: sampled
-        labels (B * m,), present (B * m,), mask (B * m, 1, H, W), distance maps (B * m, 1, H, W) and boxes
-        (B * m, 4) in the encoder's input pixels."""
+        """Label maps (B, 1, H, W) -> for m = ``classes_per_image`` draws per image (without replacement,
+        :func:`sample_prompt_classes`), image-major: sampled labels (B * m,), present (B * m,), mask
+        (B * m, 1, H, W), distance maps (B * m, 1, H, W) and boxes (B * m, 4) in the encoder's input pixels."""
         module = self.network_module
-        target = target.repeat_interleave(self.classes_per_image, dim=0)
         labels, present = sample_prompt_classes(target[:, 0], num_classes=module.num_classes,
+                                                per_image=self.classes_per_image,
                                                 present_probability=self.present_class_probability)
+        labels, present = labels.reshape(-1), present.reshape(-1)
+        target = target.repeat_interleave(self.classes_per_image, dim=0)
         mask = (target == labels.view(-1, 1, 1, 1)).float()
         x_scale, y_scale = module.img_size / target.shape[-1], module.img_size / target.shape[-2]
         boxes = mask_boxes(mask[:, 0] > 0)
