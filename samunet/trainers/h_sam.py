@@ -48,8 +48,8 @@ def linear_scaled_lr(lr: float, batch_size: int, reference_batch_size: int) -> f
     Source: the linear scaling rule (Goyal et al., "Accurate, Large Minibatch SGD", 2017). For Adam the
     square-root rule (Malladi et al., NeurIPS 2022) is the one theory gives, and samunet used it until
     2026-11-30; at batch 6 its 0.00108 left H-SAM collapsed to background in one of two runs on real MRI,
-    where the linear rule's 0.00047 learned (docs/methods/h_sam.md). A larger batch keeps the published lr
-    (no evidence for going above it). Raises ValueError for a batch size below 1."""
+    where 5e-4, next to the linear rule's 0.00047, learned (docs/methods/h_sam.md). A larger batch keeps
+    the published lr (no evidence for going above it). Raises ValueError for a batch size below 1."""
     if batch_size <= 0 or reference_batch_size <= 0:
         raise ValueError(f"batch sizes must be positive, got {batch_size} and {reference_batch_size}")
     return lr * min(batch_size, reference_batch_size) / reference_batch_size
