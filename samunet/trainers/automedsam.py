@@ -72,7 +72,7 @@ def sample_prompt_classes(target: torch.Tensor, *, num_classes: int, per_image: 
     taken = torch.zeros_like(here)
     drawn, drawn_present = [], []
     for _ in range(per_image):
-        taken = taken & ((here | absent) & ~taken).any(dim=1, keepdim=True)  # every class drawn: start over
+        taken = taken & (~taken).any(dim=1, keepdim=True)  # every class drawn: start over
         here_left, absent_left = here & ~taken, absent & ~taken
         draw = torch.rand(batch, generator=generator, device=target.device)
         pick_present = here_left.any(dim=1) & ((draw < present_probability) | ~absent_left.any(dim=1))
