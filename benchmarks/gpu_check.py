@@ -10,9 +10,9 @@ so one trainer after another would not fit the check into 10 minutes. The proces
 for each other and time ``--steps`` calls of ``trainer.train_step`` on one synthetic batch one
 process at a time, so no timed step shares the device or the host. Each row gives slices per second
 (a stack of D slices counts D), seconds per step, the warm-up time (mostly compilation), the peak
-device memory of that process, whether every loss was finite, and "device busy": the share of one
-profiled step's wall time the device spent running kernels (low means the step waits for the host:
-Python, launches, synchronisations). The profiled step's top operations go to the row's log
+device memory of that process, whether every loss was finite, and "device busy": the kernel time of
+one profiled step over the time of a timed step (low means the step waits for the host: Python,
+launches, synchronisations). The profiled step's top operations go to the row's log
 (``--log-dir``). With two or more GPUs a last row runs SAMed's step with DistributedDataParallel on
 two of them (nnU-Net's DDP: the batch split over the ranks).
 
@@ -124,7 +124,8 @@ def time_steps(trainer, data: dict, *, device: str, steps: int, warmup: int, sli
         losses += [trainer.train_step(data)["loss"] for _ in range(steps)]
         synchronize(device)
         seconds = (time.perf_counter() - start) / steps
-        busy = profile_step(trainer, data, device=device)
+        kernel_seconds = profile_step(trainer, data, device=device)
+    busy = None if kernel_seconds is None else kernel_seconds / seconds
     return {"seconds_per_step": seconds, "slices_per_second": slices_per_step / seconds,
             "warmup_seconds": warmup_seconds, "peak_mib": peak_memory_mib(device, baseline),
             "finite": bool(all(math.isfinite(float(loss)) for loss in losses)), "device_busy": busy,
@@ -134,7 +135,8 @@ def time_steps(trainer, data: dict, *, device: str, steps: int, warmup: int, sli
 
 def profile_step(trainer, data: dict, *, device: str, top: int = 12) -> float | None:
     """One ``train_step`` under ``torch.profiler``: logs the ``top`` operations by their own time (device
-    time on CUDA) and returns the share of the step's wall time the device ran kernels (None on CPU)."""
+    time on CUDA) and returns the seconds the device ran kernels in it (None on CPU). The caller divides
+    by an unprofiled step's time, since the profiler slows the host side of the profiled one."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -152,9 +154,9 @@ def profile_step(trainer, data: dict, *, device: str, top: int = 12) -> float | 
         return None
     kernels = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
     kernel_us = sum(event.time_range.elapsed_us() for event in kernels)
-    logger.info("profiled step: %.1f ms wall, %d kernels, %.1f ms of kernel time", wall_us / 1e3, len(kernels),
-                kernel_us / 1e3)
-    return kernel_us / wall_us
+    logger.info("profiled step: %.1f ms wall (with the profiler's overhead), %d kernels, %.1f ms of kernel time",
+                wall_us / 1e3, len(kernels), kernel_us / 1e3)
+    return kernel_us / 1e6
 
 
 def measure_ddp(backbone: str, size: int, batch: int, *, device_type: str, steps: int, warmup: int,
