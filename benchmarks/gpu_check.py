@@ -5,7 +5,7 @@ building its trainer as nnU-Net does (``tests/trainer_harness.build_trainer``: t
 ``initialize()``, so torch.compile where nnU-Net compiles, and the trainer's precision, by default
 fp16 autocast with the GradScaler on CUDA) on a randomly initialised backbone. Each runs
 ``--warmup`` steps first, where compilation happens; the warm-ups overlap, because compiling is
-host work and, measured on an H200 on 2026-11-30, takes over 90 s for one LiteMedSAM training step,
+host work and, measured on an H200 on 2026-11-30, takes over 80 s for one LiteMedSAM training step,
 so one trainer after another would not fit the check into 10 minutes. The processes then wait
 for each other and time ``--steps`` calls of ``trainer.train_step`` on one synthetic batch one
 process at a time, so no timed step shares the device or the host. Each row gives slices per second
