@@ -126,6 +126,33 @@ def test_every_adapter_starts_as_the_identity(mode):
 
 
 @pytest.mark.parametrize("mode", ADAPTER_MODES)
+def test_every_parameter_of_a_decoder_adapter_moves_the_layernorm_that_reads_its_output(mode):
+    """In SAM's two-way blocks a LayerNorm over the channels is all that reads a decoder adapter's output
+    (norm3, norm4), and it removes whatever one constant the adapter adds to every channel of a token.
+    Every parameter of an adapter built for that place must still move the normalised output, or its
+    gradient is exactly zero and it never learns (S5's depth-MLP output bias did: a contract-test failure
+    on an AMD CPU, where the float noise that had hidden it was exactly zero)."""
+    torch.manual_seed(0)
+    adapter = DepthAdapter(dim=8, depth=3, mode=mode, normalized_output=True)
+    randomise(adapter)
+    x = torch.randn(6, 5, 8)  # two stacks of three slices, 5 tokens
+
+    def normalised() -> torch.Tensor:
+        return F.layer_norm(x + adapter.delta(x), (8,))
+
+    with torch.no_grad():
+        before = normalised()
+        inert = []
+        for name, parameter in adapter.named_parameters():
+            saved = parameter.clone()
+            parameter.add_(0.5 * torch.randn_like(parameter))
+            if (normalised() - before).abs().max() < 1e-4:
+                inert.append(name)
+            parameter.copy_(saved)
+    assert not inert, f"parameters with no effect after the LayerNorm: {inert}"
+
+
+@pytest.mark.parametrize("mode", ADAPTER_MODES)
 def test_depth_mixing_reaches_only_the_same_token_of_the_slices_of_one_stack(mode):
     """A change of one token of slice 1 of stack 0 reaches that token in the other slices of stack 0
     (not at all for the vanilla adapter), no other token and nothing of stack 1."""

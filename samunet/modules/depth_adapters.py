@@ -33,18 +33,22 @@ class DepthMLP(nn.Module):
     """Inverted bottleneck over the depth axis, no skip: (N, ..., C) -> same, N = stacks * D.
 
     ``zero_output`` starts its last layer at zero (used where the MLP is outside W_up and the
-    adapter must still start as the identity).
+    adapter must still start as the identity). ``output_bias=False`` leaves out the last layer's bias,
+    which adds one constant to every channel of a slice: where a LayerNorm over the channels follows,
+    that constant is removed and the bias could never learn (its gradient is exactly zero).
     """
 
-    def __init__(self, depth: int, *, expansion: int = 4, zero_output: bool = False) -> None:
+    def __init__(self, depth: int, *, expansion: int = 4, zero_output: bool = False,
+                 output_bias: bool = True) -> None:
         super().__init__()
         self.depth = depth
         self.up = nn.Linear(depth, expansion * depth)
         self.act = nn.GELU()
-        self.down = nn.Linear(expansion * depth, depth)
+        self.down = nn.Linear(expansion * depth, depth, bias=output_bias)
         if zero_output:
             nn.init.zeros_(self.down.weight)
-            nn.init.zeros_(self.down.bias)
+            if output_bias:
+                nn.init.zeros_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_whole_stacks(x, self.depth)
@@ -57,10 +61,15 @@ class DepthAdapter(nn.Module):
     """One adapter of Table 4 (``mode`` in :data:`ADAPTER_MODES`): (N, ..., C) -> (N, ..., C).
 
     ``forward(x) = x + delta(x)``; :meth:`delta` alone is what an adapter placed in parallel to
-    an MLP adds (the block already carries the skip).
+    an MLP adds (the block already carries the skip). ``normalized_output``: a LayerNorm over the
+    channels is all that reads the adapter's output (as in SAM's two-way decoder blocks); the depth
+    MLP of ``"depth_after"``, added to the output as it is, then has no output bias (see
+    :class:`DepthMLP`). The other modes pass the depth MLP's output through W_dn or W_up first, where
+    its bias still acts.
     """
 
-    def __init__(self, *, dim: int, depth: int, mode: str = "dfused", reduction: int = 4) -> None:
+    def __init__(self, *, dim: int, depth: int, mode: str = "dfused", reduction: int = 4,
+                 normalized_output: bool = False) -> None:
         super().__init__()
         if mode not in ADAPTER_MODES:
             raise ValueError(f"adapter mode must be one of {ADAPTER_MODES}, not {mode!r}")
@@ -72,7 +81,8 @@ class DepthAdapter(nn.Module):
         self.up = nn.Linear(hidden, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.depth_mlp = None if mode == "vanilla" else DepthMLP(depth, zero_output=mode != "dfused")
+        self.depth_mlp = None if mode == "vanilla" else DepthMLP(
+            depth, zero_output=mode != "dfused", output_bias=not (normalized_output and mode == "depth_after"))
 
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """s(X W_dn): (N, ..., C) -> (N, ..., C/4)."""

@@ -88,9 +88,10 @@ class SelfPromptSAMNetwork(SAMSegmentationNetwork):
                 fill_slots(block, after_attention=serial, parallel_mlp=parallel.delta)
                 self.encoder_adapters.extend([serial, parallel])
             for _ in self.mask_decoder.transformer.layers:
-                # (image side, serial after the image-to-token attention; token side, parallel to the MLP)
-                self.decoder_adapters.extend(DepthAdapter(dim=spec.prompt_dim, depth=depth, mode=adapter)
-                                             for _ in range(2))
+                # (image side, serial after the image-to-token attention; token side, parallel to the MLP);
+                # both outputs go straight into the block's LayerNorm (norm4, norm3)
+                self.decoder_adapters.extend(DepthAdapter(dim=spec.prompt_dim, depth=depth, mode=adapter,
+                                                          normalized_output=True) for _ in range(2))
 
         self.encoder_depth_embedding = self.decoder_depth_embedding = None
         if depth_pos_embed:
