@@ -176,6 +176,13 @@ def measure_ddp(backbone: str, size: int, batch: int, *, device_type: str, steps
         Path(result_file).write_text(json.dumps(result))
 
 
+def child_result(returncode: int, stdout: str, stderr: str) -> dict:
+    """A measuring process's JSON result (its last line of output), or its last line of stderr as the error."""
+    if returncode != 0:
+        return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:120]}
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_one(arguments: list[str], timeout: float, log_file: Path | None = None) -> dict:
     """This script with ``arguments`` in a fresh process; its JSON result or the reason it gave none.
 
@@ -190,10 +197,7 @@ def run_one(arguments: list[str], timeout: float, log_file: Path | None = None) 
         return {"error": f"over the time left ({timeout:.0f} s)"}
     if log_file is not None:
         log_file.write_text(completed.stderr)
-    if completed.returncode != 0:
-        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": last[:120]}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return child_result(completed.returncode, completed.stdout, completed.stderr)
 
 
 def run_setting(names: list[str], setting: str, common: list[str], deadline: float,
@@ -221,14 +225,12 @@ def run_setting(names: list[str], setting: str, common: list[str], deadline: flo
                     process.kill()
                     process.wait()
                     results[name] = {"error": "over the time left"}
-                elif process.returncode != 0:
-                    gate.mark_failed(name)  # the others stop waiting for it
-                    stderr.seek(0)
-                    last = (stderr.read().strip().splitlines() or ["no output"])[-1]
-                    results[name] = {"error": last[:120]}
                 else:
+                    if process.returncode != 0:
+                        gate.mark_failed(name)  # the others stop waiting for it
                     stdout.seek(0)
-                    results[name] = json.loads(stdout.read().strip().splitlines()[-1])
+                    stderr.seek(0)
+                    results[name] = child_result(process.returncode, stdout.read(), stderr.read())
                 stdout.close()
                 stderr.close()
                 del running[name]
