@@ -23,8 +23,8 @@ from torch import nn
 from samunet.errors import ConfigurationError
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder, noise_scale
 from samunet.modules.mask_geometry import mask_boxes
-from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWeighting, knowledge_transfer_mse,
-                                              shape_distance_loss, signed_distance_maps, soft_dice_loss)
+from samunet.modules.uncertainty_loss import (AutoMedSAMJointLoss, UncertaintyWeighting, class_batch_dice_loss,
+                                              knowledge_transfer_mse, shape_distance_loss, signed_distance_maps)
 from samunet.networks.automedsam import (AutoMedSAMNetwork, ClassPrediction, class_log_probabilities,
                                          parse_class_selection)
 from samunet.networks.base import SAMNetworkConfig
@@ -391,39 +391,69 @@ def test_knowledge_transfer_mse_averages_the_present_samples_without_indexing_th
     assert float(none.detach()) == 0 and none.requires_grad
 
 
-def test_the_dice_term_covers_present_classes_only_and_leaves_absent_ones_to_the_ce_and_shape_distance():
-    """An absent class has an empty target and no Dice: its prediction changes the CE and the shape distance
-    but not the Dice term, which is the present samples' mean; a batch without a present class leaves the
-    MSE and the Dice (and their log s_i) out of the sum."""
+def test_the_dice_term_is_per_class_over_the_batch_and_charges_foreground_on_absent_samples():
+    """Each prompted class's Dice sums intersection and volume over all its samples of the batch (nnU-Net's
+    batch Dice), averaged over the classes present in one of their samples: foreground predicted where the class
+    is absent raises its Dice loss when the class is present elsewhere in the batch, and is left to the CE and
+    the shape distance when it is not; a batch without a present class leaves the MSE and the Dice (and their
+    log s_i) out of the sum."""
     torch.manual_seed(0)
-    target = torch.cat([square_label(), torch.zeros_like(square_label())])  # sample 0 present, sample 1 absent
-    present = torch.tensor([True, False])
-    logits = torch.randn(2, 1, IMG_SIZE, IMG_SIZE)
+    square, empty = square_label(), torch.zeros_like(square_label())
+    # samples: class 1 present, class 1 absent, class 2 absent (class 2 present nowhere in the batch)
+    target = torch.cat([square, empty, empty])
+    labels, present = torch.tensor([1, 1, 2]), torch.tensor([True, False, False])
+    logits = torch.randn(3, 1, IMG_SIZE, IMG_SIZE) - 4 + 8 * square  # finds class 1 where present, little elsewhere
     probabilities = torch.sigmoid(logits)
     overlap = (probabilities[0] * target[0]).sum()
-    alone = 1 - (2 * overlap + 1) / (probabilities[0].sum() + target[0].sum() + 1)
-    assert float(soft_dice_loss(probabilities, target, present)) == pytest.approx(float(alone), rel=1e-6)
+    class_one = 1 - (2 * overlap + 1) / (probabilities[:2].sum() + target[0].sum() + 1)
+    value = class_batch_dice_loss(probabilities, target, labels, present, num_labels=3)
+    assert float(value) == pytest.approx(float(class_one), rel=1e-6)
     weighting = UncertaintyWeighting(num_terms=4)
     with torch.no_grad():
         weighting.log_variances.copy_(torch.tensor([0.4, -0.3, 0.8, -0.6]))
     loss = AutoMedSAMJointLoss(weighting=weighting)
-    prompts = dict(sparse=torch.randn(2, 2, 8), dense=torch.randn(2, 8, 4, 4), teacher_sparse=torch.randn(2, 2, 8),
-                   teacher_dense=torch.randn(2, 8, 4, 4))
+    prompts = dict(sparse=torch.randn(3, 2, 8), dense=torch.randn(3, 8, 4, 4), teacher_sparse=torch.randn(3, 2, 8),
+                   teacher_dense=torch.randn(3, 8, 4, 4))
     distance_maps = signed_distance_maps(target)
 
     def terms(mask_logits: torch.Tensor, present: torch.Tensor):
-        return loss(mask_logits=mask_logits, target=target, distance_maps=distance_maps, present=present, **prompts)
+        return loss(mask_logits=mask_logits, target=target, distance_maps=distance_maps, labels=labels,
+                    present=present, num_labels=3, **prompts)
 
-    changed = logits.clone()
-    changed[1] += 5.0  # the absent class's prediction grows
-    before, after = terms(logits, present), terms(changed, present)
-    assert float(after.terms[2]) == float(before.terms[2]) == pytest.approx(float(alone), rel=1e-6)
+    before = terms(logits, present)
+    assert float(before.terms[2]) == pytest.approx(float(class_one), rel=1e-6)
+    absent_elsewhere_present = logits.clone()
+    absent_elsewhere_present[1] += 8.0  # class 1's absent sample answers with foreground
+    after = terms(absent_elsewhere_present, present)
+    assert float(after.terms[2]) > float(before.terms[2]) + 0.3
     assert float(after.terms[1]) > float(before.terms[1]) and float(after.terms[3]) > float(before.terms[3])
-    none_present = terms(logits, torch.tensor([False, False]))
+    absent_everywhere = logits.clone()
+    absent_everywhere[2] += 8.0  # class 2, present in no sample, answers with foreground: no Dice for it
+    after = terms(absent_everywhere, present)
+    assert float(after.terms[2]) == pytest.approx(float(before.terms[2]), rel=1e-6)
+    assert float(after.terms[1]) > float(before.terms[1]) and float(after.terms[3]) > float(before.terms[3])
+    none_present = terms(logits, torch.tensor([False, False, False]))
     assert float(none_present.terms[0]) == float(none_present.terms[2]) == 0
     ce, shape = float(none_present.terms[1]), float(none_present.terms[3])
     expected = 0.5 * math.exp(0.3) * ce - 0.15 + 0.5 * math.exp(0.6) * shape - 0.3  # only v = -0.3 and -0.6 count
     assert float(none_present.total.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_class_batch_dice_averages_the_classes_with_a_present_sample():
+    """Two present classes: the mean of their two batch Dice losses, each over its own samples only."""
+    torch.manual_seed(3)
+    square, empty = square_label(), torch.zeros_like(square_label())
+    target = torch.cat([square, empty, square, square])
+    labels, present = torch.tensor([1, 1, 3, 3]), torch.tensor([True, False, True, True])
+    probabilities = torch.rand(4, 1, IMG_SIZE, IMG_SIZE)
+
+    def dice_loss(rows: list[int]) -> torch.Tensor:
+        p, g = probabilities[rows], target[rows]
+        return 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
+
+    expected = (dice_loss([0, 1]) + dice_loss([2, 3])) / 2
+    value = class_batch_dice_loss(probabilities, target, labels, present, num_labels=4)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_sampled_classes_are_present_80_percent_of_the_time_and_absent_ones_give_empty_masks():
@@ -488,7 +518,7 @@ def test_teacher_targets_come_from_the_frozen_prompt_encoder_fed_with_the_ground
     joint = AutoMedSAMJointLoss(weighting=network.uncertainty)(
         mask_logits=prediction.mask_logits, target=target, distance_maps=signed_distance_maps(target),
         sparse=prediction.sparse, dense=prediction.dense, teacher_sparse=sparse, teacher_dense=dense,
-        present=torch.tensor([True]))
+        labels=torch.tensor([1]), present=torch.tensor([True]), num_labels=network.num_classes)
     expected = (F.mse_loss(prediction.sparse, sparse) + F.mse_loss(prediction.dense, dense)).detach()
     assert float(joint.terms[0]) == pytest.approx(float(expected), rel=1e-5)
 
@@ -544,7 +574,8 @@ def test_training_learns_the_present_class_and_an_empty_mask_for_the_absent_one(
         prediction = network(image, class_labels=labels)
         loss(mask_logits=prediction.mask_logits, target=masks, distance_maps=distance_maps,
              sparse=prediction.sparse, dense=prediction.dense, teacher_sparse=teacher[0],
-             teacher_dense=teacher[1], present=present).total.backward()
+             teacher_dense=teacher[1], labels=labels, present=present,
+             num_labels=network.num_classes).total.backward()
         optimizer.step()
     torch.manual_seed(2)
     test_image = torch.randn(1, 1, IMG_SIZE, IMG_SIZE)
@@ -707,12 +738,15 @@ def test_trainer_loss_is_the_uncertainty_weighted_sum_of_mse_ce_dice_and_shape_d
     teacher_sparse, teacher_dense = network.prompt_encoder(points=None, boxes=torch.tensor(boxes)[:, None],
                                                            masks=None)
     probabilities = torch.sigmoid(prediction.mask_logits)
-    overlap, total = (probabilities * mask).sum((1, 2, 3)), probabilities.sum((1, 2, 3)) + mask.sum((1, 2, 3))
-    dice = 1 - (2 * overlap + 1) / (total + 1)  # per-sample soft Dice, smooth 1
+    dice = []  # per prompted class, over all its rows of the batch, smooth 1
+    for label in sorted(set(labels.tolist())):
+        rows = labels == label
+        p, g = probabilities[rows], mask[rows]
+        dice.append(1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1))
     terms = torch.stack([
         F.mse_loss(prediction.sparse, teacher_sparse) + F.mse_loss(prediction.dense, teacher_dense),
         F.binary_cross_entropy_with_logits(prediction.mask_logits, mask),
-        dice.mean(),
+        torch.stack(dice).mean(),
         ((probabilities - mask) * signed_distance_maps(mask)).mean(),
     ])
     s = torch.exp(0.5 * torch.tensor([0.4, -0.3, 0.8, -0.6]))

@@ -183,7 +183,8 @@ class AutoMedSAMTrainer(SAMTrainerBase):
         return self.joint_loss(mask_logits=prediction.mask_logits, target=targets["mask"],
                                distance_maps=targets["distance_maps"], sparse=prediction.sparse,
                                dense=prediction.dense, teacher_sparse=teacher_sparse, teacher_dense=teacher_dense,
-                               present=targets["present"]).total
+                               labels=targets["labels"], present=targets["present"],
+                               num_labels=self.network_module.num_classes).total
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
