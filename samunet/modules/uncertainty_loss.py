@@ -87,7 +87,7 @@ def class_batch_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, lab
     Per sample, an absent class has no Dice of its own: smoothed, it would be 1 - smooth / (sum p + smooth),
     whose gradient per pixel approaches 1 / smooth as the prediction empties, and it drove the class prompts
     of the demo phantom's small organs into answering every image with an empty mask; left out instead (the
-    Dice over present samples only, samunet until 2026-12-01), the absent samples were taught by the CE and
+    Dice over present samples only, samunet for most of 2026-11-30), the absent samples were taught by the CE and
     the shape distance alone, whose per-pixel weight 1 / (H W) let the prompted classes answer slices
     without them with foreground (real brain MRI: 87% of the amygdala's predicted voxels lay in slices
     without amygdala; docs/methods/automedsam.md). A class none of whose samples is present gets no Dice,
