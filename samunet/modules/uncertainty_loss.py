@@ -135,13 +135,15 @@ class AutoMedSAMJointLoss(nn.Module):
     (:func:`class_batch_dice_loss`); with no sample present both terms are left out of the sum (their log s_i
     too). CE and shape distance cover every sample."""
 
-    def __init__(self, *, weighting: UncertaintyWeighting) -> None:
+    def __init__(self, *, weighting: UncertaintyWeighting, num_labels: int) -> None:
+        """``num_labels``: the label values a prompted class can take are below it (the network's K)."""
         super().__init__()
         self.weighting = weighting
+        self.num_labels = num_labels
 
     def forward(self, *, mask_logits: torch.Tensor, target: torch.Tensor, distance_maps: torch.Tensor,
                 sparse: torch.Tensor, dense: torch.Tensor, teacher_sparse: torch.Tensor, teacher_dense: torch.Tensor,
-                labels: torch.Tensor, present: torch.Tensor, num_labels: int) -> JointLossOutput:
+                labels: torch.Tensor, present: torch.Tensor) -> JointLossOutput:
         """mask_logits, target (0/1), distance_maps: (B, 1, H, W); labels: (B,) prompted label values below
         ``num_labels``; present: (B,) bool."""
         logits = mask_logits.float()
@@ -150,7 +152,7 @@ class AutoMedSAMJointLoss(nn.Module):
             knowledge_transfer_mse(sparse.float(), dense.float(), teacher_sparse.float(), teacher_dense.float(),
                                    present),
             F.binary_cross_entropy_with_logits(logits, target),
-            class_batch_dice_loss(probabilities, target, labels, present, num_labels=num_labels),
+            class_batch_dice_loss(probabilities, target, labels, present, num_labels=self.num_labels),
             shape_distance_loss(probabilities, target, distance_maps),
         ])
         any_present = present.any().view(1)

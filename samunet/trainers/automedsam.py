@@ -126,7 +126,8 @@ class AutoMedSAMTrainer(SAMTrainerBase):
             raise ConfigurationError("AutoMedSAM prompts one class label at a time; region or ignore labels "
                                      "are not supported")
         super().initialize()
-        self.joint_loss = AutoMedSAMJointLoss(weighting=self.network_module.uncertainty)
+        self.joint_loss = AutoMedSAMJointLoss(weighting=self.network_module.uncertainty,
+                                              num_labels=self.network_module.num_classes)
         self.add_log_key(UNCERTAINTY_LOG_KEY)
 
     def parameter_groups(self) -> list[dict]:
@@ -184,8 +185,7 @@ class AutoMedSAMTrainer(SAMTrainerBase):
         return self.joint_loss(mask_logits=prediction.mask_logits, target=targets["mask"],
                                distance_maps=targets["distance_maps"], sparse=prediction.sparse,
                                dense=prediction.dense, teacher_sparse=teacher_sparse, teacher_dense=teacher_dense,
-                               labels=targets["labels"], present=targets["present"],
-                               num_labels=self.network_module.num_classes).total
+                               labels=targets["labels"], present=targets["present"]).total
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
