@@ -27,7 +27,7 @@ from samunet.networks.h_sam import HSAMNetwork
 from samunet.registry import TRAINERS
 from samunet.sam_import import sam_modeling
 from samunet.trainers.h_sam import (HSAMTrainer, TwoStageLoss, WarmupPolyLRScheduler, linear_scaled_lr,
-                                    stage_one_weight)
+                                    published_epoch, stage_one_weight)
 from trainer_harness import build_trainer, make_batch, nnunet_environment, synthetic_plans
 
 TINY_BACKBONES = ("vit_test", "tinyvit_test")
@@ -145,10 +145,28 @@ def test_trainer_loss_is_0_1_ce_plus_0_9_dice_per_stage_with_lw_set_at_every_epo
     loss = trainer._build_loss()
     assert isinstance(loss, TwoStageLoss) and isinstance(loss.stage_loss, DC_and_CE_loss)
     assert (loss.stage_loss.weight_ce, loss.stage_loss.weight_dice) == (pytest.approx(0.1), pytest.approx(0.9))
+    trainer.num_epochs = 300  # the paper's run: its own schedule
     for epoch, expected in ((0, 0.8), (100, 0.8 * math.exp(-0.005 * 100))):
         trainer.current_epoch = epoch
         trainer.on_train_epoch_start()
         assert trainer.loss.stage_one_weight == pytest.approx(expected)
+
+
+def test_a_shorter_run_follows_the_published_lw_curve_stretched_over_its_own_epochs(trainer):
+    """The supplement: lw decays "in 300 training epochs". A 20-epoch run (a --max-minutes plan, or
+    --num-epochs 20) passes the same points at the same fraction of its length, ending near 0.8 exp(-1.5)."""
+    trainer.num_epochs = 20
+    for epoch in (0, 5, 10, 19):
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        assert trainer.loss.stage_one_weight == pytest.approx(0.8 * math.exp(-0.005 * 300 * epoch / 20))
+    assert trainer.loss.stage_one_weight < 0.21  # stage 2 carries most of the loss by the end, as published
+    trainer.current_epoch, trainer.num_epochs = 10, 15  # a budget re-planned shorter: lw moves along the curve
+    trainer.on_train_epoch_start()
+    assert trainer.loss.stage_one_weight == pytest.approx(0.8 * math.exp(-0.005 * 300 * 10 / 15))
+    assert published_epoch(3, 300) == 3 and published_epoch(1, 2) == 150
+    with pytest.raises(ValueError):
+        published_epoch(0, 0)
 
 
 # ---- CMAttn (Eq. 1): class-balanced noise drawn by each pixel's ground-truth class ---------------
@@ -586,7 +604,7 @@ def test_trainer_trains_through_nnunet_stores_class_frequencies_and_predicts(pla
                     hyperparameters={"num_epochs": 2, "num_iterations_per_epoch": 2,
                                      "num_val_iterations_per_epoch": 1, "batch_size": 2})
     assert isinstance(trainer, HSAMTrainer)
-    assert trainer.loss.stage_one_weight == pytest.approx(stage_one_weight(1))
+    assert trainer.loss.stage_one_weight == pytest.approx(stage_one_weight(published_epoch(1, 2)))
     assert trainer.lr_scheduler.warmup_iterations == 1
     output = Path(trainer.output_folder)
     checkpoint = torch.load(output / "checkpoint_final.pth", map_location="cpu", weights_only=True)

@@ -5,10 +5,13 @@ hierarchical pixel decoder, CMAttn). What the trainer adds (see docs/methods/h_s
 
 - Loss: per stage 0.1 CE + 0.9 Dice (the authors' Table 8, nnU-Net's ``DC_and_CE_loss``);
   total ``lw * L_stage1 + (1 - lw) * L_stage2`` with ``lw = 0.8 * exp(-0.005 * epoch)`` (Sec. 3,
-  "Training Loss"), updated at every epoch start. The network's deep-supervision outputs are
-  [deployed average, stage 2, stage 1]; nnU-Net's targets give the first two the full-resolution
-  label and stage 1 the label at the network's stage-1 scale. nnU-Net's online pseudo-Dice and
-  ``checkpoint_best.pth`` therefore rate the averaged output that prediction uses.
+  "Training Loss") over the paper's 300 epochs, updated at every epoch start; a run of another length
+  (``--num-epochs``, or the epochs a ``--max-minutes`` budget fits) follows the same curve stretched over its
+  own epochs (:func:`published_epoch`), so that stage 2 takes over by its end as it does in the paper.
+  The network's deep-supervision outputs are [deployed average, stage 2, stage 1]; nnU-Net's targets
+  give the first two the full-resolution label and stage 1 the label at the network's stage-1 scale.
+  nnU-Net's online pseudo-Dice and ``checkpoint_best.pth`` therefore rate the averaged output that
+  prediction uses.
 - The training forward gets the label map too (CMAttn's noise is drawn by each pixel's class, Eq. 1).
 - Class frequencies for CMAttn's class-balanced noise: voxel counts per class over the training
   cases of the fold, measured in ``initialize()`` and kept in the network's state_dict (so in
@@ -35,6 +38,7 @@ from samunet.trainers.base import SAMTrainerBase, register_variants
 
 STAGE_ONE_WEIGHT_START = 0.8
 STAGE_ONE_WEIGHT_DECAY = 0.005
+PUBLISHED_EPOCHS = 300  # the run over which lw decays (supplement: "in 300 training epochs")
 WARMUP_ITERATIONS = 250
 PUBLISHED_LR = 0.0025  # ViT-B at 512 px (the authors' code; ViT-L at 224 px: 0.0026)
 PUBLISHED_BATCH_SIZE = 32
@@ -55,9 +59,19 @@ def linear_scaled_lr(lr: float, batch_size: int, reference_batch_size: int) -> f
     return lr * min(batch_size, reference_batch_size) / reference_batch_size
 
 
-def stage_one_weight(epoch: int, start: float = STAGE_ONE_WEIGHT_START, decay: float = STAGE_ONE_WEIGHT_DECAY) -> float:
-    """H-SAM's lw at ``epoch``: ``start * exp(-decay * epoch)``."""
+def stage_one_weight(epoch: float, start: float = STAGE_ONE_WEIGHT_START, decay: float = STAGE_ONE_WEIGHT_DECAY) -> float:
+    """H-SAM's lw at (published) ``epoch``: ``start * exp(-decay * epoch)`` (Sec. 3, "Training Loss")."""
     return start * math.exp(-decay * epoch)
+
+
+def published_epoch(epoch: int, num_epochs: int, published_epochs: int = PUBLISHED_EPOCHS) -> float:
+    """The point of the paper's 300-epoch run that epoch ``epoch`` of a ``num_epochs``-epoch run stands at:
+    ``epoch * published_epochs / num_epochs``, so that lw follows the published curve over the whole run, from
+    0.8 to 0.8 exp(-1.5) = 0.18, whatever its length (as nnU-Net's poly lr stretches over any number of
+    epochs). A 300-epoch run gets the published schedule unchanged. Raises ValueError for ``num_epochs`` < 1."""
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be at least 1, got {num_epochs}")
+    return epoch * published_epochs / num_epochs
 
 
 class TwoStageLoss(nn.Module):
@@ -174,7 +188,12 @@ class HSAMTrainer(SAMTrainerBase):
         stage_loss = self.dice_and_ce_loss(weight_ce=0.1, weight_dice=0.9)
         if not self.enable_deep_supervision:
             return stage_loss
-        return TwoStageLoss(stage_loss, stage_one_weight(self.current_epoch))
+        return TwoStageLoss(stage_loss, self.current_stage_one_weight())
+
+    def current_stage_one_weight(self) -> float:
+        """lw for the current epoch, on the published curve stretched over this run's ``num_epochs`` (which a
+        ``--max-minutes`` budget re-plans at every epoch end)."""
+        return stage_one_weight(published_epoch(self.current_epoch, self.num_epochs))
 
     def configure_optimizers(self):
         parameters = list(self.network_module.trainable_parameters())
@@ -190,7 +209,7 @@ class HSAMTrainer(SAMTrainerBase):
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         if isinstance(self.loss, TwoStageLoss):
-            self.loss.stage_one_weight = stage_one_weight(self.current_epoch)
+            self.loss.stage_one_weight = self.current_stage_one_weight()
             self.print_to_log_file(f"stage-1 loss weight lw: {self.loss.stage_one_weight:.4f}")
 
     def forward_and_loss(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
