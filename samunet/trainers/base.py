@@ -90,6 +90,15 @@ def plain_data(value: Any) -> Any:
     return value
 
 
+def oversampling_lost_to_rounding(batch_size: int, oversample_foreground_percent: float) -> bool:
+    """Whether nnU-Net's data loader would force foreground on none of a batch's samples though the share asked
+    for is above 0. Its rule (``nnUNetDataLoader._oversample_last_XX_percent``) forces sample i when
+    ``i >= round(batch_size * (1 - percent))``: with the default 0.33 a batch of 2 forces one sample, a batch
+    of 1 none, so every draw is a uniformly random location and a class that occupies a few slices of a volume
+    is rarely seen. nnU-Net's batches are never below 2; samunet's slice-stack trainers plan batches of 1."""
+    return oversample_foreground_percent > 0 and round(batch_size * (1 - oversample_foreground_percent)) >= batch_size
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     network = getattr(network, "module", network)
     return network._orig_mod if isinstance(network, OptimizedModule) else network
@@ -256,10 +265,20 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
 
     def _set_batch_size_and_oversample(self):
         """nnU-Net's rule, with ``--batch-size`` as the global batch size: a distributed run splits it over
-        the ranks (and the foreground oversampling with it)."""
+        the ranks (and the foreground oversampling with it). Where that rule would force foreground on no
+        sample of this process's batch (:func:`oversampling_lost_to_rounding`: a batch of one, as
+        Self-Prompt-SAM's single slice stack), each sample is forced with the same probability instead
+        (nnU-Net's own ``probabilistic_oversampling``)."""
         if "batch_size" in self.hyperparameters:
             self.configuration_manager.configuration["batch_size"] = int(self.hyperparameters["batch_size"])
         super()._set_batch_size_and_oversample()
+        if not self.probabilistic_oversampling and oversampling_lost_to_rounding(
+                self.batch_size, self.oversample_foreground_percent):
+            self.probabilistic_oversampling = True
+            self.print_to_log_file(
+                f"a batch of {self.batch_size}: nnU-Net's rule would force foreground on none of its samples; each "
+                f"sample is foreground-forced with probability {self.oversample_foreground_percent:g} instead "
+                f"(probabilistic oversampling)")
 
     def dice_and_ce_loss(self, *, weight_ce: float, weight_dice: float) -> nn.Module:
         """nnU-Net's Dice + CE (Dice + BCE for region labels) with the given weights."""
