@@ -12,8 +12,9 @@ docs/methods/automedsam.md):
   organs unlearned within SAMed's time budget (docs/demo.md). Three per image give each encoding three
   supervised decodings; the class-prompt encoder and the mask decoder run once per class, so at LiteMedSAM
   256 px (batch 6, the network's forward and backward, measured alone on 2026-11-30) three classes cost
-  1.9x one, four 2.6x (an earlier 1.15x was measured beside other jobs). Drawn independently (samunet until 2026-11-30), a small organ was often drawn twice or not
-  at all, and the demo's spleen stayed short of SAMed's at its time budget.
+  1.9x one, four 2.6x (an earlier 1.15x was measured beside other jobs). Drawn independently (samunet
+  until 2026-11-30), a small organ was often drawn twice or not at all, and the demo's spleen stayed short
+  of SAMed's at its time budget.
 - Targets for class k: the binary mask, its signed distance map, and its bounding box
   (x_min, y_min, x_max, y_max in the encoder's input pixels) for the frozen original prompt
   encoder, the knowledge-transfer teacher. Absent classes have no box: their MSE term is skipped.
