@@ -17,8 +17,10 @@ Columns: ``s`` seconds per volume (batched); ``max tiles/call`` the batched path
 (fewer when the volume has fewer tiles); ``speed-up`` = unbatched / batched seconds; ``GFLOP/s`` the
 prediction's FLOPs (``FlopCounterMode`` over one untimed pass of the same volume: convolutions, matmuls and
 attention; TinyViT's oneDNN fused convolutions counted on their plain path) per batched second, and ``% peak``
-that over the fp32 matmul peak measured at the start of the same run; ``x nnU-Net 2d`` = batched seconds /
-nnU-Net's seconds (issue 14's goal: <= 2); ``working MiB`` the peak of the tensors the prediction keeps
+that over the matmul peak measured at the start of the same run (fp32; bf16 with ``--precision bf16``);
+``x nnU-Net 2d`` = batched seconds / nnU-Net's seconds as it ships (issue 14's goal: <= 2); ``x nnU-Net same
+precision`` the same against nnU-Net's U-Net in samunet's precision (with ``--precision bf16`` the row "nnU-Net
+2d, bf16": its network and one-tile path under autocast bfloat16); ``working MiB`` the peak of the tensors the prediction keeps
 alive at once (``bench_common.working_memory_mib``, the same pass), ``peak RSS MiB`` the process's peak
 resident memory above what it held after building the network (0 when the prediction stayed below it).
 
@@ -109,8 +111,11 @@ def set_folders(root: Path) -> None:
         os.environ[name] = str(root / name)
 
 
-def build_predictor(method: str, root: Path, *, mirroring: bool, tiles_per_batch: int | None, device: str):
-    """The predictor (network with random weights) of ``method`` (a samunet trainer name or nnUNetTrainer)."""
+def build_predictor(method: str, root: Path, *, mirroring: bool, tiles_per_batch: int | None, device: str,
+                    precision: str | None = None):
+    """The predictor (network with random weights) of ``method`` (a samunet trainer name or nnUNetTrainer).
+    ``precision`` (samunet's predictor precision; None: nnU-Net's) for nnUNetTrainer gives nnU-Net's network and
+    one-tile path in samunet's ``BatchedPredictor`` (``tiles_per_batch`` 1) under that precision."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -130,14 +135,19 @@ def build_predictor(method: str, root: Path, *, mirroring: bool, tiles_per_batch
                                          configuration.network_arch_init_kwargs,
                                          configuration.network_arch_init_kwargs_req_import, 1, heads,
                                          deep_supervision=False)
-        predictor, axes = nnUNetPredictor(**common), (0, 1)
+        if precision is None:
+            predictor = nnUNetPredictor(**common)
+        else:
+            from samunet.inference.batched_predictor import BatchedPredictor
+            predictor = BatchedPredictor(**common, tiles_per_batch=1, precision=precision)
+        axes = (0, 1)
     else:
         trainer_class = TRAINERS.get(method)
         plans_manager = PlansManager(json.loads((folder / "samunetPlans.json").read_text()))
         configuration = trainer_class.inference_configuration(plans_manager.get_configuration("2d"))
         heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         network = trainer_class.build_network_architecture(plans_manager, configuration, 1, heads, False)
-        predictor = trainer_class.predictor_class()(**common, tiles_per_batch=tiles_per_batch)
+        predictor = trainer_class.predictor_class()(**common, tiles_per_batch=tiles_per_batch, precision=precision)
         axes = (1, 2) if getattr(trainer_class, "uses_slice_stacks", False) else (0, 1)
     predictor.manual_initialization(network.to(device).eval(), plans_manager, configuration, None, dataset_json,
                                     method, axes)
@@ -172,7 +182,7 @@ def measure_one(method: str, root: Path, args: argparse.Namespace, *, mirroring:
     ``working_mib`` the tensors the prediction itself keeps alive at once (:func:`working_memory_mib`).
     ``count=False`` skips the FLOP and working-memory pass (the unbatched rows need only their time)."""
     predictor = build_predictor(method, root, mirroring=mirroring, tiles_per_batch=tiles_per_batch,
-                                device=args.device)
+                                device=args.device, precision=args.precision_of_one or None)
     volume = torch.randn(1, args.slices, args.size, args.size, generator=torch.Generator().manual_seed(1))
     baseline = memory_baseline_mib(args.device)
     predictor.predict_sliding_window_return_logits(volume[:, :1])  # warm-up: one slice
@@ -190,11 +200,11 @@ def measure_one(method: str, root: Path, args: argparse.Namespace, *, mirroring:
 
 
 def run_subprocess(method: str, root: Path, args: argparse.Namespace, *, mirroring: bool,
-                   tiles_per_batch: int | None) -> dict:
+                   tiles_per_batch: int | None, precision: str | None = None) -> dict:
     command = [sys.executable, __file__, "--one", method, "--root", str(root), "--slices", str(args.slices),
                "--size", str(args.size), "--device", args.device, "--repeats", str(args.repeats),
-               "--tiles-per-batch", str(tiles_per_batch or 0)] + (["--mirroring"] if mirroring else []) + \
-        ([] if tiles_per_batch != 1 else ["--time-only"])
+               "--tiles-per-batch", str(tiles_per_batch or 0), "--precision-of-one", precision or ""] + \
+        (["--mirroring"] if mirroring else []) + (["--time-only"] if tiles_per_batch == 1 and method != NNUNET else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {method} failed:\n{result.stderr[-3000:]}")
@@ -211,6 +221,11 @@ def main() -> None:
     parser.add_argument("--tta", choices=("both", "off", "on"), default="both", help="mirroring settings measured")
     parser.add_argument("--repeats", type=int, default=1, help="timed volumes per measurement (median)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="samunet's predictors in this precision (samunet_predict --precision); nnU-Net's 2d "
+                             "predictor is measured as it ships and, for bf16, also under autocast bfloat16 (its "
+                             "network and one-tile path in samunet's predictor). Default: nnU-Net's precision")
+    parser.add_argument("--precision-of-one", default="", help=argparse.SUPPRESS)
     parser.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mirroring", action="store_true", help=argparse.SUPPRESS)
@@ -225,11 +240,13 @@ def main() -> None:
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    peak_gflops = matmul_peak_gflops(args.device)
+    bf16 = args.precision == "bf16"
+    peak_gflops = matmul_peak_gflops(args.device, dtype=torch.bfloat16 if bf16 else torch.float32)
     logger.info("torch %s, %d threads, device %s; volume 1 x %d x %d x %d, %d labels; samunet backbone %s at %d px "
-                "(random weights); matmul peak %.0f GFLOP/s (fp32 2048^3, measured now)", torch.__version__,
-                torch.get_num_threads(), args.device, args.slices, args.size, args.size, args.labels, args.backbone,
-                args.size, peak_gflops)
+                "(random weights), samunet's predictors in %s; matmul peak %.0f GFLOP/s (%s 2048^3, measured now)",
+                torch.__version__, torch.get_num_threads(), args.device, args.slices, args.size, args.size,
+                args.labels, args.backbone, args.size, args.precision or "nnU-Net's precision", peak_gflops,
+                "bf16" if bf16 else "fp32")
     mirror_settings = {"both": (False, True), "off": (False,), "on": (True,)}[args.tta]
 
     def throughput(result: dict) -> list[str]:
@@ -244,18 +261,28 @@ def main() -> None:
         for mirroring in mirror_settings:
             reference = run_subprocess(NNUNET, root, args, mirroring=mirroring, tiles_per_batch=None)
             rows.append(["nnU-Net 2d", "on" if mirroring else "off", "", reference["seconds"], 1, "",
-                         *throughput(reference), "1.00", f"{reference['working_mib']:.0f}",
+                         *throughput(reference), "1.00", "" if bf16 else "1.00", f"{reference['working_mib']:.0f}",
                          f"{reference['peak_mib']:.0f}"])
+            same = reference
+            if bf16:  # nnU-Net's U-Net in the same precision as samunet's predictors, for a like-for-like ratio
+                same = run_subprocess(NNUNET, root, args, mirroring=mirroring, tiles_per_batch=1, precision="bf16")
+                rows.append(["nnU-Net 2d, bf16", "on" if mirroring else "off", "", same["seconds"], 1, "",
+                             *throughput(same), f"{same['seconds'] / reference['seconds']:.2f}", "1.00",
+                             f"{same['working_mib']:.0f}", f"{same['peak_mib']:.0f}"])
             for name in args.methods:
                 trainer = METHODS[name]
-                unbatched = run_subprocess(trainer, root, args, mirroring=mirroring, tiles_per_batch=1)
-                batched = run_subprocess(trainer, root, args, mirroring=mirroring, tiles_per_batch=None)
+                unbatched = run_subprocess(trainer, root, args, mirroring=mirroring, tiles_per_batch=1,
+                                           precision=args.precision)
+                batched = run_subprocess(trainer, root, args, mirroring=mirroring, tiles_per_batch=None,
+                                         precision=args.precision)
                 rows.append([name, "on" if mirroring else "off", unbatched["seconds"], batched["seconds"],
                              batched["tiles_per_call"], f"{unbatched['seconds'] / batched['seconds']:.2f}x",
                              *throughput(batched), f"{batched['seconds'] / reference['seconds']:.2f}",
+                             f"{batched['seconds'] / same['seconds']:.2f}",
                              f"{batched['working_mib']:.0f}", f"{batched['peak_mib']:.0f}"])
     logger.info("%s", format_table(["method", "TTA", "unbatched s", "s", "max tiles/call", "speed-up", "GFLOP/s",
-                                    "% peak", "x nnU-Net 2d", "working MiB", "peak RSS MiB"], rows))
+                                    "% peak", "x nnU-Net 2d", "x nnU-Net same precision", "working MiB",
+                                    "peak RSS MiB"], rows))
 
 
 if __name__ == "__main__":

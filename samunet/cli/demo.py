@@ -140,7 +140,9 @@ def run_demo(root: Path, *, trainer: str = "SAMedTrainer", backbone: str = "lite
     predictions = root / "predictions"
     if predictions.exists():
         shutil.rmtree(predictions)
-    predictor = build_predictor(raw.name, "2d", trainer, [0], device=device)
+    # the test cases are predicted in the precision the model trained in (--precision; default nnU-Net's)
+    predictor = build_predictor(raw.name, "2d", trainer, [0], device=device,
+                                precision=(hyperparameters or {}).get("precision"))
     predict_folder(predictor, raw / "imagesTs", predictions)
     timings["predict"] = time.perf_counter() - start
 
@@ -178,7 +180,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     device = select_device(args.device)
-    from samunet.trainers.precision import choose_precision
+    from samunet.precision import choose_precision
     choose_precision(device.type, args.precision)  # refuse e.g. fp16 on a CPU before the phantom is written
     overrides = hyperparameters_from_args(args)  # checked before the phantom is written
     started = time.perf_counter()

@@ -25,6 +25,7 @@ from typing import Sequence
 from samunet.cli.common import (SMALL_MACHINE_CORES, NnunetStyleParser, add_common_arguments, parse_fold,
                                  prepare_environment, refuse_option, run_cli, select_device, setup_logging,
                                  worker_count)
+from samunet.cli.train import PRECISION_CHOICES
 from samunet.errors import ConfigurationError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,15 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
                     plans_identifier: str = "samunetPlans", checkpoint_name: str = "checkpoint_final.pth",
                     device: str | None = None, use_mirroring: bool = True, tile_step_size: float = 0.5,
                     folder: Path | None = None, progress: bool = False, verbose: bool = False,
-                    on_device: bool = True):
+                    on_device: bool = True, precision: str | None = None):
     """An initialised predictor (the trainer's ``predictor_class()``) holding the folds' weights.
 
     ``folder``: the model folder (default ``$nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION``);
     ``progress``: nnunetv2's progress bar over each case's sliding-window steps; ``on_device``:
-    keep the sliding window's result arrays on the GPU (nnU-Net's ``perform_everything_on_device``).
+    keep the sliding window's result arrays on the GPU (nnU-Net's ``perform_everything_on_device``);
+    ``precision``: the network's precision (None: nnU-Net's, float16 autocast on CUDA and float32 elsewhere;
+    :class:`samunet.inference.batched_predictor.BatchedPredictor`). Raises ConfigurationError for a precision the
+    device cannot run.
     """
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -94,7 +98,7 @@ def build_predictor(dataset_name: str, configuration: str, trainer_name: str, fo
     predictor = trainer_class.predictor_class()(
         tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
         perform_everything_on_device=device.type == "cuda" and on_device, device=device, verbose=verbose,
-        verbose_preprocessing=verbose, allow_tqdm=progress)
+        verbose_preprocessing=verbose, allow_tqdm=progress, precision=precision)
     mirroring = checkpoints[0].get("inference_allowed_mirroring_axes")
     predictor.manual_initialization(network.to(device), plans_manager, configuration_manager,
                                     [c["network_weights"] for c in checkpoints], dataset_json, trainer_name,
@@ -196,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                         action="store_true", help="no progress bars (over cases and inside each case)")
     parser.add_argument("--not_on_device", "--not-on-device", dest="not_on_device", action="store_true",
                         help="keep the sliding window's result arrays in CPU memory (large cases on a small GPU)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="the network's precision: default nnU-Net's (fp16 autocast on CUDA, fp32 elsewhere); "
+                             "bf16 = autocast bfloat16 (CUDA; a CPU with native bfloat16, e.g. AVX512-BF16 or AMX, "
+                             "where it is several times faster than fp32; slower on other CPUs); fp32 = no autocast")
     refuse_option(parser, "-prev_stage_predictions",
                   reason="samunet plans one 2d configuration and no cascade, so there is no previous stage")
     parser.add_argument("--classes", help="comma-separated class names or label values to predict "
@@ -241,7 +249,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                                 plans_identifier=plans, checkpoint_name=args.checkpoint, device=args.device,
                                 use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
                                 folder=folder, progress=not args.disable_progress_bar, verbose=args.verbose,
-                                on_device=not args.not_on_device)
+                                on_device=not args.not_on_device, precision=args.precision)
     if args.classes:
         if not hasattr(predictor.network, "set_predict_classes"):
             raise ConfigurationError(f"{trainer} predicts all classes at once; --classes needs a "

@@ -135,7 +135,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer_name:
     from samunet.trainers.finetune import read_pretrained_weights
     from samunet.trainers.labelled_subset import check_labelled_options
     from samunet.trainers.plans_checks import check_model_folder_plans, check_plans_configuration
-    from samunet.trainers.precision import choose_precision
+    from samunet.precision import choose_precision
     from samunet.trainers.run_lock import hold_fold_folder, takes_the_lock
 
     if continue_training and only_validate:
@@ -362,7 +362,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
 
 
-# samunet.trainers.precision.PRECISIONS, spelled out so that parsing the command line imports no torch
+# samunet.precision.PRECISIONS, spelled out so that parsing the command line imports no torch
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
 
 

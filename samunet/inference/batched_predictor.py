@@ -23,9 +23,18 @@ Tiles per batch (:func:`default_tiles_per_batch`):
   capped by the data set's size;
 - overridden by the constructor's ``tiles_per_batch`` or the environment variable
   ``SAMUNET_TILES_PER_BATCH`` (the constructor wins); 1 gives nnunetv2's one-tile-at-a-time path.
+
+Precision (``precision``, samunet_predict's ``--precision``; :mod:`samunet.precision`): None keeps
+nnunetv2's choice (autocast float16 on CUDA, float32 elsewhere: nnunetv2 leaves autocast off on a CPU because
+bfloat16 is slow on CPUs without native support). ``bf16`` runs the network under autocast bfloat16, on CUDA or
+on a CPU (where it pays on CPUs with native bfloat16 instructions, e.g. AVX512-BF16 or AMX, and costs time on
+others: :func:`cpu_has_native_bfloat16` decides whether a warning is logged); ``fp16`` (CUDA only) is nnunetv2's
+default there; ``fp32`` turns autocast off, CUDA included. The network's output is taken to float32 before
+the Gaussian weighting; the mirrored copies of a tile are summed in the network's dtype, as nnunetv2 does.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +48,7 @@ from tqdm import tqdm
 
 from samunet.errors import ConfigurationError
 from samunet.host_allocator import return_freed_memory_when_tight
+from samunet.precision import Precision, choose_precision
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +83,39 @@ def requested_tiles_per_batch(value: int | str | None) -> int | None:
     return number
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16, AMX or similar); without it autocast
+    bfloat16 is emulated and slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class BatchedPredictor(nnUNetPredictor):
     """``nnUNetPredictor`` whose sliding window runs ``tiles_per_batch`` tiles per network call (None: by
-    device, see :func:`default_tiles_per_batch`); results equal nnunetv2's one-tile-at-a-time path."""
+    device, see :func:`default_tiles_per_batch`); results equal nnunetv2's one-tile-at-a-time path.
+    ``precision`` (None, ``fp32``, ``fp16``, ``bf16``): the network's numeric precision (module docstring);
+    one the device cannot run raises ConfigurationError here."""
 
-    def __init__(self, *args, tiles_per_batch: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, tiles_per_batch: int | None = None, precision: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tiles_per_batch = requested_tiles_per_batch(tiles_per_batch)
+        self.precision: Precision | None = (None if precision is None
+                                            else choose_precision(self.device.type, precision))
+        if self.precision is not None and self.precision.name == "bf16" and self.device.type == "cpu" \
+                and not cpu_has_native_bfloat16():
+            logger.warning("--precision bf16: this CPU has no native bfloat16 instructions, so prediction will be "
+                           "slower than in fp32; leave --precision out for nnU-Net's float32")
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """nnunetv2's network call with mirroring, under this predictor's precision when one was asked for
+        (nested inside nnunetv2's own CUDA autocast, which it overrides); float32 out."""
+        if self.precision is None:
+            return super()._internal_maybe_mirror_and_predict(x)
+        if self.precision.autocast_dtype is None:  # fp32: switch off nnunetv2's CUDA autocast, nothing elsewhere
+            context = torch.autocast("cuda", enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
+        else:
+            context = self.precision.autocast()
+        with context:
+            return super()._internal_maybe_mirror_and_predict(x).float()
 
     def effective_tiles_per_batch(self) -> int:
         """The tiles per network call this predictor uses with its configuration and device."""

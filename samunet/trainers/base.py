@@ -9,7 +9,7 @@ What it adds to nnunetv2's trainer:
 - one training step for every method (:meth:`SAMTrainerBase.train_step`): a method changes only
   what its network is given and how the loss is computed (:meth:`SAMTrainerBase.forward_and_loss`),
   and the forward always goes through ``self.network``, the (compiled, DDP-wrapped) module that trains;
-- the precision of the training and validation steps is a hyper-parameter (:mod:`samunet.trainers.precision`:
+- the precision of the training and validation steps is a hyper-parameter (:mod:`samunet.precision`:
   nnU-Net's float16 autocast with its GradScaler on CUDA, float32 elsewhere, or bfloat16 autocast on CUDA
   and CPU), applied by one context, :meth:`SAMTrainerBase.autocast`; the loss always sees float32 outputs;
 - training phases (:meth:`SAMTrainerBase.training_phase_starts`): a method whose modules start
@@ -61,7 +61,7 @@ from samunet.trainers.checkpoints import LATEST, read_checkpoint, save_checkpoin
 from samunet.trainers.distributed import process_device
 from samunet.trainers.labelled_subset import (LABELLED_SUBSET_HYPERPARAMETERS, check_labelled_options,
                                               describe_subset, labelled_training_dataset)
-from samunet.trainers.precision import Precision, choose_precision, float32_loss_inputs
+from samunet.precision import Precision, choose_precision, float32_loss_inputs
 from samunet.trainers.progress_png import AtomicProgressLogger
 from samunet.trainers.run_identity import CheckpointMismatchError, check_checkpoint_identity, run_identity
 from samunet.trainers.time_budget import TimeBudget, TimeBudgetMixin, check_max_minutes
@@ -141,7 +141,7 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
         """Apply the class defaults plus ``overrides`` (names in ``HYPERPARAMETERS``); call before
         ``initialize()``. They are stored in every checkpoint and restored by ``--c``.
 
-        ``precision`` (:func:`samunet.trainers.precision.choose_precision`) also decides whether the trainer
+        ``precision`` (:func:`samunet.precision.choose_precision`) also decides whether the trainer
         has a GradScaler; a precision the device cannot run raises ConfigurationError."""
         if self.was_initialized:
             raise RuntimeError("set hyper-parameters before the trainer is initialised")
@@ -374,7 +374,7 @@ class SAMTrainerBase(TimeBudgetMixin, nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's validation step (loss and pseudo Dice) under :meth:`autocast`. nnU-Net enters its own
         autocast on CUDA inside; it takes the dtype entered here, so bf16 stays bf16. (With fp32 on CUDA,
-        nnU-Net's float16 autocast still applies to this step, as to nnU-Net's predictor.)"""
+        nnU-Net's float16 autocast still applies to this step; the final validation predicts in fp32.)"""
         with self.autocast():
             return super().validation_step(batch)
 

@@ -93,7 +93,8 @@ def run_final_validation(trainer: SAMTrainerBase, save_probabilities: bool = Fal
     trainer.network.eval()
     predictor = trainer.predictor_class()(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                           perform_everything_on_device=True, device=trainer.device, verbose=False,
-                                          verbose_preprocessing=False, allow_tqdm=False)
+                                          verbose_preprocessing=False, allow_tqdm=False,
+                                          precision=trainer.precision.name)
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)

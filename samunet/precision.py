@@ -1,8 +1,9 @@
-"""The numeric precision a trainer's steps run in, chosen the nnU-Net way.
+"""The numeric precision a trainer's steps and a predictor's network calls run in, chosen the nnU-Net way.
 
-nnU-Net trains on CUDA under ``torch.autocast`` (float16) with a ``GradScaler``, and on every other
-device in float32. samunet keeps those defaults and adds one choice, the ``precision`` hyper-parameter
-(``--precision`` of samunet_train, samunet_train_cv and samunet_demo):
+nnU-Net trains and predicts on CUDA under ``torch.autocast`` (float16), training with a ``GradScaler``, and
+on every other device in float32. samunet keeps those defaults and adds one choice, the ``precision``
+hyper-parameter (``--precision`` of samunet_train, samunet_train_cv and samunet_demo; samunet_predict's
+``--precision`` for prediction, :mod:`samunet.inference.batched_predictor`):
 
 - ``fp16``: autocast float16 with nnU-Net's GradScaler; CUDA only (the default there);
 - ``bf16``: autocast bfloat16 without a GradScaler (bfloat16 has float32's exponent range, so gradients
