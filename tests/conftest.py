@@ -23,6 +23,16 @@ def litemedsam_checkpoint(request) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (timings and float sums that do not depend on the core count)."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def nnunet_folders(tmp_path, monkeypatch) -> dict[str, Path]:
     """Empty nnUNet_raw / _preprocessed / _results folders for one test."""
     folders = {name: tmp_path / name for name in NNUNET_VARIABLES}

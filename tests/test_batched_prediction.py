@@ -28,13 +28,7 @@ MAIN_TRAINERS = {"SAMedTrainer": 1, "SelfPromptSAMTrainer": 3, "HSAMTrainer": 1,
 NUM_CLASSES = 3
 VOLUME = (1, 5, 64, 80)  # (C, Z, Y, X): 5 slices, two overlapping 64-px windows per slice
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(trainer_name: str, batch_size: int = 4):

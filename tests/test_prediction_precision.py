@@ -17,13 +17,7 @@ from samunet.cli.predict import build_parser
 from samunet.errors import ConfigurationError
 from test_batched_prediction import MAIN_TRAINERS, build, predictor_for, volume
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class AutocastProbe(nn.Module):

@@ -85,8 +85,12 @@ def requested_tiles_per_batch(value: int | str | None) -> int | None:
 
 def cpu_has_native_bfloat16() -> bool:
     """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16, AMX or similar); without it autocast
-    bfloat16 is emulated and slower than float32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    bfloat16 is emulated and slower than float32. False where torch has no oneDNN or cannot tell (the check is
+    torch's internal ``mkldnn._is_mkldnn_bf16_supported``)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class BatchedPredictor(nnUNetPredictor):
