@@ -45,11 +45,12 @@ def build(trainer_name: str, batch_size: int = 4):
     return trainer_class, plans_manager, configuration, network
 
 
-def predictor_for(trainer_name: str, network: nn.Module, *, mirroring: bool, tiles_per_batch: int | None):
+def predictor_for(trainer_name: str, network: nn.Module, *, mirroring: bool, tiles_per_batch: int | None,
+                  precision: str | None = None):
     trainer_class, plans_manager, configuration, _ = build(trainer_name)
     predictor = trainer_class.predictor_class()(
         tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring, perform_everything_on_device=False,
-        device=torch.device("cpu"), allow_tqdm=False, tiles_per_batch=tiles_per_batch)
+        device=torch.device("cpu"), allow_tqdm=False, tiles_per_batch=tiles_per_batch, precision=precision)
     axes = (0, 1) if MAIN_TRAINERS[trainer_name] == 1 else (1, 2)
     predictor.manual_initialization(network, plans_manager, configuration, None,
                                     synthetic_dataset_json(NUM_CLASSES), trainer_name, axes)

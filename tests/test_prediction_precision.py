@@ -33,19 +33,14 @@ class AutocastProbe(nn.Module):
         return self.network(x)
 
 
-def with_precision(predictor, precision):
-    predictor.precision = None if precision is None else batched_predictor.choose_precision("cpu", precision)
-    return predictor
-
-
 @pytest.mark.parametrize("tiles_per_batch", [1, 4], ids=["one_tile", "batched"])
 @pytest.mark.parametrize("precision, expected", [(None, None), ("fp32", None), ("bf16", torch.bfloat16)])
 def test_the_network_runs_in_the_requested_precision_on_both_sliding_window_paths(precision, expected,
                                                                                      tiles_per_batch):
     _, _, _, network = build("SAMedTrainer")
     probe = AutocastProbe(network)
-    predictor = with_precision(predictor_for("SAMedTrainer", probe, mirroring=True, tiles_per_batch=tiles_per_batch),
-                               precision)
+    predictor = predictor_for("SAMedTrainer", probe, mirroring=True, tiles_per_batch=tiles_per_batch,
+                              precision=precision)
     logits = predictor.predict_sliding_window_return_logits(volume())
     assert probe.seen and set(probe.seen) == {expected}
     assert torch.isfinite(torch.as_tensor(logits).float()).all()
@@ -56,7 +51,7 @@ def test_every_main_network_segments_in_bf16_as_in_fp32(trainer_name):
     _, _, _, network = build(trainer_name)
     segmentations = {}
     for precision in ("fp32", "bf16"):
-        predictor = with_precision(predictor_for(trainer_name, network, mirroring=False, tiles_per_batch=4), precision)
+        predictor = predictor_for(trainer_name, network, mirroring=False, tiles_per_batch=4, precision=precision)
         logits = torch.as_tensor(predictor.predict_sliding_window_return_logits(volume())).float()
         assert torch.isfinite(logits).all()
         segmentations[precision] = logits.argmax(0)
