@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samunet.backbones.attention import dot_product_attention
 from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
                                     SAMImageEncoder, batch_prompt_tokens, check_block_indices)
 from samunet.backbones.neck import sam_neck
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         if self.use_rel_pos:
             out = attention_with_rel_pos(q, k, v, self.rel_pos_h, self.rel_pos_w, grid)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samunet.backbones.attention import dot_product_attention
 from samunet.backbones.base import (AttentionAdapters, BlockAdapters, EncoderAdapters, EncoderOutput, QKVProjection,
                                     SAMImageEncoder, batch_prompt_tokens, check_block_indices)
 from samunet.backbones.neck import sam_neck
@@ -307,9 +308,9 @@ class WindowAttention(nn.Module):
         window, head_dim = self.window_size, self.head_dim
         qkv, rows, cols = self._window_qkv(x)
         q, k, v = qkv.split(head_dim, dim=-1)
-        # a 4-d float mask lets SDPA use its fused CPU kernel; the gather runs every forward
+        # a 4-d float mask lets SDPA use its fused kernel in float32; the gather runs every forward
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
+        out = dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
         # the projection runs per window (its input is a free view of SDPA's output); one copy
         # puts the windows back on the grid
         out = self.proj(out.transpose(1, 2).reshape(-1, window * window, dim))
@@ -332,7 +333,7 @@ class WindowAttention(nn.Module):
         q, k, v = torch.cat([qkv, prompt_qkv], dim=2).split(head_dim, dim=-1)
         bias = self.attention_biases[:, self.attention_bias_idxs]
         bias = F.pad(bias, (0, num_prompts, 0, num_prompts)).unsqueeze(0).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
+        out = dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim ** -0.5)
         image = out[:, :, :window * window].reshape(batch, rows, cols, heads, window, window, head_dim)
         image = image.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window, cols * window, dim)
         extra = out[:, :, window * window:].reshape(batch, rows * cols, heads, num_prompts, head_dim)

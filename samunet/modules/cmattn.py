@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samunet.backbones.attention import dot_product_attention
+
 
 def class_balanced_noise_std(frequencies: torch.Tensor, max_noise_std: float) -> torch.Tensor:
     """(K,) class frequencies (any non-negative scale) -> (K,) float32 noise standard deviations, on the
@@ -105,7 +107,7 @@ class ClassBalancedMaskAttention(nn.Module):
         tokens = self.lift(probabilities.flatten(2).transpose(1, 2))  # (B, hw, width)
         head_dim = tokens.shape[-1] // self.num_heads
         q, k, v = self.qkv(tokens).view(batch, -1, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(tokens.shape)
+        attended = dot_product_attention(q, k, v).transpose(1, 2).reshape(tokens.shape)
         tokens = self.norm(tokens + self.proj(attended))
         gate = self.compress(tokens).transpose(1, 2).reshape(batch, 1, height, width)
         return image_embedding + image_embedding * gate
