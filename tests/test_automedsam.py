@@ -281,6 +281,26 @@ def test_only_the_class_prompt_encoder_mask_decoder_and_uncertainties_train_and_
     assert network.uncertainty.log_variances.requires_grad
 
 
+def test_the_lora_variant_adapts_the_encoder_through_lora_alone_and_the_training_loss_reaches_it():
+    """``lora_rank`` > 0 (AutoMedSAMTrainer_lora): SAMed's LoRA on q and v of every attention layer trains; the
+    encoder's released weights stay frozen, and a class prompt's mask loss sends a gradient into every LoRA."""
+    network = tiny_network(lora_rank=4)
+    trainable = {name.split(".")[0] for name, p in network.named_parameters() if p.requires_grad}
+    assert trainable == {"class_prompt_encoder", "mask_decoder", "uncertainty", "lora"}
+    assert not any(p.requires_grad for p in network.image_encoder.parameters())
+    assert len(network.lora) == len(network.image_encoder.qkv_projections())
+    for lora in network.lora:  # LoRA's up-projections start at zero: give them values so every A gets a gradient
+        for p in lora.parameters():
+            if not p.abs().sum():
+                torch.nn.init.normal_(p, std=0.1)
+    prediction = network.train()(torch.randn(2, 1, IMG_SIZE, IMG_SIZE), class_labels=torch.tensor([1, 2]))
+    prediction.mask_logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.lora.parameters())
+    assert tiny_network().lora is None  # the paper's default: no LoRA, the encoder frozen
+    with pytest.raises(ConfigurationError, match="lora_rank"):
+        tiny_network(lora_rank=-1)
+
+
 def test_all_class_output_merges_the_per_class_probabilities_and_follows_the_class_selection():
     probabilities = torch.zeros(1, 3, 1, 3)
     probabilities[0, 1] = torch.tensor([0.9, 0.2, 0.7])
@@ -659,6 +679,19 @@ def test_the_one_class_variant_trains_every_module_at_one_lr(nnunet_root):
     assert_adamw_groups(trainer, class_prompt_lr_factor=1.0)
     trainer.lr_scheduler.step(50)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4 * 0.5 ** 0.9] * 3)
+
+
+def test_the_lora_variant_trains_the_encoders_lora_at_samed_lr_in_a_group_of_its_own(nnunet_root):
+    trainer = real_trainer("AutoMedSAMTrainer_lora")
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 4
+    lora = {id(p) for p in trainer.network_module.lora.parameters()}
+    assert lora and {id(p) for p in groups[3]["params"]} == lora and len(groups[3]["params"]) == len(lora)
+    assert not any(id(p) in lora for group in groups[:3] for p in group["params"])
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-3, 1e-4, 1e-3])  # LoRA at SAMedTrainer's lr
+    assert groups[3]["weight_decay"] == 0.01
+    trainer.lr_scheduler.step(50)
+    assert groups[3]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
 
 
 def test_continuing_a_checkpoint_written_before_the_class_prompt_group_is_refused_in_one_line(nnunet_root, tmp_path):

@@ -1,6 +1,8 @@
 """AutoMedSAM (diffusion-empowered auto-prompt MedSAM): class-index prompted SAM.
 
-- Frozen image encoder (LiteMedSAM by default; MedSAM ViT-B with ``--backbone vit_b --weights medsam_vit_b``).
+- Frozen image encoder (LiteMedSAM by default; MedSAM ViT-B with ``--backbone vit_b --weights medsam_vit_b``),
+  as in the paper; ``lora_rank`` > 0 adds SAMed's rank-r LoRA on q and v of every attention layer
+  (samunet's ``AutoMedSAMTrainer_lora`` variant, not the paper's).
 - ``class_prompt_encoder``: :class:`samunet.modules.diffusion_prompt_encoder.DiffusionClassPromptEncoder`
   turns (image embedding, class k) into SAM's sparse and dense prompt embeddings.
 - The dense branch predicts a residual on the frozen prompt encoder's learned 'no mask' embedding
@@ -32,6 +34,7 @@ from samunet.backbones.catalog import get_backbone_spec
 from samunet.errors import ConfigurationError
 from samunet.modules.decoders import decode_masks, freeze_iou_head
 from samunet.modules.diffusion_prompt_encoder import DiffusionClassPromptEncoder
+from samunet.modules.lora import add_qv_lora
 from samunet.modules.uncertainty_loss import LOSS_TERMS, UncertaintyWeighting
 from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 
@@ -69,7 +72,7 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
     ``forward(x)`` (B, C, S, S) -> log-probabilities (B, K, S, S)."""
 
     def __init__(self, config: SAMNetworkConfig, *, num_sparse_tokens: int = 2, num_timesteps: int = 1000,
-                 max_noise_scale: float = 1.0) -> None:
+                 max_noise_scale: float = 1.0, lora_rank: int = 0) -> None:
         if config.num_classes < 2:
             raise ConfigurationError("AutoMedSAM needs at least one foreground class")
         super().__init__(config)
@@ -83,14 +86,17 @@ class AutoMedSAMNetwork(SAMSegmentationNetwork):
         self.register_buffer("whole_image_box", torch.tensor([[0.0, 0.0, self.img_size - 1.0, self.img_size - 1.0]]),
                              persistent=False)
         self.predict_classes: list[int] | None = None
+        if lora_rank < 0:
+            raise ConfigurationError(f"lora_rank must be >= 0 (0: the paper's frozen encoder), got {lora_rank}")
+        self.lora = add_qv_lora(self.image_encoder.qkv_projections(), rank=lora_rank) if lora_rank else None
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        """The class-prompt encoder, the mask decoder and the loss's s_i train; of the decoder's released mask
-        tokens only the first (SAM's single-mask output) is read, so the other tokens' hypernetwork MLPs,
-        like the IoU head, would never receive a gradient and stay frozen (the tokens themselves still
-        shape the first through the decoder's attention and train)."""
-        self.train_only(self.class_prompt_encoder, self.mask_decoder, self.uncertainty)
+        """The class-prompt encoder, the mask decoder, the loss's s_i and, with ``lora_rank`` > 0, the encoder's
+        LoRA train; of the decoder's released mask tokens only the first (SAM's single-mask output) is read, so
+        the other tokens' hypernetwork MLPs, like the IoU head, would never receive a gradient and stay frozen
+        (the tokens themselves still shape the first through the decoder's attention and train)."""
+        self.train_only(self.class_prompt_encoder, self.mask_decoder, self.uncertainty, self.lora)
         freeze_iou_head(self.mask_decoder)
         for mlp in self.mask_decoder.output_hypernetworks_mlps[1:]:
             mlp.requires_grad_(False)

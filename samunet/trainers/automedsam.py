@@ -48,6 +48,8 @@ from samunet.trainers.base import SAMTrainerBase
 PRESENT_CLASS_PROBABILITY = 0.8
 CLASSES_PER_IMAGE = 3
 CLASS_PROMPT_LR_FACTOR = 10.0
+# AutoMedSAMTrainer_lora: the encoder's LoRA at 10 x the decoder's 1e-4, i.e. SAMedTrainer's LoRA lr (1e-3)
+LORA_LR_FACTOR = 10.0
 UNCERTAINTY_LOG_KEY = "uncertainty_s"
 
 
@@ -121,6 +123,7 @@ class AutoMedSAMTrainer(SAMTrainerBase):
     present_class_probability = PRESENT_CLASS_PROBABILITY
     classes_per_image = CLASSES_PER_IMAGE
     class_prompt_lr_factor = CLASS_PROMPT_LR_FACTOR
+    lora_lr_factor = LORA_LR_FACTOR
 
     def initialize(self):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
@@ -132,21 +135,27 @@ class AutoMedSAMTrainer(SAMTrainerBase):
         self.add_log_key(UNCERTAINTY_LOG_KEY)
 
     def parameter_groups(self) -> list[dict]:
-        """Three AdamW groups: the mask decoder (and any other trainable part) at the initial lr with weight
-        decay; the class-prompt encoder at ``class_prompt_lr_factor`` times that lr (``lr_factor``, which the
-        schedules keep) with weight decay; the loss's log-variances at the initial lr without decay (decay
-        would pull every s_i towards 1). The first group's lr is the one nnU-Net logs."""
+        """AdamW groups: the mask decoder (and any other trainable part) at the initial lr with weight decay; the
+        class-prompt encoder at ``class_prompt_lr_factor`` times that lr (``lr_factor``, which the schedules keep)
+        with weight decay; the loss's log-variances at the initial lr without decay (decay would pull every s_i
+        towards 1); with an encoder LoRA (``AutoMedSAMTrainer_lora``), the LoRA at ``lora_lr_factor`` times the
+        lr with weight decay. The first group's lr is the one nnU-Net logs."""
         module = self.network_module
         uncertainty = set(module.uncertainty.parameters())
         class_prompts = set(module.class_prompt_encoder.parameters())
+        lora = set(module.lora.parameters()) if module.lora is not None else set()
         trainable = list(module.trainable_parameters())
         factor = float(self.class_prompt_lr_factor)
-        return [{"params": [p for p in trainable if p not in uncertainty and p not in class_prompts],
-                 "weight_decay": self.weight_decay, "lr": self.initial_lr, "lr_factor": 1.0},
-                {"params": [p for p in trainable if p in class_prompts], "weight_decay": self.weight_decay,
-                 "lr": self.initial_lr * factor, "lr_factor": factor},
-                {"params": [p for p in trainable if p in uncertainty], "weight_decay": 0.0,
-                 "lr": self.initial_lr, "lr_factor": 1.0}]
+        groups = [{"params": [p for p in trainable if p not in uncertainty | class_prompts | lora],
+                   "weight_decay": self.weight_decay, "lr": self.initial_lr, "lr_factor": 1.0},
+                  {"params": [p for p in trainable if p in class_prompts], "weight_decay": self.weight_decay,
+                   "lr": self.initial_lr * factor, "lr_factor": factor},
+                  {"params": [p for p in trainable if p in uncertainty], "weight_decay": 0.0,
+                   "lr": self.initial_lr, "lr_factor": 1.0}]
+        if lora:
+            groups.append({"params": [p for p in trainable if p in lora], "weight_decay": self.weight_decay,
+                           "lr": self.initial_lr * self.lora_lr_factor, "lr_factor": float(self.lora_lr_factor)})
+        return groups
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.initial_lr, betas=(0.9, 0.999), eps=1e-8)
@@ -220,3 +229,13 @@ class AutoMedSAMTrainer_one_class(AutoMedSAMTrainer):
 
     classes_per_image = 1
     class_prompt_lr_factor = 1.0
+
+
+@TRAINERS.register()
+class AutoMedSAMTrainer_lora(AutoMedSAMTrainer):
+    """Not the paper's: the image encoder adapted with SAMed's LoRA (rank 4 on q and v of every attention layer,
+    at SAMedTrainer's lr 1e-3) instead of frozen; everything else is AutoMedSAMTrainer's. On real brain MRI the
+    frozen encoder's features, prompted with the ground-truth box, segment three of four structures poorly,
+    and the trainers that adapt the encoder (SAMed, H-SAM) learn them (docs/methods/automedsam.md)."""
+
+    network_kwargs = {"lora_rank": 4}
