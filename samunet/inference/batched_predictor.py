@@ -17,10 +17,12 @@ Tiles per batch (:func:`default_tiles_per_batch`):
   trainers): the planner sized it for training, which holds activations and gradients, so the same
   number of tiles fits without gradients;
 - on a CPU (and MPS), :data:`CPU_PIXELS_PER_BATCH` input pixels per call (8 slices at 256 px, 2 at 512, 1 at
-  1024; a stack of D slices counts D), at least one tile: the memory of a call grows with its pixels, and on a
-  CPU a larger batch only costs memory (the gain comes from filling the matrix kernels and from fewer small
-  operations, which a few images already do). The planned batch is not used there: it is sized for a GPU and
-  capped by the data set's size;
+  1024), at least one tile: the memory of a call grows with its pixels, and on a CPU a larger batch only costs
+  memory (the gain comes from filling the matrix kernels and from fewer small operations, which a few images
+  already do). A (D, S, S) slice stack (Self-Prompt-SAM) runs one per call: a stack already fills the kernels,
+  and two stacks per call were slower than one (24 x 256 x 256 volume, LiteMedSAM, D = 3, 2-core AMD EPYC,
+  2026-12-01: 0.97x in float32, 0.80x in bfloat16; ``benchmarks/bench_predict_volume.py``). The planned batch
+  is not used there: it is sized for a GPU and capped by the data set's size;
 - overridden by the constructor's ``tiles_per_batch`` or the environment variable
   ``SAMUNET_TILES_PER_BATCH`` (the constructor wins); 1 gives nnunetv2's one-tile-at-a-time path.
 
@@ -58,9 +60,11 @@ CPU_PIXELS_PER_BATCH = 8 * 256 * 256  # input pixels per network call on a CPU: 
 
 def default_tiles_per_batch(configuration_manager: ConfigurationManager, device: torch.device) -> int:
     """Tiles per network call when none is asked for (module docstring): the planned batch size on CUDA; on
-    other devices :data:`CPU_PIXELS_PER_BATCH` pixels (a (D, S, S) stack counts D * S * S), at least one tile."""
+    other devices :data:`CPU_PIXELS_PER_BATCH` pixels, at least one tile, and one (D, S, S) slice stack."""
     if device.type == "cuda":
         return max(1, int(configuration_manager.configuration.get("batch_size", 1)))
+    if len(configuration_manager.patch_size) == 3:
+        return 1
     return max(1, CPU_PIXELS_PER_BATCH // math.prod(configuration_manager.patch_size))
 
 
