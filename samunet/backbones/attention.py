@@ -4,19 +4,20 @@
 memory-efficient kernels) and in float32 on the CPU. In bfloat16 or float16 on the CPU its fused
 kernel is slower than the three explicit operations (logits, softmax, product with v), forward
 and above all backward, at the short key lengths of windowed attention and of 256 px global
-attention. Measured on this project's 2-core AVX-512 CPU (torch 2.13, bfloat16, milliseconds,
+attention. Measured on the 2-core AMD EPYC (native bfloat16) of docs/evidence.md (torch 2.13, bfloat16, ms,
 forward / forward + backward; ``benchmarks/bench_attention_kernels.py``):
 
-    shape (batch, heads, tokens, head dim)   fused SDPA      explicit
-    TinyViT stage 2, (150, 4, 49, 32)        3.4 / 36.7      2.2 / 5.8
-    TinyViT stage 3, (12, 5, 196, 32)        2.8 / 13.8      1.9 / 4.5
-    TinyViT stage 4, (27, 10, 49, 32)        1.4 / 17.3      1.0 / 2.6
-    ViT-B window, (24, 12, 196, 96)          30.8 / 115.6    12.2 / 40.9
+    attention at 256 px, batch of 6 images   fused SDPA       explicit
+    TinyViT stage 2, (2166, 4, 49, 32)       49.3 / 550.4     35.8 / 101.8
+    TinyViT stage 3, (150, 5, 196, 32)       33.6 / 152.9     19.6 / 71.7
+    TinyViT stage 4, (600, 10, 49, 32)       33.3 / 373.2     20.2 / 55.7
+    ViT-B window, (24, 12, 196, 64)          21.2 / 81.6      9.3 / 29.6
+    ViT-B global, (6, 12, 256, 64)           8.1 / 28.1       3.3 / 10.3
 
-torch's own math backend (``SDPBackend.MATH``) computes in float32 there and was slower than both.
-At 4096 keys (ViT-B's global attention at 1024 px) the two were within 10% of each other and the
-explicit form holds the (tokens x tokens) logits, so the fused kernel is kept from
-:data:`EXPLICIT_MAX_KEYS` keys on.
+torch's own math backend (``SDPBackend.MATH``) was slower than the explicit form at every one of these shapes
+(a separate timing on the same machine). At 4096 keys (ViT-B's global attention at 1024 px) fused and explicit
+were within 20% of each other, the fused one ahead, and the explicit form holds the (tokens x tokens) logits,
+so above :data:`EXPLICIT_MAX_KEYS` keys the fused kernel is kept.
 
 The explicit form is the computation of segment-anything's and TinyViT's reference attention
 (``(q * scale) @ k^T``, an additive bias, softmax, ``@ v``); under autocast its matrix products run
