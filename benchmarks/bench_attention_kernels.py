@@ -8,7 +8,9 @@ Two parts, both in one process, each timing the two kernels side by side in the 
    fused / explicit (above 1: the explicit form is faster).
 2. One training step (forward, CE loss, backward, AdamW) of a network on LiteMedSAM at 256 px under
    autocast: samunet's choice (:func:`samunet.backbones.attention.dot_product_attention`) against
-   the fused kernel everywhere (``EXPLICIT_MAX_KEYS`` set to 0), median of ``--steps`` steps.
+   the fused kernel everywhere (``EXPLICIT_MAX_KEYS`` set to 0), median of ``--steps`` steps; samunet's
+   GFLOP/s (``FlopCounterMode``) and its share of the matmul peak in the same dtype, measured in the same run,
+   and each setting's working memory (``bench_common.working_memory_mib``).
 
     python benchmarks/bench_attention_kernels.py --dtype bf16 --networks self_prompt_sam samed
 
@@ -24,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import format_table
+from bench_common import count_flops, format_table, matmul_peak_gflops, working_memory_mib
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (name, batch of windows, heads, tokens, head dim): six 256 px images through LiteMedSAM's TinyViT
@@ -87,8 +89,9 @@ def build_network(name: str, classes: int):
     return SAMedNetwork(config).train(), torch.randn(6, 1, 256, 256)
 
 
-def step_seconds(name: str, dtype: torch.dtype, steps: int, classes: int) -> float:
-    """Median seconds of one training step (after one warm-up step) of network ``name``."""
+def step_measures(name: str, dtype: torch.dtype, steps: int, classes: int) -> tuple[float, int, float]:
+    """Median seconds of one training step (after one warm-up step) of network ``name``, its FLOPs and its
+    working memory in MiB (one untimed step each)."""
     network, image = build_network(name, classes)
     optimizer = torch.optim.AdamW(list(network.trainable_parameters()), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -109,7 +112,7 @@ def step_seconds(name: str, dtype: torch.dtype, steps: int, classes: int) -> flo
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), count_flops(step), working_memory_mib(step)
 
 
 def main() -> None:
@@ -132,17 +135,21 @@ def main() -> None:
     if not args.networks:
         return
     from samunet.backbones import attention
+    peak = matmul_peak_gflops("cpu", dtype=dtype)
+    log.info("matmul peak in %s: %.0f GFLOP/s", args.dtype, peak)
     rows = []
     for name in args.networks:
-        chosen = step_seconds(name, dtype, args.steps, args.classes)
+        chosen, flops, chosen_mib = step_measures(name, dtype, args.steps, args.classes)
         kept = attention.EXPLICIT_MAX_KEYS
         attention.EXPLICIT_MAX_KEYS = 0
         try:
-            fused = step_seconds(name, dtype, args.steps, args.classes)
+            fused, _, fused_mib = step_measures(name, dtype, args.steps, args.classes)
         finally:
             attention.EXPLICIT_MAX_KEYS = kept
-        rows.append([name, f"{fused:.2f}", f"{chosen:.2f}", f"{fused / chosen:.2f}x"])
-    log.info(format_table(["training step (LiteMedSAM 256 px)", "fused SDPA s", "samunet s", "speed-up"], rows))
+        rows.append([name, f"{fused:.2f}", f"{chosen:.2f}", f"{fused / chosen:.2f}x", f"{flops / chosen / 1e9:.0f}",
+                     f"{flops / chosen / 1e9 / peak:.0%}", f"{fused_mib:.0f}", f"{chosen_mib:.0f}"])
+    log.info(format_table(["training step (LiteMedSAM 256 px)", "fused SDPA s", "samunet s", "speed-up",
+                           "samunet GFLOP/s", "% peak", "fused working MiB", "samunet working MiB"], rows))
 
 
 if __name__ == "__main__":
