@@ -15,7 +15,8 @@ from torch import nn
 
 from samunet.modules.decoders import decode_masks
 from samunet.modules.mask_attention import token_to_image_message
-from samunet.modules.two_way_transformer import TwoWayLayerAdapters, run_two_way_transformer, two_way_block
+from samunet.modules.two_way_transformer import (TwoWayLayerAdapters, image_tokens_to_grid, run_two_way_transformer,
+                                                two_way_block)
 from samunet.sam_import import sam_modeling
 from random_weights import randomize_
 
@@ -277,3 +278,21 @@ def test_decode_masks_does_not_run_the_iou_head_and_forwards_its_adapters():
         adapted = decode_masks(decoder, embedding, pe, sparse, pe, adapters=adapters).masks
     assert calls == [0, 1]
     assert not torch.allclose(adapted, plain, atol=1e-3)
+
+
+# ---- the layout the pixel decoder runs in ----------------------------------------------------------
+
+def test_image_tokens_to_grid_is_the_contiguous_grid_of_the_tokens():
+    tokens = torch.randn(2, H * W, DIM)
+    grid = image_tokens_to_grid(tokens, H, W)
+    assert grid.shape == (2, DIM, H, W) and grid.is_contiguous()
+    assert torch.equal(grid[1, :, 2, 3], tokens[1, 2 * W + 3])
+
+
+def test_decode_masks_runs_the_pixel_decoder_in_the_contiguous_layout():
+    """A channels-last grid would carry through SAM's transposed convolutions while the gradient of the mask
+    product comes back contiguous: a mixed-layout GELU backward, several times slower on a CPU."""
+    decoder = sam_decoder()
+    embedding, pe, _ = inputs()
+    decoded = decode_masks(decoder, embedding, pe, torch.zeros(2, 0, DIM), pe)
+    assert decoded.mask_features.is_contiguous()

@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from samunet.modules.two_way_transformer import TwoWayLayerAdapters, run_two_way_transformer
+from samunet.modules.two_way_transformer import TwoWayLayerAdapters, image_tokens_to_grid, run_two_way_transformer
 
 
 class DecoderOutput(NamedTuple):
@@ -49,12 +49,12 @@ def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: t
     of the decoder's two-way transformer, or None. SAM's IoU head is not run: no samunet loss
     supervises it, and networks keep it frozen.
     """
-    batch, channels, height, width = image_embeddings.shape
+    batch, _, height, width = image_embeddings.shape
     hidden, source = run_two_way_transformer(decoder.transformer, image_embeddings + dense_prompts,
                                              image_pe.expand(batch, -1, -1, -1),
                                              decoder_tokens(decoder, sparse_prompts), adapters=adapters)
     mask_tokens = hidden[:, 1:1 + decoder.num_mask_tokens]
-    mask_features = decoder.output_upscaling(source.transpose(1, 2).reshape(batch, channels, height, width))
+    mask_features = decoder.output_upscaling(image_tokens_to_grid(source, height, width))
     return DecoderOutput(masks=hypernetwork_masks(decoder.output_hypernetworks_mlps, mask_tokens, mask_features),
                          mask_features=mask_features)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from samunet.modules.decoders import decoder_tokens
-from samunet.modules.two_way_transformer import two_way_block
+from samunet.modules.two_way_transformer import image_tokens_to_grid, two_way_block
 
 
 class ImageSideDecoderBlock(nn.Module):
@@ -52,14 +52,14 @@ class ImageSideDecoderBlock(nn.Module):
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse_prompts: torch.Tensor,
                 dense_prompts: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = image_embedding.shape
+        batch, _, height, width = image_embedding.shape
         tokens = decoder_tokens(self, sparse_prompts)
         keys = (image_embedding + dense_prompts).flatten(2).transpose(1, 2)
         key_pe = image_pe.expand(batch, -1, -1, -1).flatten(2).transpose(1, 2)
         queries = tokens
         for block in self.layers:
             queries, keys = two_way_block(block, queries, keys, tokens, key_pe)
-        return keys.transpose(1, 2).reshape(batch, channels, height, width)
+        return image_tokens_to_grid(keys, height, width)
 
 
 def top_down_fusion(projected: Sequence[torch.Tensor], decode: Callable[[int, torch.Tensor], torch.Tensor], *,

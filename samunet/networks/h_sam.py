@@ -37,7 +37,7 @@ from samunet.modules.decoders import (decoder_tokens, default_dense_prompt, empt
 from samunet.modules.lora import add_qv_lora
 from samunet.modules.mask_attention import MASK_ATTENTION_MODES
 from samunet.modules.pixel_decoder import HierarchicalPixelDecoder, sam_upscaling_levels
-from samunet.modules.two_way_transformer import run_two_way_transformer
+from samunet.modules.two_way_transformer import image_tokens_to_grid, run_two_way_transformer
 from samunet.networks.base import SAMNetworkConfig, SAMSegmentationNetwork
 from samunet.sam_import import sam_modeling
 
@@ -59,13 +59,13 @@ def decode_stage_one(decoder: nn.Module, image_embedding: torch.Tensor, image_pe
 
     image_embedding: (B, C, h, w); image_pe, dense_prompt: (1, C, h, w); sparse_prompts: (B, N, C).
     """
-    batch, channels, height, width = image_embedding.shape
+    batch, _, height, width = image_embedding.shape
     hidden, image_tokens = run_two_way_transformer(decoder.transformer, image_embedding + dense_prompt,
                                                    image_pe.expand(batch, -1, -1, -1),
                                                    decoder_tokens(decoder, sparse_prompts))
     class_tokens = hidden[:, 1:1 + decoder.num_mask_tokens]
     mask_feature = (class_tokens @ image_tokens.transpose(1, 2)).view(batch, -1, height, width)
-    grid = image_tokens.transpose(1, 2).reshape(batch, channels, height, width)
+    grid = image_tokens_to_grid(image_tokens, height, width)
     levels = sam_upscaling_levels(decoder.output_upscaling, grid)
     logits = hypernetwork_masks(decoder.output_hypernetworks_mlps, class_tokens, levels[1])
     return StageOneOutput(logits=logits, mask_feature=mask_feature, levels=levels)
@@ -119,7 +119,7 @@ class HSAMStageTwoDecoder(nn.Module):
                 dense_prompt: torch.Tensor, stage_one: StageOneOutput,
                 ground_truth: torch.Tensor | None = None) -> torch.Tensor:
         """ground_truth: the label map (B, 1, H, W) for CMAttn's training noise (None in eval)."""
-        batch, channels, height, width = image_embedding.shape
+        batch, _, height, width = image_embedding.shape
         if self.cmattn is not None:
             image_embedding = self.cmattn(image_embedding, stage_one.mask_feature, ground_truth)
         tokens = decoder_tokens(self, sparse_prompts)
@@ -129,7 +129,7 @@ class HSAMStageTwoDecoder(nn.Module):
             self.transformer, image_embedding + dense_prompt, image_pe.expand(batch, -1, -1, -1), tokens,
             token_masks=token_masks, mask_mode=self.mask_attention)
         class_tokens = hidden[:, 1:1 + self.num_mask_tokens]
-        grid = image_tokens.transpose(1, 2).reshape(batch, channels, height, width)
+        grid = image_tokens_to_grid(image_tokens, height, width)
         if self.pixel_decoder is not None:
             features = self.pixel_decoder(grid, stage_one.levels)
         else:
