@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench_common import count_flops, format_table, matmul_peak_gflops, working_memory_mib
+from bench_common import count_flops, format_table, matmul_peak_gflops, median_seconds, working_memory_mib
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (name, batch of windows, heads, tokens, head dim): six 256 px images through LiteMedSAM's TinyViT
@@ -106,13 +105,7 @@ def step_measures(name: str, dtype: torch.dtype, steps: int, classes: int) -> tu
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), count_flops(step), working_memory_mib(step)
+    return median_seconds(step, steps), count_flops(step), working_memory_mib(step)
 
 
 def main() -> None:

@@ -10,11 +10,13 @@
   above a baseline, for one model per process.
 * :func:`working_memory_mib`: peak bytes of the tensors one call allocates and keeps alive at once
   (any device, in-process; the weights and inputs made before the call do not count).
+* :func:`median_seconds`: the median time of repeated calls after a warm-up call.
 * :func:`format_table`: one fixed-width table for the log.
 """
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 import weakref
 from typing import Callable, Sequence
@@ -99,6 +101,18 @@ class PeakTensorMemory(TorchDispatchMode):
                     self.peak = max(self.peak, self.live)
                     weakref.finalize(storage, self._release, key, storage.nbytes())
         return out
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``call()``, after one untimed warm-up call (CPU work;
+    a CUDA caller synchronises inside ``call``)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def working_memory_mib(function: Callable[[], object]) -> float:

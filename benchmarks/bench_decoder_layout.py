@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 from unittest import mock
 
 import torch
 
-from bench_common import count_flops, format_table, matmul_peak_gflops, working_memory_mib
+from bench_common import count_flops, format_table, matmul_peak_gflops, median_seconds, working_memory_mib
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -56,16 +54,6 @@ def decoder_call(rows: int, dtype: torch.dtype):
             masks = decode_masks(decoder, embedding, image_pe, sparse, dense).masks
         masks.float().square().mean().backward()
     return call
-
-
-def median_seconds(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
