@@ -22,6 +22,19 @@ def litemedsam_checkpoint(request) -> Path:
     return fetch("litemedsam", request.config.cache.mkdir("samunet_weights"))
 
 
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same torch, numpy and Python random state, so random inputs, and the
+    tolerances they are checked against, do not change from run to run."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (timings and float sums that do not depend on the core count)."""
