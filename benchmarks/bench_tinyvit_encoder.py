@@ -38,6 +38,14 @@ size |         mode | ours s/img | ref s/img | ref/ours | ours GFLOP/img | ours 
   96 |      forward |     0.0553 |    0.0755 |    1.37x |           10.1 |        182.0 |        49% |       143.9 |       39% |       65 |     126 |   3.23e-06
   96 | lora fwd+bwd |     0.1261 |    0.1595 |    1.27x |           18.5 |        146.7 |        40% |       131.2 |       36% |      386 |     491 |   3.37e-06
 
+On 2026-12-02, alone on a slower 2-core AMD EPYC (fp32 matmul peak 131 GFLOP/s in the same run, 2 threads,
+``--repeats 3``, batch 4, 256 px): forward 0.771 s/img against 1.412 (1.83x, 69% of peak), LoRA fwd+bwd 1.619 against
+3.263 (2.02x, 60% of peak); the reference reaches 33-40% of the peak there against 13-17% on the machine above, so
+the ratio depends on the CPU. A profile of ours (LoRA fwd+bwd, one step of 4 images, 8.3 s under the profiler) put
+the frozen linear layers' forward (addmm, 20%) and their input gradients (mm, 32%, of which about 0.5 s is the
+benchmark's rank-4 LoRA products, memory-bound) first, the fused attention's forward and backward at 21%, the
+convolutions at 11%, and GELU backward at 3.5%.
+
 An earlier run the same day beside other jobs (load average 1.6-4.9, last column), torch 2.13.0+cpu, ``--threads 1 --repeats 3``, batch 4, fp32, seconds per image
 (median of 3 interleaved); fp32 matmul peak 180.3 GFLOP/s (2048^3, best of 5, this run):
 
