@@ -69,29 +69,33 @@ def test_lora_starts_as_the_identity(backbone):
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)
 def test_lora_adds_its_low_rank_update_to_q_and_v_and_leaves_k_unchanged(backbone):
+    """Both of LoRA's paths (merged weight without autograd, addmm on the output with it)."""
     encoder = tiny_encoder(backbone)
     layers = with_lora(encoder)
     for projection, lora in zip(encoder.qkv_projections(), layers):
         owner = projection.owner
-        seen = []
-        handle = owner.qkv.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        seen = []  # TinyViT normalises x before the linear: record the linear's input
+        owner.adapters = AttentionAdapters(qkv=lambda linear, inputs: seen.append(inputs) or lora(linear, inputs))
         x = torch.randn(2, 5, owner.qkv.in_features)
-        with torch.no_grad():
-            adapted = owner.project_qkv(x)
-            linear_input = seen[-1]  # TinyViT normalises x before the linear
-            owner.adapters = AttentionAdapters()
-            plain = owner.project_qkv(x)
-            owner.adapters = AttentionAdapters(qkv=lora)
-        handle.remove()
-        q, v = projection.q_channels, projection.v_channels
-        k = torch.tensor(sorted(set(range(owner.qkv.out_features)) - set(q.tolist()) - set(v.tolist())))
-        assert len(k) == len(q) == len(v)
-        delta = adapted - plain
-        assert torch.equal(delta[..., k], torch.zeros_like(delta[..., k]))
-        scale = ALPHA / RANK
-        assert torch.allclose(delta[..., q], scale * linear_input @ lora.q_down.weight.T @ lora.q_up.weight.T, atol=1e-5)
-        assert torch.allclose(delta[..., v], scale * linear_input @ lora.v_down.weight.T @ lora.v_up.weight.T, atol=1e-5)
-        assert (delta[..., q].abs().amax(dim=(0, 1)) > 0).all() and (delta[..., v].abs().amax(dim=(0, 1)) > 0).all()
+        for autograd in (False, True):
+            with torch.set_grad_enabled(autograd):
+                adapted = owner.project_qkv(x).detach()
+                linear_input = seen[-1].detach()
+                owner.adapters, saved = AttentionAdapters(), owner.adapters
+                plain = owner.project_qkv(x).detach()
+                owner.adapters = saved
+            q, v = projection.q_channels, projection.v_channels
+            k = torch.tensor(sorted(set(range(owner.qkv.out_features)) - set(q.tolist()) - set(v.tolist())))
+            assert len(k) == len(q) == len(v)
+            delta = adapted - plain
+            assert torch.equal(delta[..., k], torch.zeros_like(delta[..., k]))
+            scale = ALPHA / RANK
+            with torch.no_grad():
+                expected_q = scale * linear_input @ lora.q_down.weight.T @ lora.q_up.weight.T
+                expected_v = scale * linear_input @ lora.v_down.weight.T @ lora.v_up.weight.T
+            assert torch.allclose(delta[..., q], expected_q, atol=1e-5)
+            assert torch.allclose(delta[..., v], expected_v, atol=1e-5)
+            assert (delta[..., q].abs().amax(dim=(0, 1)) > 0).all() and (delta[..., v].abs().amax(dim=(0, 1)) > 0).all()
 
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)
@@ -111,7 +115,7 @@ def test_the_channels_lora_leaves_alone_are_the_keys_the_attention_uses(backbone
         def shifted(channels):
             shift = torch.zeros(owner.qkv.out_features)
             shift[channels] = torch.randn(len(channels), generator=generator)
-            owner.adapters = AttentionAdapters(qkv=lambda inputs, qkv: qkv + shift)
+            owner.adapters = AttentionAdapters(qkv=lambda linear, inputs: linear(inputs) + shift)
             with torch.no_grad():
                 out = owner(x)
             owner.adapters = AttentionAdapters()
@@ -164,6 +168,30 @@ def test_lora_acts_on_every_qkv_call_path_as_its_merged_weight(path):
     for a, b, c in zip(out, expected, without):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
         assert not torch.allclose(a, c, atol=1e-3)  # the update matters on this path
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_lora_computes_the_same_update_with_and_without_autograd_and_trains_every_factor(backbone):
+    """Without autograd LoRA runs the linear once with the merged weight; with autograd it adds the
+    update to the frozen linear's output (one addmm). Both paths give the merged layer's output, and
+    the addmm path's gradients reach A and B of q and v, and equal the merged weight's."""
+    encoder = tiny_encoder(backbone, 96)
+    layers = with_lora(encoder)
+    image = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        without_autograd = encoder(image).embedding
+    with_autograd = encoder(image).embedding
+    assert torch.allclose(with_autograd, without_autograd, atol=1e-4)
+    with_autograd.square().mean().backward()
+    grads = [p.grad.clone() for p in layers.parameters()]
+    assert all(g.abs().amax() > 0 for g in grads)
+    layers.zero_grad()
+    for layer in layers:  # the same loss through the merged weight, with autograd
+        owner = next(p.owner for p in encoder.qkv_projections() if p.owner.adapters.qkv is layer)
+        owner.adapters = AttentionAdapters(qkv=lambda linear, x, lora=layer: nn.functional.linear(
+            x, lora.merged_weight(linear.weight), linear.bias))
+    encoder(image).embedding.square().mean().backward()
+    assert all(torch.allclose(g, p.grad, rtol=1e-3, atol=1e-6) for g, p in zip(grads, layers.parameters()))
 
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)

@@ -119,7 +119,8 @@ def test_padding_gets_the_qkv_adapters_projection_of_a_zero_token():
     randomize_(encoder)
     block = encoder.blocks[0]
     shift = torch.randn(96)
-    block.attn.adapters = block.attn.adapters._replace(qkv=lambda x, qkv: qkv + torch.tanh(x).sum(-1, True) + shift)
+    block.attn.adapters = block.attn.adapters._replace(
+        qkv=lambda linear, x: linear(x) + torch.tanh(x).sum(-1, True) + shift)
     y = block.norm1(torch.randn(1, 5, 5, 32))
     windows, padded = window_partition(y, 3)  # SAM: zero-pad the normed tokens, then project everything
     by_hand = block.attn(windows).reshape(1, 2, 2, 3, 3, 32).transpose(2, 3).reshape(1, 6, 6, 32)[:, :5, :5]

@@ -59,13 +59,14 @@ class AttentionAdapters(NamedTuple):
     """Trainable modules a method inserts into one attention layer of a frozen encoder (held in a
     plain tuple, like :class:`BlockAdapters`, so the encoder's state_dict is unchanged).
 
-    ``qkv`` maps (the fused ``qkv`` linear's input (..., C), its output (..., 3C')) to the output
-    the layer uses instead; LoRA adds its low-rank update to q and v this way. It must be token-wise
+    ``qkv`` maps (the frozen fused ``qkv`` linear, its input (..., C)) to the (..., 3C') output the
+    layer uses in the linear's place; LoRA adds its low-rank update to q and v this way (and may
+    merge it into the weight rather than run the linear first). It must be token-wise
     (each output token depends on its own input token only): the ViT projects the real tokens of a
     windowed block and pads the windows with the projection of one zero token.
     """
 
-    qkv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    qkv: Callable[[nn.Linear, torch.Tensor], torch.Tensor] | None = None
 
 
 class EncoderAdapters(NamedTuple):

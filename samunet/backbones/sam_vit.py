@@ -108,8 +108,7 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> the fused (..., 3 * dim) q, k, v, through the layer's ``qkv`` adapter slot."""
-        qkv = self.qkv(x)
-        return qkv if self.adapters.qkv is None else self.adapters.qkv(x, qkv)
+        return self.qkv(x) if self.adapters.qkv is None else self.adapters.qkv(self.qkv, x)
 
     def attend(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """qkv: (B, H*W + c, 3 * dim) from :meth:`project_qkv`, the grid's tokens row-major, then c
