@@ -15,8 +15,8 @@ from torch import nn
 
 from samunet.modules.decoders import decode_masks
 from samunet.modules.mask_attention import token_to_image_message
-from samunet.modules.two_way_transformer import (TwoWayLayerAdapters, image_tokens_to_grid, run_two_way_transformer,
-                                                two_way_block)
+from samunet.modules.two_way_transformer import (TwoWayLayerAdapters, grid_to_tokens, image_tokens_to_grid,
+                                                positional_tokens, run_two_way_transformer, two_way_block)
 from samunet.sam_import import sam_modeling
 from random_weights import randomize_
 
@@ -296,3 +296,27 @@ def test_decode_masks_runs_the_pixel_decoder_in_the_contiguous_layout():
     embedding, pe, _ = inputs()
     decoded = decode_masks(decoder, embedding, pe, torch.zeros(2, 0, DIM), pe)
     assert decoded.mask_features.is_contiguous()
+
+
+def test_grid_tokens_have_their_channels_innermost_and_a_broadcast_grid_is_copied_once():
+    grid = torch.randn(2, DIM, H, W)
+    expected = grid.flatten(2).transpose(1, 2)
+    for layout in (grid, grid.contiguous(memory_format=torch.channels_last)):
+        tokens = grid_to_tokens(layout)
+        assert torch.equal(tokens, expected) and tokens.stride(-1) == 1
+    channels_last = grid.contiguous(memory_format=torch.channels_last)
+    assert grid_to_tokens(channels_last).data_ptr() == channels_last.data_ptr()  # a view, no copy
+    broadcast = grid_to_tokens(grid[:1].expand(3, -1, -1, -1))
+    assert broadcast.shape == (3, H * W, DIM) and broadcast.stride()[0] == 0 and broadcast.stride(-1) == 1
+    assert torch.equal(broadcast[2], expected[0])
+
+
+def test_positional_tokens_take_the_dtype_the_sum_with_the_keys_promotes_to():
+    """Under autocast the encoding is bfloat16 and the keys float32: the encoding's tokens are cast once,
+    so ``keys + key_pe`` adds two float32 tensors and gives the same sums as the mixed addition."""
+    image_pe = torch.randn(1, DIM, H, W).to(torch.bfloat16).expand(2, -1, -1, -1)
+    keys = torch.randn(2, H * W, DIM)
+    key_pe = positional_tokens(image_pe, keys.dtype)
+    assert key_pe.dtype == torch.float32 and key_pe.stride()[0] == 0
+    assert torch.equal(keys + key_pe, keys + image_pe.flatten(2).transpose(1, 2))
+    assert positional_tokens(image_pe, torch.bfloat16).dtype == torch.bfloat16

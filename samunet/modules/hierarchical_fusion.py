@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from samunet.modules.decoders import decoder_tokens
-from samunet.modules.two_way_transformer import image_tokens_to_grid, two_way_block
+from samunet.modules.two_way_transformer import (grid_to_tokens, image_tokens_to_grid, positional_tokens,
+                                                     two_way_block)
 
 
 class ImageSideDecoderBlock(nn.Module):
@@ -54,8 +55,8 @@ class ImageSideDecoderBlock(nn.Module):
                 dense_prompts: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = image_embedding.shape
         tokens = decoder_tokens(self, sparse_prompts)
-        keys = (image_embedding + dense_prompts).flatten(2).transpose(1, 2)
-        key_pe = image_pe.expand(batch, -1, -1, -1).flatten(2).transpose(1, 2)
+        keys = grid_to_tokens(image_embedding + dense_prompts)
+        key_pe = positional_tokens(image_pe.expand(batch, -1, -1, -1), keys.dtype)
         queries = tokens
         for block in self.layers:
             queries, keys = two_way_block(block, queries, keys, tokens, key_pe)
