@@ -346,3 +346,19 @@ def test_trainable_batchnorms_see_the_whole_batch(small_passes, unoptimised):
     # frozen (eval-mode) BatchNorms: images are independent again, and grouped
     encoder.requires_grad_(False).train()
     assert encoder._images_per_pass(x) == 2
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_in_place_gelu_equals_torch_gelu_in_either_layout(memory_format):
+    """The in-place GELU runs on a flat view of a channels-last tensor (half the time of torch's
+    kernel on the 4-d view, whose scalar loop rounds differently in the last bits); the values (to
+    rounding) and the layout are those of ``F.gelu``."""
+    from samunet.backbones.tiny_vit import gelu
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=memory_format)
+    expected = nn.functional.gelu(x)
+    out = gelu(x.clone(memory_format=torch.preserve_format))
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+    assert out.is_contiguous(memory_format=memory_format)
+    trained = x.clone().requires_grad_()
+    result = gelu(trained)  # autograd needs its input: out of place
+    assert result.grad_fn is not None and torch.equal(trained, x) and torch.allclose(result, expected, atol=1e-6)

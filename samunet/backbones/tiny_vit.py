@@ -83,8 +83,17 @@ SIZE_MULTIPLE = 16
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact GELU; in place when autograd does not need ``x``, which must be a fresh
-    intermediate (reusing its buffer saves the page faults of a new large allocation)."""
-    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
+    intermediate (reusing its buffer saves the page faults of a new large allocation).
+
+    A channels-last (B, C, H, W) tensor is dense but not contiguous, and torch's CPU GELU runs at
+    half speed on it: 9.3 ms against 4.3 ms on the same memory viewed flat (256 channels at 256 x
+    256, bf16 or fp32, 2-core AMD EPYC, 2026-12-02). In place, it runs on the flat view."""
+    if x.requires_grad:
+        return F.gelu(x)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        torch.ops.aten.gelu_(x.permute(0, 2, 3, 1).view(-1))
+        return x
+    return torch.ops.aten.gelu_(x)
 
 
 MKLDNN_AVAILABLE = torch.backends.mkldnn.is_available()
@@ -294,8 +303,7 @@ class WindowAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm then the fused qkv projection, (..., dim) -> (..., 3 * dim), through the ``qkv`` adapter slot."""
         normed = self.norm(x)
-        qkv = self.qkv(normed)
-        return qkv if self.adapters.qkv is None else self.adapters.qkv(normed, qkv)
+        return self.qkv(normed) if self.adapters.qkv is None else self.adapters.qkv(self.qkv, normed)
 
     def qkv_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of the q and of the v channels in ``qkv``'s output (each heads * head_dim)."""
