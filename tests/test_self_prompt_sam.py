@@ -30,7 +30,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 import samunet.networks.self_prompt_sam as self_prompt_module
 from samunet.modules.channel_adapters import MAdapter, MCAdapter
 from samunet.modules.decoders import decode_masks
-from samunet.modules.depth_adapters import ADAPTER_MODES, DepthAdapter, DepthPositionalEmbedding
+from samunet.modules.depth_adapters import ADAPTER_MODES, DepthAdapter, DepthMLP, DepthPositionalEmbedding
 from samunet.modules.prompt_generators import MSPGenerator, StackedCNNPromptGenerator
 from samunet.modules.self_prompts import ClassPrompts, encode_class_prompts, prompts_from_auxiliary_logits
 from samunet.modules.two_way_transformer import TwoWayLayerAdapters
@@ -150,6 +150,22 @@ def test_every_parameter_of_a_decoder_adapter_moves_the_layernorm_that_reads_its
                 inert.append(name)
             parameter.copy_(saved)
     assert not inert, f"parameters with no effect after the LayerNorm: {inert}"
+
+
+@pytest.mark.parametrize("output_bias", [True, False])
+def test_depth_mlp_is_the_two_layer_mlp_over_the_slices_of_each_stack(output_bias):
+    """s(X^T W_Dup) W_Ddn over the depth axis: per stack, token and channel, slice d' gets
+    W_Ddn[d', :] . GELU(W_Dup x + b_Dup) (+ b_Ddn) of that position's D slices."""
+    torch.manual_seed(0)
+    mlp = DepthMLP(3, output_bias=output_bias)
+    randomise(mlp)
+    x = torch.randn(6, 4, 5, 8)  # two stacks of three slices
+    stacks = x.reshape(2, 3, 4, 5, 8)
+    hidden = F.gelu(torch.einsum("ed,sdhwc->sehwc", mlp.up.weight, stacks) + mlp.up.bias.view(1, -1, 1, 1, 1))
+    expected = torch.einsum("de,sehwc->sdhwc", mlp.down.weight, hidden)
+    if output_bias:
+        expected = expected + mlp.down.bias.view(1, -1, 1, 1, 1)
+    assert torch.allclose(mlp(x), expected.reshape(x.shape), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ADAPTER_MODES)

@@ -51,9 +51,20 @@ class DepthMLP(nn.Module):
                 nn.init.zeros_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each stack is a (D, rest) matrix and each layer one (D_out, D_in) @ (D_in, rest) product, batched
+        # over the stacks: the rest stays contiguous. Moving D last instead makes a linear layer with 3-12
+        # input features over every token and channel, plus two transposing copies: on a 2-core AMD EPYC
+        # (2026-12-02; 6 stacks of 3 slices, 128 x 128 tokens, 32 channels) 78 ms (fp32) and 125 ms (bf16)
+        # per MLP against 46 and 33 ms here; at D = 9, 105 / 55 ms against 113 / 50 ms.
         check_whole_stacks(x, self.depth)
-        stacks = x.reshape(x.shape[0] // self.depth, self.depth, *x.shape[1:])
-        mixed = self.down(self.act(self.up(stacks.movedim(1, -1)))).movedim(-1, 1)
+        stacks = x.reshape(x.shape[0] // self.depth, self.depth, -1)
+        count = len(stacks)
+        hidden = self.act(torch.baddbmm(self.up.bias[:, None], self.up.weight.expand(count, -1, -1), stacks))
+        weight = self.down.weight.expand(count, -1, -1)
+        if self.down.bias is None:
+            mixed = torch.bmm(weight, hidden)
+        else:
+            mixed = torch.baddbmm(self.down.bias[:, None], weight, hidden)
         return mixed.reshape(x.shape)
 
 
