@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 
 from samunet.errors import ConfigurationError
 from samunet.registry import TRAINERS
+from samunet import precision as precision_module
 from samunet.precision import PRECISIONS, Precision, choose_precision
 from trainer_harness import (DATASET_NAME, PLANS_NAME, build_trainer, in_memory_dataset_class, make_batch,
                              synthetic_dataset_json, synthetic_plans, trainer_workdir)
@@ -181,6 +183,19 @@ def test_a_precision_the_device_cannot_run_is_refused_in_one_line(device, reques
         choose_precision(device, requested)
     message = str(error.value)
     assert "\n" not in message and all(word in message for word in words), message
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bfloat16_trains_with_a_warning(native, workdir, monkeypatch, caplog):
+    """Emulated bfloat16 is slower than float32 (samunet.precision.choose_precision): a CPU trainer set to bf16
+    still trains in bf16, and warns only where the CPU has no native bfloat16."""
+    monkeypatch.setattr(precision_module, "cpu_has_native_bfloat16", lambda: native)
+    trainer = TRAINERS.get("SAMedTrainer")(synthetic_plans(backbone="vit_test", img_size=IMG_SIZE), "2d", 0,
+                                           synthetic_dataset_json(NUM_CLASSES), torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger=precision_module.__name__):
+        trainer.set_hyperparameters({"precision": "bf16"})
+    assert trainer.precision.name == "bf16"
+    assert ("no native bfloat16" in caplog.text) is not native
 
 
 def test_a_cuda_trainer_gets_the_grad_scaler_for_fp16_only_and_autocasts_to_the_chosen_dtype(workdir):

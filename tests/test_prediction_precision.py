@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import samunet.inference.batched_predictor as batched_predictor
+from samunet import precision as precision_module
 from samunet.cli.predict import build_parser
 from samunet.errors import ConfigurationError
 from test_batched_prediction import MAIN_TRAINERS, build, predictor_for, volume
@@ -67,8 +68,8 @@ def test_a_precision_the_device_cannot_run_is_refused_when_the_predictor_is_buil
 
 
 def test_bf16_on_a_cpu_without_native_bfloat16_is_run_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(batched_predictor, "cpu_has_native_bfloat16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger=batched_predictor.__name__):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bfloat16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=precision_module.__name__):
         predictor = batched_predictor.BatchedPredictor(device=torch.device("cpu"), allow_tqdm=False, precision="bf16")
     assert predictor.precision.name == "bf16"
     assert "no native bfloat16" in caplog.text

@@ -30,7 +30,7 @@ Precision (``precision``, samunet_predict's ``--precision``; :mod:`samunet.preci
 nnunetv2's choice (autocast float16 on CUDA, float32 elsewhere: nnunetv2 leaves autocast off on a CPU because
 bfloat16 is slow on CPUs without native support). ``bf16`` runs the network under autocast bfloat16, on CUDA or
 on a CPU (where it pays on CPUs with native bfloat16 instructions, e.g. AVX512-BF16 or AMX, and costs time on
-others: :func:`cpu_has_native_bfloat16` decides whether a warning is logged); ``fp16`` (CUDA only) is nnunetv2's
+others: :func:`samunet.precision.choose_precision` logs a warning there); ``fp16`` (CUDA only) is nnunetv2's
 default there; ``fp32`` turns autocast off, CUDA included. The network's output is taken to float32 before
 the Gaussian weighting; the mirrored copies of a tile are summed in the network's dtype, as nnunetv2 does.
 """
@@ -87,16 +87,6 @@ def requested_tiles_per_batch(value: int | str | None) -> int | None:
     return number
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16, AMX or similar); without it autocast
-    bfloat16 is emulated and slower than float32. False where torch has no oneDNN or cannot tell (the check is
-    torch's internal ``mkldnn._is_mkldnn_bf16_supported``)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class BatchedPredictor(nnUNetPredictor):
     """``nnUNetPredictor`` whose sliding window runs ``tiles_per_batch`` tiles per network call (None: by
     device, see :func:`default_tiles_per_batch`); results equal nnunetv2's one-tile-at-a-time path.
@@ -108,10 +98,6 @@ class BatchedPredictor(nnUNetPredictor):
         self.tiles_per_batch = requested_tiles_per_batch(tiles_per_batch)
         self.precision: Precision | None = (None if precision is None
                                             else choose_precision(self.device.type, precision))
-        if self.precision is not None and self.precision.name == "bf16" and self.device.type == "cpu" \
-                and not cpu_has_native_bfloat16():
-            logger.warning("--precision bf16: this CPU has no native bfloat16 instructions, so prediction will be "
-                           "slower than in fp32; leave --precision out for nnU-Net's float32")
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """nnunetv2's network call with mirroring, under this predictor's precision when one was asked for
