@@ -27,9 +27,9 @@ import pytest
 import torch
 from torch import nn
 
+from samunet import precision as precision_module
 from samunet.errors import ConfigurationError
 from samunet.registry import TRAINERS
-from samunet import precision as precision_module
 from samunet.precision import PRECISIONS, Precision, choose_precision
 from trainer_harness import (DATASET_NAME, PLANS_NAME, build_trainer, in_memory_dataset_class, make_batch,
                              synthetic_dataset_json, synthetic_plans, trainer_workdir)
