@@ -7,10 +7,10 @@ features. The probe
 
 1. builds ``SelfPromptSAMNetwork`` from a preprocessed data set's plans (its 2d configuration, the planned stack
    depth D) with the released weights loaded (``--weights``, default ``litemedsam``);
-2. draws ``--pool`` D-slice stacks from the preprocessed training cases as nnU-Net's loader does for a batch of
-   one with probabilistic oversampling (one in three forced to contain a foreground class chosen uniformly among
-   the labels, the others anywhere), pads each slice to the network's input size and keeps the encoder's five
-   generator maps (bfloat16, about 19 MB per 256 px slice for LiteMedSAM);
+2. draws ``--pool`` D-slice stacks from the preprocessed training cases with nnU-Net's own training loader
+   (``nnUNetDataLoader``, a batch of one, probabilistic oversampling: a third forced to contain a foreground
+   class; no augmentation) and keeps the encoder's five generator maps (bfloat16, about 19 MB per 256 px slice
+   for LiteMedSAM);
 3. for each ``--lrs`` value trains the same freshly initialised generator alone for ``--steps`` steps of one stack
    (AdamW, weight decay 0.01, nnU-Net's poly schedule over the steps, the trainer's deep-supervision CE + Dice),
    and prints the argmax Dice of every foreground class over the pool (the stacks it trains on: the speed at which
@@ -36,11 +36,13 @@ import logging
 import time
 from pathlib import Path
 
-import blosc2
 import numpy as np
 import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -50,54 +52,34 @@ from samunet.registry import TRAINERS
 from samunet.weights import load_state_dict, resolve_checkpoint
 
 logger = logging.getLogger("probe_generator_lr")
-FORCED_FOREGROUND_PROBABILITY = 1 / 3  # nnU-Net's oversample_foreground_percent, drawn per sample
+OVERSAMPLE_FOREGROUND_PERCENT = 0.33  # nnU-Net's default, drawn per sample (probabilistic oversampling)
 
 
-def build_network(preprocessed: Path, plans_identifier: str, weights: str) -> torch.nn.Module:
-    """SelfPromptSAMNetwork (deep supervision on) from the data set's plans, with released weights loaded."""
+def build_network(preprocessed: Path, plans_identifier: str, weights: str):
+    """SelfPromptSAMNetwork (deep supervision on) from the data set's plans, with released weights loaded, and
+    the data set's label manager."""
     plans = PlansManager(json.loads((preprocessed / f"{plans_identifier}.json").read_text()))
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
     trainer = TRAINERS.get("SelfPromptSAMTrainer")
     configuration = trainer.inference_configuration(plans.get_configuration("2d"))
+    label_manager = plans.get_label_manager(dataset_json)
     network = trainer.build_network_architecture(
         plans, configuration, determine_num_input_channels(plans, configuration, dataset_json),
-        plans.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=True)
+        label_manager.num_segmentation_heads, enable_deep_supervision=True)
     network.load_pretrained(load_state_dict(resolve_checkpoint(weights), map_location="cpu"), source=weights)
-    return network.eval()
+    return network.eval(), label_manager
 
 
-def padded_cases(folder: Path, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every preprocessed case (image (C, Z, H, W), labels (Z, H, W), nnU-Net's -1 as background), in-plane
-    padded (centred, zeros) to at least size x size."""
-    cases = []
-    for image_file in sorted(folder.glob("*.b2nd")):
-        if image_file.name.endswith("_seg.b2nd"):
-            continue
-        image = blosc2.open(str(image_file), mode="r")[:]
-        labels = np.maximum(blosc2.open(str(image_file.with_name(image_file.stem + "_seg.b2nd")), mode="r")[:][0], 0)
-        pad_h, pad_w = max(0, size - image.shape[-2]), max(0, size - image.shape[-1])
-        pad = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
-        cases.append((np.pad(image, ((0, 0), (0, 0), *pad)), np.pad(labels, ((0, 0), *pad))))
-    if not cases:
-        raise SystemExit(f"no preprocessed cases (*.b2nd) in {folder}: run samunet_plan_and_preprocess -c 2d first")
-    return cases
-
-
-def draw_stacks(cases, depth: int, count: int, num_classes: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """(case, first slice) of ``count`` stacks, cases in turn; each forced with probability 1/3 to hold a
-    foreground class chosen uniformly among those present (its slice as the middle one), else anywhere."""
-    stacks = []
-    for index in range(count):
-        case = index % len(cases)
-        labels = cases[case][1]
-        present = [k for k in range(1, num_classes) if (labels == k).any()]
-        if present and rng.random() < FORCED_FOREGROUND_PROBABILITY:
-            slices = np.where((labels == rng.choice(present)).any(axis=(1, 2)))[0]
-            first = int(rng.choice(slices)) - depth // 2
-        else:
-            first = int(rng.integers(0, labels.shape[0] - depth + 1))
-        stacks.append((case, min(max(first, 0), labels.shape[0] - depth)))
-    return stacks
+def stack_loader(folder: Path, network, label_manager) -> nnUNetDataLoader:
+    """nnU-Net's own training loader over the preprocessed cases, without augmentation: one (D, S, S) stack per
+    batch, probabilistic foreground oversampling, in-plane padding as in training."""
+    if not any(folder.glob("*.b2nd")) and not any(folder.glob("*.np[yz]")):
+        raise SystemExit(f"no preprocessed cases in {folder}: run samunet_plan_and_preprocess -c 2d first")
+    dataset = infer_dataset_class(str(folder))(str(folder))
+    patch = (network.stack_depth, network.img_size, network.img_size)
+    return nnUNetDataLoader(dataset, 1, patch, patch, label_manager,
+                            oversample_foreground_percent=OVERSAMPLE_FOREGROUND_PERCENT,
+                            probabilistic_oversampling=True)
 
 
 def argmax_dice(generator, maps, targets, num_classes: int) -> list[float]:
@@ -123,20 +105,21 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    network = build_network(args.preprocessed, args.plans, args.weights)
-    depth, size, num_classes = network.stack_depth, network.img_size, network.num_classes
-    cases = padded_cases(args.preprocessed / f"{args.plans}_2d", size)
-    stacks = draw_stacks(cases, depth, args.pool, num_classes, np.random.default_rng(args.seed))
+    network, label_manager = build_network(args.preprocessed, args.plans, args.weights)
+    size, num_classes = network.img_size, network.num_classes
+    np.random.seed(args.seed)  # nnU-Net's loader draws with numpy's global generator
+    loader = stack_loader(args.preprocessed / f"{args.plans}_2d", network, label_manager)
     started = time.perf_counter()
     maps, targets = [], []
     with torch.no_grad():
-        for case, first in stacks:
-            image, labels = cases[case]
-            slices = torch.from_numpy(image[:, first:first + depth]).float().transpose(0, 1)  # (D, C, S, S)
+        for _ in range(args.pool):
+            batch = loader.generate_train_batch()
+            slices = batch["data"][0].transpose(0, 1)  # (C, D, S, S) -> (D, C, S, S)
             encoded = network.image_encoder(network.encoder_input(slices), intermediates=network.generator_taps)
             maps.append([m.to(torch.bfloat16) for m in network.generator_features(encoded)])
-            targets.append(torch.from_numpy(labels[first:first + depth]).long())
-    logger.info("%d stacks of %d slices encoded in %.0f s", len(stacks), depth, time.perf_counter() - started)
+            targets.append(batch["target"][0, 0].long().clamp(min=0))  # nnU-Net's -1 (padding) as background
+    logger.info("%d stacks of %d slices encoded in %.0f s", args.pool, network.stack_depth,
+                time.perf_counter() - started)
 
     generator = network.prompt_generator
     initial_state = {name: value.clone() for name, value in generator.state_dict().items()}
@@ -148,11 +131,11 @@ def main() -> None:
         generator.load_state_dict(initial_state)
         generator.train()
         optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=0.01)
+        scheduler = PolyLRScheduler(optimizer, lr, args.steps)
         order = np.random.default_rng(args.seed + 1).integers(0, len(maps), args.steps)
         started = time.perf_counter()
         for step, index in enumerate(order):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * (1 - step / args.steps) ** 0.9
+            scheduler.step(step)
             outputs = generator([m.float() for m in maps[index]])
             target = targets[index]
             total = sum(w * loss(o, target[:, None, ::size // o.shape[-1], ::size // o.shape[-1]])
